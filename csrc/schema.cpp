@@ -1,0 +1,25 @@
+// The routing ops' schema, defined once for every backend (CPU here, CUDA in csrc/cuda/).
+// Python adds register_fake and register_autograd in mind_kernels/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import mind_kernels._C` loads this shared library, which runs the static
+// registrations below; the Python module itself is empty (pytorch/extension-cpp's pattern).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(mind_kernels, m) {
+  // capsules (B, K, D_out) in E's dtype; coupling w (B, K, L) and preactivation z (B, K, D_out)
+  // in the accumulation dtype (float64 for float64 inputs, float32 otherwise).
+  m.def(
+      "routing_forward(Tensor behaviors, Tensor weight, Tensor init_logits, Tensor? mask, "
+      "Tensor? interest_mask, int num_iters, bool over_behaviors) -> (Tensor, Tensor, Tensor)");
+  // dE (B, L, D_in) in E's dtype and dS (D_out, D_in) in S's dtype, for detach_routing=True.
+  m.def(
+      "routing_backward(Tensor grad_capsules, Tensor behaviors, Tensor weight, Tensor coupling, "
+      "Tensor preactivation) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,210 @@
+"""Pick a backend per call, and say why each one would refuse.
+
+Every backend takes the same arguments as the reference and states what it
+cannot take (device, dtype, option, not built) as a list of reasons, the way
+xformers' ``not_supported_reasons`` does.  ``backend="auto"`` takes the first
+backend of the device's preference order that has no reason to refuse:
+
+* CPU tensors:  cpp -> reference
+* CUDA tensors: cuda -> triton -> reference
+
+An explicitly requested backend that cannot serve raises ``ValueError`` with
+every reason.  ``MIND_KERNELS_BACKEND`` (one of the backend names) forces a
+backend whenever the call says ``backend="auto"``; an explicit argument wins
+over the variable.  When "auto" passes over a built backend that would
+normally serve the device (for example the C++ kernels for
+``detach_routing=False``), the fallback is logged once per reason on the
+``mind_kernels`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger("mind_kernels")
+
+ENV_VAR = "MIND_KERNELS_BACKEND"
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class RoutingCall:
+    """What a backend needs to know to accept or refuse a call."""
+
+    device_type: str
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    detach_routing: bool
+    softmax_over: str
+    batch: int
+    length: int
+    interests: int
+    in_dim: int
+    out_dim: int
+
+
+@dataclass
+class Backend:
+    """One implementation of the op.
+
+    ``unavailable`` says why the backend cannot run at all on a device type
+    (not built, not installed), or None; ``refuses`` lists the reasons it
+    cannot take one call; ``run`` computes (capsules, coupling weights).
+    """
+
+    name: str
+    devices: Tuple[str, ...]
+    unavailable: Callable[[str], Optional[str]]
+    refuses: Callable[[RoutingCall], List[str]]
+    run: Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+
+    def not_supported_reasons(self, call: RoutingCall) -> List[str]:
+        if call.device_type not in self.devices:
+            return [f"{self.name} runs on {'/'.join(self.devices)} tensors, not {call.device_type}"]
+        why = self.unavailable(call.device_type)
+        if why is not None:
+            return [why]
+        return self.refuses(call)
+
+
+# ---------------------------------------------------------------- backends
+
+
+def _reference_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
+    return reference.b2i_routing_reference(
+        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, True
+    )
+
+
+def _fused_refuses(call: RoutingCall) -> List[str]:
+    reasons = []
+    if not call.detach_routing:
+        reasons.append("detach_routing=False is served by the reference only (the fused backward is the detached one)")
+    if call.dtype not in FUSED_DTYPES:
+        reasons.append(f"dtype {call.dtype} is not supported")
+    return reasons
+
+
+def _compiled_unavailable(device_type: str) -> Optional[str]:
+    from . import ops
+
+    return ops.kernel_unavailable_reason(device_type)
+
+
+def _compiled_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
+    from . import ops
+
+    return ops.routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over)
+
+
+def _triton_unavailable(device_type: str) -> Optional[str]:
+    try:
+        from .triton import routing as triton_routing
+    except ImportError as exc:  # the module itself imports triton lazily; this is a packaging error
+        return f"mind_kernels.triton could not be imported ({exc})"
+    return triton_routing.unavailable_reason(device_type)
+
+
+def _triton_refuses(call: RoutingCall) -> List[str]:
+    from .triton import routing as triton_routing
+
+    return _fused_refuses(call) + triton_routing.shape_refusals(call)
+
+
+def _triton_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
+    from .triton import routing as triton_routing
+
+    return triton_routing.routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over)
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("reference", ("cpu", "cuda"), lambda d: None, lambda c: [], _reference_run),
+    "cpp": Backend("cpp", ("cpu",), _compiled_unavailable, _fused_refuses, _compiled_run),
+    "cuda": Backend("cuda", ("cuda",), _compiled_unavailable, _fused_refuses, _compiled_run),
+    "triton": Backend("triton", ("cuda", "cpu"), _triton_unavailable, _triton_refuses, _triton_run),
+}
+
+#: "auto" tries these in order; triton serves CPU tensors only when asked for by name (interpreter).
+PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+_logged_fallbacks: set = set()
+
+
+def _device_type(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu" if device.type == "cpu" else device.type
+
+
+def select(call: RoutingCall, requested: str = "auto") -> Backend:
+    """The backend that serves ``call``; raises ValueError with every reason when none can."""
+    forced = requested if requested != "auto" else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if forced != "auto":
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; choose one of {sorted(BACKENDS)} or 'auto'")
+        backend = BACKENDS[forced]
+        reasons = backend.not_supported_reasons(call)
+        if reasons:
+            source = f"backend={requested!r}" if requested != "auto" else f"{ENV_VAR}={forced!r}"
+            raise ValueError(f"b2i_routing: {source} cannot serve this call: " + "; ".join(reasons))
+        return backend
+
+    order = PREFERENCE.get(call.device_type)
+    if order is None:
+        raise ValueError(f"b2i_routing: no backend runs on device type {call.device_type!r}")
+    for name in order:
+        backend = BACKENDS[name]
+        reasons = backend.not_supported_reasons(call)
+        if not reasons:
+            return backend
+        built = backend.unavailable(call.device_type) is None
+        key = (name, tuple(reasons))
+        if built and key not in _logged_fallbacks:
+            _logged_fallbacks.add(key)
+            logger.warning("mind_kernels: backend %r passed over (%s); falling back", name, "; ".join(reasons))
+    raise AssertionError("the reference backend accepts every validated call")  # pragma: no cover
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    available: Dict[str, Optional[str]] = field(default_factory=dict)  # device type -> None or why not
+    reasons: Optional[List[str]] = None  # for a given call: why it would refuse ([] = would serve)
+
+
+class BackendTable(list):
+    """A list of BackendStatus that prints as a table; ``selected`` is what "auto" picks for the call."""
+
+    selected: Optional[str] = None
+
+    def __str__(self) -> str:
+        lines = []
+        for s in self:
+            for dev, why in s.available.items():
+                state = "available" if why is None else f"unavailable: {why}"
+                lines.append(f"{s.name:<10} {dev:<5} {state}")
+            if s.reasons is not None:
+                verdict = "would serve" if not s.reasons else "refuses: " + "; ".join(s.reasons)
+                mark = " <- auto" if s.name == self.selected else ""
+                lines.append(f"{s.name:<10} call  {verdict}{mark}")
+        return "\n".join(lines)
+
+
+def describe(call: Optional[RoutingCall] = None) -> BackendTable:
+    table = BackendTable()
+    for name, backend in BACKENDS.items():
+        status = BackendStatus(name, {d: backend.unavailable(d) for d in backend.devices})
+        if call is not None:
+            status.reasons = backend.not_supported_reasons(call)
+        table.append(status)
+    if call is not None:
+        try:
+            table.selected = select(call).name
+        except ValueError:
+            table.selected = None
+    return table

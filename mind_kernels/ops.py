@@ -1,0 +1,153 @@
+"""The compiled routing ops (CPU C++ and CUDA C++) and their autograd.
+
+The schema is defined once in C++ (``csrc/schema.cpp``, ``TORCH_LIBRARY``)::
+
+    mind_kernels::routing_forward(Tensor behaviors, Tensor weight, Tensor init_logits,
+        Tensor? mask, Tensor? interest_mask, int num_iters, bool over_behaviors)
+        -> (Tensor capsules, Tensor coupling, Tensor preactivation)
+    mind_kernels::routing_backward(Tensor grad_capsules, Tensor behaviors, Tensor weight,
+        Tensor coupling, Tensor preactivation) -> (Tensor grad_behaviors, Tensor grad_weight)
+
+``capsules`` (B, K, D_out) has E's dtype; ``coupling`` w (B, K, L) and
+``preactivation`` z (B, K, D_out) are in the accumulation dtype (float64 for
+float64 inputs, else float32).  Backward needs only E, S, w and z: with
+``detach_routing=True`` the gradient flows through the final z = w S e only.
+
+The CPU implementation registers under the CPU dispatch key, the CUDA one under
+CUDA; this module adds ``register_fake`` (shapes for torch.compile) and
+``register_autograd`` (the backward op) once, for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+_LOAD_ERROR: Optional[str] = None
+try:  # the package must import and the reference must work when the extension is missing
+    from mind_kernels import _C  # noqa: F401  (loading it registers the ops)
+except (ImportError, OSError) as exc:  # pragma: no cover - depends on the install
+    _C = None
+    _LOAD_ERROR = f"the compiled extension mind_kernels._C is not built or failed to load ({exc})"
+
+BUILD_INFO_PATH = os.path.join(os.path.dirname(__file__), "_build_info.json")
+
+
+def build_info() -> dict:
+    """What the extension was built for (written by setup.py beside the binary); {} if absent."""
+    try:
+        with open(BUILD_INFO_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_build_matches_runtime() -> None:
+    info = build_info()
+    if _C is None or not info:
+        return
+    running = {"torch": torch.__version__, "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
+    for key, now in running.items():
+        built = info.get(key)
+        if built is not None and built != now:
+            warnings.warn(
+                f"mind_kernels._C was built for {key} {built} but {key} {now} is running; "
+                "rebuild with `pip install --no-build-isolation .` if the fused backends misbehave",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+_check_build_matches_runtime()
+
+
+def extension_error() -> Optional[str]:
+    """Why the compiled extension is unavailable, or None when it loaded."""
+    return _LOAD_ERROR
+
+
+def kernel_unavailable_reason(device_type: str) -> Optional[str]:
+    """None when a compiled routing kernel exists for ``device_type`` ("cpu" or "cuda"), else why not."""
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    for op in ("routing_forward", "routing_backward"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mind_kernels::{op}", key):
+            where = "csrc/routing_cpu.cpp" if key == "CPU" else "csrc/cuda/ (needs a CUDA torch and nvcc at build time)"
+            return f"mind_kernels._C has no {key} kernel for {op}; it was built without {where}"
+    return None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+
+    @torch.library.register_fake("mind_kernels::routing_forward")
+    def _routing_forward_fake(behaviors, weight, init_logits, mask, interest_mask, num_iters, over_behaviors):
+        B, L, _ = behaviors.shape
+        K = init_logits.shape[-2]
+        D_out = weight.shape[0]
+        acc = _acc_dtype(behaviors.dtype)
+        capsules = behaviors.new_empty((B, K, D_out))
+        coupling = behaviors.new_empty((B, K, L), dtype=acc)
+        preactivation = behaviors.new_empty((B, K, D_out), dtype=acc)
+        return capsules, coupling, preactivation
+
+    @torch.library.register_fake("mind_kernels::routing_backward")
+    def _routing_backward_fake(grad_capsules, behaviors, weight, coupling, preactivation):
+        return torch.empty_like(behaviors, memory_format=torch.contiguous_format), torch.empty_like(
+            weight, memory_format=torch.contiguous_format
+        )
+
+    def _setup_context(ctx, inputs, output):
+        behaviors, weight = inputs[0], inputs[1]
+        _, coupling, preactivation = output
+        ctx.save_for_backward(behaviors, weight, coupling, preactivation)
+
+    def _backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
+        # coupling and preactivation are constants of the detached routing: their gradients are dropped.
+        behaviors, weight, coupling, preactivation = ctx.saved_tensors
+        if grad_capsules is None:
+            return None, None, None, None, None, None, None
+        grad_behaviors, grad_weight = torch.ops.mind_kernels.routing_backward(
+            grad_capsules, behaviors, weight, coupling, preactivation
+        )
+        return (
+            grad_behaviors if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd("mind_kernels::routing_forward", _backward, setup_context=_setup_context)
+
+
+def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over):
+    """Run the compiled op (CPU or CUDA by the tensors' device); returns (capsules, coupling).
+
+    Masks are normalised to bool and logits to the accumulation dtype here so
+    the C++ side sees one layout; the kernels make inputs contiguous themselves.
+    """
+    acc = _acc_dtype(behaviors.dtype)
+    mask = None if mask is None else mask != 0
+    interest_mask = None if interest_mask is None else interest_mask != 0
+    capsules, coupling, _ = torch.ops.mind_kernels.routing_forward(
+        behaviors,
+        weight,
+        init_logits.detach().to(acc),
+        mask,
+        interest_mask,
+        num_iters,
+        softmax_over == "behaviors",
+    )
+    return capsules, coupling

@@ -1,0 +1,186 @@
+"""Pure-PyTorch B2I dynamic routing: the specification in code.
+
+This module is a literal transcription of ``shared/design/ROUTING.md``.  It is
+the fallback backend and the oracle every fused backend is tested against, so
+it is written to be read, not to be fast.
+
+Shapes: B users, L behaviour positions, K interests, D_in -> D_out.
+
+Forward::
+
+    u_i  = S e_i                                  (B, L, D_out), padded positions too
+    b    = b0 broadcast to (B, K, L)
+    for t = 1 .. r:
+        w   = coupling(b)                         (B, K, L)
+        z_j = sum_i w_ij u_i                      (B, K, D_out)
+        c_j = squash(z_j)
+        if t < r: b_ij += c_j . u_i               (all i and j, padded i too)
+    return c
+
+    squash(z) = |z|^2 / (1 + |z|^2) * z / sqrt(|z|^2 + 1e-9)
+
+Coupling:
+
+* ``softmax_over="interests"`` (MIND): for each valid behaviour i, softmax of
+  b_ij over the *active* interests j; inactive interests get 0; masked
+  behaviours get 0 for every j.
+* ``softmax_over="behaviors"`` (ComiRec / torch-rechub): for each interest j,
+  softmax of b_ij over *all* L positions (padding inside the denominator), then
+  0 where i is masked and 0 for inactive interests.
+
+Decisions where ROUTING.md is silent:
+
+* A user whose interest mask is all False gets w = 0 everywhere, so all K
+  capsules are zero (like a user with no valid behaviour).
+* float64 inputs are computed in float64 (that is how the oracle is run);
+  every other dtype is computed in float32 and the capsules are cast back to
+  the input dtype.  The coupling weights are returned in the compute dtype.
+* ``mask`` values are read as ``mask != 0``.
+
+Gradients: with ``detach_routing=True`` iterations 1 .. r-1 see ``u`` detached
+and the final coupling ``w`` is a constant, so the gradient flows through the
+last aggregation ``z = w u`` only (ROUTING.md, "Gradients").  With
+``detach_routing=False`` autograd differentiates through every iteration.  No
+gradient ever flows to ``init_logits`` or the masks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+SQUASH_EPS = 1e-9
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32 / float16 / bfloat16 accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def squash(z: torch.Tensor) -> torch.Tensor:
+    """squash(z) = |z|^2/(1+|z|^2) * z/sqrt(|z|^2+eps) over the last axis; squash(0) = 0."""
+    n2 = (z * z).sum(dim=-1, keepdim=True)
+    return n2 / (1.0 + n2) * z / torch.sqrt(n2 + SQUASH_EPS)
+
+
+def coupling(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    interest_mask: torch.Tensor,
+    softmax_over: str,
+) -> torch.Tensor:
+    """Coupling weights w (B, K, L) from logits b (B, K, L).
+
+    ``mask`` (B, L) and ``interest_mask`` (B, K) are bool.  Entries that are
+    excluded get exactly 0, and a softmax with nothing to normalise over gives
+    0 rather than NaN.
+    """
+    valid = mask[:, None, :] & interest_mask[:, :, None]  # (B, K, L): where w may be non-zero
+    if softmax_over == "interests":
+        # Softmax over the active interests j, independently for each position i.
+        b = logits.masked_fill(~interest_mask[:, :, None], float("-inf"))
+        axis = 1
+    else:
+        # Softmax over all L positions (padding included), independently for each interest j.
+        b = logits
+        axis = 2
+    peak = b.amax(dim=axis, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # all -inf: avoid inf - inf
+    e = torch.exp(b - peak)
+    total = e.sum(dim=axis, keepdim=True)
+    w = e / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(valid, w, torch.zeros_like(w))
+
+
+def b2i_routing_reference(
+    behaviors: torch.Tensor,
+    weight: torch.Tensor,
+    init_logits: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    interest_mask: Optional[torch.Tensor] = None,
+    num_iters: int = 3,
+    softmax_over: str = "interests",
+    detach_routing: bool = True,
+    return_weights: bool = False,
+):
+    """B2I routing in plain PyTorch; see the module docstring for the math.
+
+    Args:
+        behaviors: E (B, L, D_in), float32 / float16 / bfloat16 / float64.
+        weight: S (D_out, D_in), E's dtype or float32.
+        init_logits: b0 (K, L) or (B, K, L); no gradient flows to it.
+        mask: (B, L) bool or 0/1 integers, True for real behaviours; None = all valid.
+        interest_mask: (B, K) bool, True for active interests; None = all active.
+        num_iters: r >= 1 routing iterations.
+        softmax_over: "interests" or "behaviors".
+        detach_routing: see module docstring.
+        return_weights: also return the final coupling w (B, K, L).
+
+    Returns:
+        capsules (B, K, D_out) in E's dtype, and w when ``return_weights``.
+
+    Inputs are assumed validated (``mind_kernels.b2i_routing`` does it).
+    """
+    B, L, _ = behaviors.shape
+    K = init_logits.shape[-2]
+    acc = compute_dtype(behaviors.dtype)
+    device = behaviors.device
+
+    mask = torch.ones(B, L, dtype=torch.bool, device=device) if mask is None else mask != 0
+    interest_mask = (
+        torch.ones(B, K, dtype=torch.bool, device=device) if interest_mask is None else interest_mask != 0
+    )
+
+    u = behaviors.to(acc) @ weight.to(acc).t()  # (B, L, D_out)
+    u_routing = u.detach() if detach_routing else u
+    b = init_logits.detach().to(acc).expand(B, K, L)
+
+    for t in range(1, num_iters + 1):
+        w = coupling(b, mask, interest_mask, softmax_over)
+        if t < num_iters:
+            c = squash(w @ u_routing)  # (B, K, D_out)
+            b = b + c @ u_routing.transpose(1, 2)  # b_ij += c_j . u_i
+        else:
+            # Final round: the gradient flows through z = w u only (w is constant when detached).
+            c = squash(w @ u)
+    capsules = c.to(behaviors.dtype)
+    if return_weights:
+        return capsules, w.detach()
+    return capsules
+
+
+def squash_backward(z: torch.Tensor, grad_c: torch.Tensor) -> torch.Tensor:
+    """dz = squash'(z)^T G over the last axis, in closed form.
+
+    squash(z) = a(n2) z with n2 = |z|^2, s = sqrt(n2 + eps), a = n2 / ((1 + n2) s); its Jacobian
+    a I + 2 a'(n2) z z^T is symmetric, so dz = a G + 2 a'(n2) (z . G) z with
+    a'(n2) = 1 / ((1 + n2)^2 s) - n2 / (2 (1 + n2) s^3).
+    """
+    n2 = (z * z).sum(dim=-1, keepdim=True)
+    s = torch.sqrt(n2 + SQUASH_EPS)
+    a = n2 / ((1.0 + n2) * s)
+    da = 1.0 / ((1.0 + n2) ** 2 * s) - n2 / (2.0 * (1.0 + n2) * s**3)
+    zg = (z * grad_c).sum(dim=-1, keepdim=True)
+    return a * grad_c + 2.0 * da * zg * z
+
+
+def routing_closed_form_grads(
+    behaviors: torch.Tensor,
+    weight: torch.Tensor,
+    coupling_weights: torch.Tensor,
+    grad_capsules: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dE and dS for ``detach_routing=True`` from ROUTING.md's closed form.
+
+    dz_j = squash'(z_j)^T G_j;  du_i = sum_j w_ij dz_j;  dE_i = S^T du_i;  dS = sum_b sum_i du_i e_i^T.
+    """
+    acc = compute_dtype(behaviors.dtype)
+    E, S, w, G = behaviors.to(acc), weight.to(acc), coupling_weights.to(acc), grad_capsules.to(acc)
+    u = E @ S.t()
+    z = w @ u
+    dz = squash_backward(z, G)
+    du = w.transpose(1, 2) @ dz  # (B, L, D_out)
+    dE = du @ S
+    dS = torch.einsum("bio,bid->od", du, E)
+    return dE, dS

@@ -1,0 +1,1 @@
+"""Triton backend of the routing op (see routing.py)."""

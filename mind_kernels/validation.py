@@ -1,0 +1,135 @@
+"""Input checks shared by every backend of the routing op.
+
+Every public entry point calls :func:`check_routing_inputs` before any backend
+sees a tensor, so a wrong shape, dtype or device gets one clear message naming
+the argument and the shapes seen, whatever backend would have served the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+#: Input dtypes the contract accepts for ``behaviors``.  float64 is accepted too:
+#: it is what the reference is evaluated in when it serves as the oracle.
+BEHAVIOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SOFTMAX_AXES = ("interests", "behaviors")
+BACKEND_NAMES = ("auto", "reference", "cpp", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class RoutingShape:
+    """Sizes of one routing call: B users, L positions, K interests, D_in -> D_out."""
+
+    batch: int
+    length: int
+    interests: int
+    in_dim: int
+    out_dim: int
+
+
+def _describe(t: Optional[torch.Tensor]) -> str:
+    if t is None:
+        return "None"
+    return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_routing_inputs(
+    behaviors,
+    weight,
+    init_logits,
+    mask=None,
+    interest_mask=None,
+    num_iters=3,
+    softmax_over="interests",
+    backend="auto",
+) -> RoutingShape:
+    """Validate the arguments of ``b2i_routing``; return the sizes.
+
+    Raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong
+    rank, size, device or option value, each naming the argument.
+    """
+    for name, t in (("behaviors", behaviors), ("weight", weight), ("init_logits", init_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"b2i_routing: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("mask", mask), ("interest_mask", interest_mask)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"b2i_routing: `{name}` must be a torch.Tensor or None, got {type(t).__name__}")
+
+    if behaviors.dim() != 3:
+        raise ValueError(f"b2i_routing: `behaviors` must be 3-D (B, L, D_in), got {_describe(behaviors)}")
+    if behaviors.dtype not in BEHAVIOR_DTYPES:
+        raise TypeError(
+            f"b2i_routing: `behaviors` must be float32, float16, bfloat16 or float64, got {behaviors.dtype}"
+        )
+    B, L, D_in = behaviors.shape
+    if L < 1 or D_in < 1:
+        raise ValueError(f"b2i_routing: `behaviors` needs L >= 1 and D_in >= 1, got {_describe(behaviors)}")
+
+    if weight.dim() != 2:
+        raise ValueError(f"b2i_routing: `weight` must be 2-D (D_out, D_in), got {_describe(weight)}")
+    if weight.shape[1] != D_in:
+        raise ValueError(
+            f"b2i_routing: `weight` is (D_out, D_in) = {tuple(weight.shape)} but `behaviors` has D_in = {D_in} "
+            f"(behaviors shape {tuple(behaviors.shape)})"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"b2i_routing: `weight` needs D_out >= 1, got {_describe(weight)}")
+    if weight.dtype not in (behaviors.dtype, torch.float32):
+        raise TypeError(
+            f"b2i_routing: `weight` must have the dtype of `behaviors` ({behaviors.dtype}) or float32, "
+            f"got {weight.dtype}"
+        )
+
+    if init_logits.dim() not in (2, 3):
+        raise ValueError(f"b2i_routing: `init_logits` must be (K, L) or (B, K, L), got {_describe(init_logits)}")
+    if not init_logits.is_floating_point():
+        raise TypeError(f"b2i_routing: `init_logits` must be a floating tensor, got {init_logits.dtype}")
+    K = init_logits.shape[-2]
+    if K < 1:
+        raise ValueError(f"b2i_routing: `init_logits` needs K >= 1 interests, got {_describe(init_logits)}")
+    if init_logits.shape[-1] != L:
+        raise ValueError(
+            f"b2i_routing: `init_logits` has L = {init_logits.shape[-1]} positions but `behaviors` has L = {L} "
+            f"(init_logits {tuple(init_logits.shape)}, behaviors {tuple(behaviors.shape)})"
+        )
+    if init_logits.dim() == 3 and init_logits.shape[0] != B:
+        raise ValueError(
+            f"b2i_routing: `init_logits` has B = {init_logits.shape[0]} but `behaviors` has B = {B} "
+            f"(init_logits {tuple(init_logits.shape)}, behaviors {tuple(behaviors.shape)})"
+        )
+
+    if mask is not None:
+        if mask.shape != (B, L):
+            raise ValueError(
+                f"b2i_routing: `mask` must be (B, L) = {(B, L)}, got shape {tuple(mask.shape)}"
+            )
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"b2i_routing: `mask` must be bool or integer 0/1, got {mask.dtype}")
+    if interest_mask is not None:
+        if interest_mask.shape != (B, K):
+            raise ValueError(
+                f"b2i_routing: `interest_mask` must be (B, K) = {(B, K)}, got shape {tuple(interest_mask.shape)}"
+            )
+        if interest_mask.is_floating_point() or interest_mask.is_complex():
+            raise TypeError(f"b2i_routing: `interest_mask` must be bool or integer 0/1, got {interest_mask.dtype}")
+
+    device = behaviors.device
+    for name, t in (("weight", weight), ("init_logits", init_logits), ("mask", mask), ("interest_mask", interest_mask)):
+        if t is not None and t.device != device:
+            raise ValueError(
+                f"b2i_routing: `{name}` is on {t.device} but `behaviors` is on {device}; "
+                "all tensors must be on one device"
+            )
+
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+        raise TypeError(f"b2i_routing: `num_iters` must be an int >= 1, got {num_iters!r}")
+    if num_iters < 1:
+        raise ValueError(f"b2i_routing: `num_iters` must be >= 1, got {num_iters}")
+    if softmax_over not in SOFTMAX_AXES:
+        raise ValueError(f"b2i_routing: `softmax_over` must be one of {SOFTMAX_AXES}, got {softmax_over!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"b2i_routing: `backend` must be one of {BACKEND_NAMES}, got {backend!r}")
+    return RoutingShape(B, L, K, D_in, weight.shape[0])
