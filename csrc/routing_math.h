@@ -1,0 +1,58 @@
+// Math shared by the CPU and CUDA routing kernels, as __host__ __device__ functions,
+// so the CPU tests exercise the same formulas the GPU runs (ROUTING.md, "Forward" and "Gradients").
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MK_HD __host__ __device__ __forceinline__
+#else
+#define MK_HD inline
+#endif
+
+namespace mind_kernels {
+
+// squash(z) = |z|^2 / (1 + |z|^2) * z / sqrt(|z|^2 + eps): 0 maps to 0, never NaN.
+constexpr double kSquashEps = 1e-9;
+
+// squash(z) = a(n2) * z with n2 = |z|^2 and a(n2) = n2 / ((1 + n2) sqrt(n2 + eps)).
+template <typename acc_t>
+MK_HD acc_t squash_scale(acc_t n2) {
+  return n2 / ((acc_t(1) + n2) * sqrt(n2 + acc_t(kSquashEps)));
+}
+
+// a'(n2) = 1 / ((1 + n2)^2 s) - n2 / (2 (1 + n2) s^3), s = sqrt(n2 + eps).
+// The Jacobian of squash is a I + 2 a'(n2) z z^T (symmetric), so dz = a G + 2 a'(n2) (z . G) z.
+template <typename acc_t>
+MK_HD acc_t squash_scale_derivative(acc_t n2) {
+  const acc_t s = sqrt(n2 + acc_t(kSquashEps));
+  const acc_t one_plus = acc_t(1) + n2;
+  return acc_t(1) / (one_plus * one_plus * s) - n2 / (acc_t(2) * one_plus * s * s * s);
+}
+
+// w[k * w_stride] = softmax over the active k of x[k * x_stride], for k in [0, n).
+// Inactive entries get 0; with no active entry every w is 0 (never NaN).
+// `active` may be nullptr (all active).
+template <typename acc_t, typename mask_t>
+MK_HD void masked_softmax(const acc_t* x, int x_stride, const mask_t* active, int active_stride, acc_t* w,
+                          int w_stride, int n) {
+  acc_t peak = acc_t(0);
+  bool any = false;
+  for (int k = 0; k < n; ++k) {
+    if (active && !active[k * active_stride]) continue;
+    const acc_t v = x[k * x_stride];
+    peak = any ? (v > peak ? v : peak) : v;
+    any = true;
+  }
+  acc_t total = acc_t(0);
+  for (int k = 0; k < n; ++k) {
+    acc_t e = acc_t(0);
+    if (!active || active[k * active_stride]) e = exp(x[k * x_stride] - peak);
+    w[k * w_stride] = e;
+    total += e;
+  }
+  const acc_t inv = total > acc_t(0) ? acc_t(1) / total : acc_t(0);
+  for (int k = 0; k < n; ++k) w[k * w_stride] *= inv;
+}
+
+}  // namespace mind_kernels
