@@ -1,15 +1,235 @@
-"""Triton routing kernels: placeholder until the Triton backend lands (issue 4)."""
+"""Triton backend of the B2I routing op: launchers, torch.library registration, dispatcher hooks.
 
-from typing import List, Optional
+The kernels live in :mod:`mind_kernels.triton.kernels` (math and layout in its
+docstring).  This module never imports triton at import time: ``import
+mind_kernels`` works without triton, and ``TRITON_INTERPRET=1`` (the CPU
+interpreter) only takes effect when it is set before triton's first import.
+
+Ops (``torch.library.triton_op`` + ``wrap_triton``, so torch.compile can see the kernels)::
+
+    mind_kernels::routing_forward_triton(Tensor behaviors, Tensor weight, Tensor init_logits,
+        Tensor? mask, Tensor? interest_mask, int num_iters, bool over_behaviors)
+        -> (Tensor capsules, Tensor coupling, Tensor preactivation)
+    mind_kernels::routing_backward_triton(Tensor grad_capsules, Tensor behaviors, Tensor weight,
+        Tensor coupling, Tensor preactivation) -> (Tensor grad_behaviors, Tensor grad_weight)
+
+capsules c (B, K, D_out) in E's dtype; coupling w (B, K, L) and preactivation
+z (B, K, D_out, the final pre-squash aggregate) in float32.  The forward saves
+E, S, w and z for backward (``detach_routing=True`` only: the gradient flows
+through the final z = w S e).  dS is reduced from one float32 partial per
+program, summed by torch in a fixed order: deterministic, no atomics.
+
+Registered once, on first use, by :func:`_ops`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+#: Largest padded (BK, max(BL, BDO), BDI) broadcast temporary a program may hold (float32 elements).
+#: Beyond it the per-user tile would spill far out of registers; the dispatcher falls back.
+MAX_TILE_ELEMENTS = 1 << 16
+#: Largest padded 2-D tile (E's (BL, BDI) or S's (BDO, BDI)) held for a whole program.
+MAX_MATRIX_ELEMENTS = 1 << 14
+#: Persistent-grid size: programs per streaming multiprocessor on CUDA.
+PROGRAMS_PER_SM = 4
+#: Under the interpreter a few programs, so tests cover several users per program and several dS partials.
+INTERPRETER_PROGRAMS = 3
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
-    return "the Triton backend is not implemented yet"
+    """None when the Triton kernels can run on ``device_type`` ("cuda" or "cpu"), else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - broken install
+        return f"triton failed to import ({exc})"
+    if device_type == "cpu":
+        if not _interpreting():
+            return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        return None
+    if device_type == "cuda":
+        if _interpreting():
+            return "TRITON_INTERPRET=1 is set: the Triton interpreter runs CPU tensors only"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    return f"Triton does not run on device type {device_type!r}"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _blocks(length: int, interests: int, in_dim: int, out_dim: int) -> Tuple[int, int, int, int]:
+    """Padded tile sizes (BL, BK, BDI, BDO): powers of two."""
+    return _pow2(length), _pow2(interests), _pow2(in_dim), _pow2(out_dim)
 
 
 def shape_refusals(call) -> List[str]:
-    return []
+    """Why the Triton kernels would not take this call (beyond the dispatcher's common checks)."""
+    reasons = []
+    if call.dtype == torch.float64:
+        reasons.append("triton accumulates in float32; float64 (the oracle's dtype) is served by the reference")
+    BL, BK, BDI, BDO = _blocks(call.length, call.interests, call.in_dim, call.out_dim)
+    tile = BK * max(BL, BDO) * BDI
+    if tile > MAX_TILE_ELEMENTS:
+        reasons.append(
+            f"padded per-user tile K*max(L, D_out)*D_in = {BK}*{max(BL, BDO)}*{BDI} = {tile} elements "
+            f"exceeds the on-chip limit of {MAX_TILE_ELEMENTS}"
+        )
+    for name, rows in (("L", BL), ("D_out", BDO)):
+        if rows * BDI > MAX_MATRIX_ELEMENTS:
+            reasons.append(
+                f"padded {name}*D_in tile {rows}*{BDI} = {rows * BDI} elements exceeds the on-chip limit "
+                f"of {MAX_MATRIX_ELEMENTS}"
+            )
+    return reasons
+
+
+def _num_programs(batch: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+    else:
+        cap = INTERPRETER_PROGRAMS
+    return max(1, min(batch, cap))
+
+
+def _num_warps(BL: int, BK: int, BDI: int, BDO: int) -> int:
+    tile = BK * max(BL, BDO) * BDI
+    return 4 if tile <= 8192 else 8
+
+
+_OPS = None
+
+
+def _ops():
+    """Register the two triton_ops on first use (this imports triton) and return (forward, backward)."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
+    from torch.library import triton_op, wrap_triton
+
+    from . import kernels
+
+    @triton_op("mind_kernels::routing_forward_triton", mutates_args={})
+    def routing_forward_triton(
+        behaviors: torch.Tensor,
+        weight: torch.Tensor,
+        init_logits: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        interest_mask: Optional[torch.Tensor],
+        num_iters: int,
+        over_behaviors: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        E = behaviors.contiguous()
+        S = weight.contiguous()
+        B, L, D_in = E.shape
+        K = init_logits.shape[-2]
+        D_out = S.shape[0]
+        b0 = init_logits.to(torch.float32).contiguous()
+        b0_stride_b = K * L if b0.dim() == 3 else 0
+        capsules = E.new_empty((B, K, D_out))
+        coupling = E.new_empty((B, K, L), dtype=torch.float32)
+        preactivation = E.new_empty((B, K, D_out), dtype=torch.float32)
+        if B == 0:
+            return capsules, coupling, preactivation
+        # uint8 masks: one byte per flag, the same on every path (bool pointers differ between backends).
+        m = (mask != 0).to(torch.uint8).contiguous() if mask is not None else E
+        im = (interest_mask != 0).to(torch.uint8).contiguous() if interest_mask is not None else E
+        BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
+        grid = (_num_programs(B, E.device),)
+        wrap_triton(kernels.routing_fwd_kernel)[grid](
+            E, S, b0, m, im,
+            capsules, coupling, preactivation,
+            B, L, K, D_in, D_out, b0_stride_b, num_iters,
+            HAS_MASK=mask is not None, HAS_IMASK=interest_mask is not None, OVER_BEHAVIORS=over_behaviors,
+            BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS,
+            num_warps=_num_warps(BL, BK, BDI, BDO),
+        )
+        return capsules, coupling, preactivation
+
+    @triton_op("mind_kernels::routing_backward_triton", mutates_args={})
+    def routing_backward_triton(
+        grad_capsules: torch.Tensor,
+        behaviors: torch.Tensor,
+        weight: torch.Tensor,
+        coupling: torch.Tensor,
+        preactivation: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        # autograd may hand a stride-0 (expanded) gradient: make everything dense first.
+        G = grad_capsules.contiguous()
+        E = behaviors.contiguous()
+        S = weight.contiguous()
+        w = coupling.contiguous()
+        z = preactivation.contiguous()
+        B, L, D_in = E.shape
+        K = w.shape[1]
+        D_out = S.shape[0]
+        grad_behaviors = torch.empty_like(E)
+        if B == 0:
+            return grad_behaviors, torch.zeros_like(S)
+        BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
+        P = _num_programs(B, E.device)
+        partials = E.new_empty((P, D_out, D_in), dtype=torch.float32)
+        wrap_triton(kernels.routing_bwd_kernel)[(P,)](
+            G, E, S, w, z,
+            grad_behaviors, partials,
+            B, L, K, D_in, D_out,
+            BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS,
+            num_warps=_num_warps(BL, BK, BDI, BDO),
+        )
+        grad_weight = partials.sum(dim=0).to(S.dtype)  # fixed-order reduction: deterministic
+        return grad_behaviors, grad_weight
+
+    def setup_context(ctx, inputs, output):
+        behaviors, weight = inputs[0], inputs[1]
+        _, coupling, preactivation = output
+        ctx.save_for_backward(behaviors, weight, coupling, preactivation)
+
+    def backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
+        # w and z are constants of the detached routing: their incoming gradients are dropped.
+        behaviors, weight, coupling, preactivation = ctx.saved_tensors
+        if grad_capsules is None:
+            return None, None, None, None, None, None, None
+        grad_behaviors, grad_weight = torch.ops.mind_kernels.routing_backward_triton(
+            grad_capsules, behaviors, weight, coupling, preactivation
+        )
+        return (
+            grad_behaviors if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None,
+        )
+
+    routing_forward_triton.register_autograd(backward, setup_context=setup_context)
+    _OPS = (torch.ops.mind_kernels.routing_forward_triton, torch.ops.mind_kernels.routing_backward_triton)
+    return _OPS
 
 
 def routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over):
-    raise NotImplementedError("the Triton backend is not implemented yet")
+    """B2I routing with the Triton kernels; returns (capsules in E's dtype, coupling w float32).
+
+    Same arguments as the reference (inputs already validated); differentiable
+    with respect to ``behaviors`` and ``weight`` (detached routing).  No gradient
+    reaches ``init_logits`` or the masks.
+    """
+    forward, _ = _ops()
+    capsules, coupling, _ = forward(
+        behaviors,
+        weight,
+        init_logits.detach(),
+        mask,
+        interest_mask,
+        int(num_iters),
+        softmax_over == "behaviors",
+    )
+    return capsules, coupling

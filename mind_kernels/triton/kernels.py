@@ -1,0 +1,204 @@
+"""The @triton.jit kernels of the Triton routing backend (launched from ``routing.py``).
+
+Importing this module imports triton, so ``routing.py`` imports it lazily:
+``import mind_kernels`` must work where triton is missing, and
+``TRITON_INTERPRET=1`` must be set before triton is first imported.
+
+Layout: a persistent grid of P programs; program p serves users p, p + P,
+p + 2P, ...  It loads S (D_out, D_in) once, and for each user its behaviours E
+(L, D_in) once; every routing iteration then runs on-chip.  Tiles are padded to
+powers of two (BL >= L, BK >= K, BDI >= D_in, BDO >= D_out) and the padding is
+masked to zero on load, so any size works.
+
+No ``tl.dot``: every contraction is a broadcast product reduced with
+``tl.sum`` in float32.  That keeps float32 results IEEE-exact (``tl.dot`` in
+float32 uses TF32 on tensor cores unless told otherwise, which breaks the
+1e-5 / 1e-4 tolerance), lifts the 16-minimum on dot shapes (K is 4 here), and
+runs in the interpreter.  The price is one (BK, max(BL, BDO), BDI) temporary,
+which ``routing.shape_refusals`` bounds.
+
+Reassociation (ROUTING.md allows it) avoids ever forming u = E S^T, an
+(L, D_out, D_in) product per user:
+
+    x_j = sum_i w_ij e_i            (BK, BDI)
+    z_j = S x_j                     (BK, BDO)    = sum_i w_ij u_i
+    v_j = S^T c_j                   (BK, BDI)
+    b_ij += e_i . v_j               (BK, BL)     = c_j . u_i
+
+Half inputs are cast to float32 right after loading; all accumulation is in
+float32 (no libdevice, no inline asm, no block pointers: interpreter-friendly).
+"""
+
+import triton
+import triton.language as tl
+
+SQUASH_EPS = 1e-9  # ROUTING.md: squash(z) = |z|^2 / (1 + |z|^2) * z / sqrt(|z|^2 + 1e-9)
+
+
+@triton.jit
+def _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS: tl.constexpr):
+    """Coupling weights w (BK, BL) from logits b (BK, BL).
+
+    valid_l: real, unmasked behaviours; active_k: active interests (j < K too);
+    in_l: i < L (tile padding excluded, masked positions included).
+    """
+    if OVER_BEHAVIORS:
+        # Softmax over all L positions per interest: masked positions stay in the denominator.
+        b = tl.where(in_l[None, :], logits, float("-inf"))
+        peak = tl.max(b, axis=1)
+        e = tl.exp(b - peak[:, None])
+        total = tl.sum(e, axis=1)
+        w = e / total[:, None]
+    else:
+        # Softmax over the active interests per position; no active interest -> all -inf -> w = 0.
+        b = tl.where(active_k[:, None], logits, float("-inf"))
+        peak = tl.max(b, axis=0)
+        peak = tl.where(peak == float("-inf"), 0.0, peak)  # avoid -inf - (-inf) = NaN
+        e = tl.exp(b - peak[None, :])
+        total = tl.sum(e, axis=0)
+        w = e / tl.where(total > 0, total, 1.0)[None, :]
+    keep = valid_l[None, :] & active_k[:, None]
+    return tl.where(keep, w, 0.0)
+
+
+@triton.jit
+def _aggregate(w, E, S):
+    """z_j = S (sum_i w_ij e_i): w (BK, BL), E (BL, BDI), S (BDO, BDI) -> (x (BK, BDI), z (BK, BDO))."""
+    x = tl.sum(w[:, :, None] * E[None, :, :], axis=1)
+    z = tl.sum(S[None, :, :] * x[:, None, :], axis=2)
+    return x, z
+
+
+@triton.jit
+def _squash(z, EPS: tl.constexpr):
+    """squash over the last axis of z (BK, BDO); 0 maps to 0."""
+    n2 = tl.sum(z * z, axis=1)
+    a = n2 / ((1.0 + n2) * tl.sqrt(n2 + EPS))
+    return a[:, None] * z
+
+
+@triton.jit
+def routing_fwd_kernel(
+    E_ptr, S_ptr, B0_ptr, M_ptr, IM_ptr,  # inputs
+    C_ptr, W_ptr, Z_ptr,  # outputs: capsules (E's dtype), coupling w (fp32), preactivation z (fp32)
+    B, L, K, D_IN, D_OUT, b0_stride_b, num_iters,
+    HAS_MASK: tl.constexpr, HAS_IMASK: tl.constexpr, OVER_BEHAVIORS: tl.constexpr,
+    BL: tl.constexpr, BK: tl.constexpr, BDI: tl.constexpr, BDO: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """Forward routing for users pid, pid + P, ...; all tensors contiguous.
+
+    E (B, L, D_IN); S (D_OUT, D_IN); b0 (B or 1, K, L) fp32 with batch stride
+    ``b0_stride_b`` (0 = broadcast); masks (B, L) / (B, K) uint8 when present.
+    Writes c (B, K, D_OUT), w (B, K, L) and z (B, K, D_OUT) of the final round.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_l = tl.arange(0, BL)
+    offs_k = tl.arange(0, BK)
+    offs_i = tl.arange(0, BDI)
+    offs_o = tl.arange(0, BDO)
+    in_l = offs_l < L
+    in_k = offs_k < K
+    in_i = offs_i < D_IN
+    in_o = offs_o < D_OUT
+    tile_e = in_l[:, None] & in_i[None, :]
+    tile_kl = in_k[:, None] & in_l[None, :]
+    tile_ko = in_k[:, None] & in_o[None, :]
+
+    # S once per program (it is shared by every user); padding rows/columns are 0.
+    S = tl.load(S_ptr + offs_o[:, None] * D_IN + offs_i[None, :], mask=in_o[:, None] & in_i[None, :], other=0.0)
+    S = S.to(tl.float32)
+
+    for b in range(pid, B, nprog):
+        b64 = tl.cast(b, tl.int64)  # B * L * D_IN may pass 2^31
+        E = tl.load(E_ptr + b64 * L * D_IN + offs_l[:, None] * D_IN + offs_i[None, :], mask=tile_e, other=0.0)
+        E = E.to(tl.float32)
+        if HAS_MASK:
+            valid_l = (tl.load(M_ptr + b64 * L + offs_l, mask=in_l, other=0) != 0) & in_l
+        else:
+            valid_l = in_l
+        if HAS_IMASK:
+            active_k = (tl.load(IM_ptr + b64 * K + offs_k, mask=in_k, other=0) != 0) & in_k
+        else:
+            active_k = in_k
+        logits = tl.load(B0_ptr + b64 * b0_stride_b + offs_k[:, None] * L + offs_l[None, :], mask=tile_kl, other=0.0)
+        logits = logits.to(tl.float32)
+
+        for _t in range(num_iters - 1):
+            w = _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS)
+            x, z = _aggregate(w, E, S)
+            c = _squash(z, EPS)
+            v = tl.sum(c[:, :, None] * S[None, :, :], axis=1)  # S^T c_j  (BK, BDI)
+            logits += tl.sum(v[:, None, :] * E[None, :, :], axis=2)  # b_ij += e_i . S^T c_j
+
+        w = _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS)
+        x, z = _aggregate(w, E, S)
+        c = _squash(z, EPS)
+
+        out_ko = b64 * K * D_OUT + offs_k[:, None] * D_OUT + offs_o[None, :]
+        tl.store(C_ptr + out_ko, c.to(C_ptr.dtype.element_ty), mask=tile_ko)
+        tl.store(Z_ptr + out_ko, z, mask=tile_ko)
+        tl.store(W_ptr + b64 * K * L + offs_k[:, None] * L + offs_l[None, :], w, mask=tile_kl)
+
+
+@triton.jit
+def routing_bwd_kernel(
+    G_ptr, E_ptr, S_ptr, W_ptr, Z_ptr,  # inputs: dL/dc, E, S, saved w and z
+    DE_ptr, DSP_ptr,  # outputs: dE (E's dtype), dS partials (P, D_OUT, D_IN) fp32
+    B, L, K, D_IN, D_OUT,
+    BL: tl.constexpr, BK: tl.constexpr, BDI: tl.constexpr, BDO: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """Backward of the detached routing for users pid, pid + P, ...:
+
+        dz_j = a(n2) G_j + 2 a'(n2) (z_j . G_j) z_j
+        dE_i = S^T du_i = sum_j w_ij (S^T dz_j)          (du never formed)
+        dS  += sum_i du_i e_i^T = sum_j dz_j x_j^T       with x_j = sum_i w_ij e_i
+
+    Program p writes its own dS partial (no atomics), summed in fixed order by
+    the launcher, so the result is deterministic.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_l = tl.arange(0, BL)
+    offs_k = tl.arange(0, BK)
+    offs_i = tl.arange(0, BDI)
+    offs_o = tl.arange(0, BDO)
+    in_l = offs_l < L
+    in_k = offs_k < K
+    in_i = offs_i < D_IN
+    in_o = offs_o < D_OUT
+    tile_e = in_l[:, None] & in_i[None, :]
+    tile_kl = in_k[:, None] & in_l[None, :]
+    tile_ko = in_k[:, None] & in_o[None, :]
+    tile_s = in_o[:, None] & in_i[None, :]
+
+    S = tl.load(S_ptr + offs_o[:, None] * D_IN + offs_i[None, :], mask=tile_s, other=0.0).to(tl.float32)
+    dS = tl.zeros((BDO, BDI), dtype=tl.float32)
+
+    for b in range(pid, B, nprog):
+        b64 = tl.cast(b, tl.int64)
+        e_off = b64 * L * D_IN + offs_l[:, None] * D_IN + offs_i[None, :]
+        E = tl.load(E_ptr + e_off, mask=tile_e, other=0.0).to(tl.float32)
+        ko = b64 * K * D_OUT + offs_k[:, None] * D_OUT + offs_o[None, :]
+        G = tl.load(G_ptr + ko, mask=tile_ko, other=0.0).to(tl.float32)
+        z = tl.load(Z_ptr + ko, mask=tile_ko, other=0.0)
+        w = tl.load(W_ptr + b64 * K * L + offs_k[:, None] * L + offs_l[None, :], mask=tile_kl, other=0.0)
+
+        n2 = tl.sum(z * z, axis=1)
+        s = tl.sqrt(n2 + EPS)
+        one_n2 = 1.0 + n2
+        a = n2 / (one_n2 * s)
+        da = 1.0 / (one_n2 * one_n2 * s) - n2 / (2.0 * one_n2 * s * s * s)
+        zg = tl.sum(z * G, axis=1)
+        dz = a[:, None] * G + (2.0 * da * zg)[:, None] * z  # (BK, BDO)
+
+        g = tl.sum(dz[:, :, None] * S[None, :, :], axis=1)  # S^T dz_j  (BK, BDI)
+        dE = tl.sum(w[:, :, None] * g[:, None, :], axis=0)  # (BL, BDI); masked rows have w = 0
+        tl.store(DE_ptr + e_off, dE.to(DE_ptr.dtype.element_ty), mask=tile_e)
+
+        x = tl.sum(w[:, :, None] * E[None, :, :], axis=1)  # (BK, BDI)
+        dS += tl.sum(dz[:, :, None] * x[:, None, :], axis=0)  # (BDO, BDI)
+
+    tl.store(DSP_ptr + tl.cast(pid, tl.int64) * D_OUT * D_IN + offs_o[:, None] * D_IN + offs_i[None, :], dS, mask=tile_s)
