@@ -46,7 +46,7 @@ gradient ever flows to ``init_logits`` or the masks.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -148,39 +148,3 @@ def b2i_routing_reference(
     if return_weights:
         return capsules, w.detach()
     return capsules
-
-
-def squash_backward(z: torch.Tensor, grad_c: torch.Tensor) -> torch.Tensor:
-    """dz = squash'(z)^T G over the last axis, in closed form.
-
-    squash(z) = a(n2) z with n2 = |z|^2, s = sqrt(n2 + eps), a = n2 / ((1 + n2) s); its Jacobian
-    a I + 2 a'(n2) z z^T is symmetric, so dz = a G + 2 a'(n2) (z . G) z with
-    a'(n2) = 1 / ((1 + n2)^2 s) - n2 / (2 (1 + n2) s^3).
-    """
-    n2 = (z * z).sum(dim=-1, keepdim=True)
-    s = torch.sqrt(n2 + SQUASH_EPS)
-    a = n2 / ((1.0 + n2) * s)
-    da = 1.0 / ((1.0 + n2) ** 2 * s) - n2 / (2.0 * (1.0 + n2) * s**3)
-    zg = (z * grad_c).sum(dim=-1, keepdim=True)
-    return a * grad_c + 2.0 * da * zg * z
-
-
-def routing_closed_form_grads(
-    behaviors: torch.Tensor,
-    weight: torch.Tensor,
-    coupling_weights: torch.Tensor,
-    grad_capsules: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """dE and dS for ``detach_routing=True`` from ROUTING.md's closed form.
-
-    dz_j = squash'(z_j)^T G_j;  du_i = sum_j w_ij dz_j;  dE_i = S^T du_i;  dS = sum_b sum_i du_i e_i^T.
-    """
-    acc = compute_dtype(behaviors.dtype)
-    E, S, w, G = behaviors.to(acc), weight.to(acc), coupling_weights.to(acc), grad_capsules.to(acc)
-    u = E @ S.t()
-    z = w @ u
-    dz = squash_backward(z, G)
-    du = w.transpose(1, 2) @ dz  # (B, L, D_out)
-    dE = du @ S
-    dS = torch.einsum("bio,bid->od", du, E)
-    return dE, dS

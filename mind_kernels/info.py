@@ -1,0 +1,39 @@
+"""``python -m mind_kernels.info``: versions, what was built, and which backend serves what."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+import mind_kernels
+from mind_kernels import backends, ops
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def main() -> None:
+    print(f"mind-kernels {mind_kernels.__version__}")
+    print(f"python       {sys.version.split()[0]} ({platform.machine()})")
+    print(f"torch        {torch.__version__} (CUDA {torch.version.cuda}, GPU available: {torch.cuda.is_available()})")
+    print(f"triton       {_triton_version()}")
+    built = ops.build_info()
+    if ops.extension_error() is not None:
+        print(f"extension    not loaded: {ops.extension_error()}")
+    else:
+        print(f"extension    built for {built or 'unknown versions (no _build_info.json)'}")
+    print()
+    print("backend    where  status")
+    print(backends())
+
+
+if __name__ == "__main__":
+    main()
