@@ -1,0 +1,17 @@
+"""MIND's data layer: loaders -> `RawData`, `prepare` -> `PreparedData` (ComiRec protocol).
+
+    raw = load_recbole(fetch_movielens_100k())      # or load_movielens_raw / load_comirec_csv / make_synthetic
+    data = prepare(raw, max_len=20)                 # 5-core filter, 8:1:1 user split, right-aligned histories
+"""
+
+from .fetch import fetch_movielens_100k
+from .loaders import (DataFormatError, RawData, age_bucket, load_comirec_csv, load_movielens_raw,
+                      load_recbole)
+from .prepare import EvalSplit, PreparedData, load_split, prepare, right_align, save_split
+from .synthetic import make_synthetic
+
+__all__ = [
+    "DataFormatError", "EvalSplit", "PreparedData", "RawData", "age_bucket", "fetch_movielens_100k",
+    "load_comirec_csv", "load_movielens_raw", "load_recbole", "load_split", "make_synthetic",
+    "prepare", "right_align", "save_split",
+]

@@ -1,0 +1,399 @@
+"""Loaders: every dataset format becomes one `RawData`.
+
+`RawData` holds three frames:
+
+* ``inter``: columns ``user``, ``item``, ``timestamp`` (all int64), one row per interaction.
+  Ratings are read and dropped: MIND treats every interaction as implicit feedback.
+* ``items``: index = raw item id (int64, name ``item``); ``title`` (str, may be "") and
+  ``genres`` (list[str], may be empty).
+* ``users``: index = raw user id (int64, name ``user``); categorical profile features as str
+  (may have no columns).
+
+Files are parsed line by line (not with ``pandas.read_csv``) so that a malformed row raises
+`DataFormatError` naming the file, the 1-based line number and the problem. Blank lines are
+skipped. A missing required file raises FileNotFoundError naming the path.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+
+class DataFormatError(ValueError):
+    """A malformed data file; the message is ``"<file>:<line>: <problem>"`` (line is 1-based)."""
+
+    def __init__(self, path, line: int, problem: str):
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        super().__init__(f"{self.path}:{line}: {problem}")
+
+
+@dataclass
+class RawData:
+    """What every loader returns; see the module docstring for the columns."""
+
+    name: str
+    inter: pd.DataFrame
+    items: pd.DataFrame
+    users: pd.DataFrame
+
+    def __repr__(self) -> str:
+        return (f"RawData(name={self.name!r}, interactions={len(self.inter)}, "
+                f"items={len(self.items)}, users={len(self.users)}, "
+                f"user_features={list(self.users.columns)})")
+
+
+# MovieLens-1M's age buckets; raw ages (ml-100k) are mapped onto the same buckets so that
+# both datasets share one vocabulary.
+AGE_BUCKETS = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"),
+               (56, "50-55"))
+ML1M_AGE_CODES = {1: "<18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55",
+                  56: "56+"}
+ML1M_OCCUPATIONS = (
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+    "Sci-Fi", "Thriller", "War", "Western")
+
+
+def age_bucket(age: int) -> str:
+    """Age in years -> MovieLens-1M bucket: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+."""
+    for upper, name in AGE_BUCKETS:
+        if age < upper:
+            return name
+    return "56+"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _require(path) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}")
+    return p
+
+
+def _rows(path: pathlib.Path, sep: str, encoding: str = "utf-8",
+          nfields: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """Yield (1-based line number, fields) for each non-blank line.
+
+    With ``nfields`` set, a line with another number of fields raises DataFormatError.
+    """
+    with open(path, encoding=encoding, newline="") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split(sep)
+            if nfields is not None and len(fields) != nfields:
+                raise DataFormatError(path, lineno,
+                                      f"expected {nfields} fields separated by {sep!r}, "
+                                      f"found {len(fields)}")
+            yield lineno, fields
+
+
+def _int(path, lineno: int, what: str, text: str, allow_integral_float: bool = False) -> int:
+    """Parse an integer field; RecBole's ``float`` timestamps may be written ``881250949.0``."""
+    s = text.strip()
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    if allow_integral_float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = math.nan
+        if math.isfinite(v) and v == int(v):
+            return int(v)
+    raise DataFormatError(path, lineno, f"{what} is not an integer: {text!r}")
+
+
+def _inter_frame(users: list[int], items: list[int], times: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"user": np.asarray(users, dtype=np.int64),
+                         "item": np.asarray(items, dtype=np.int64),
+                         "timestamp": np.asarray(times, dtype=np.int64)})
+
+
+def _items_frame(ids: list[int], titles: list[str], genres: list[list[str]]) -> pd.DataFrame:
+    df = pd.DataFrame({"title": pd.Series(titles, dtype=object),
+                       "genres": pd.Series(genres, dtype=object)})
+    df.index = pd.Index(np.asarray(ids, dtype=np.int64), name="item")
+    return df
+
+
+def _users_frame(ids: list[int], columns: dict[str, list[str]]) -> pd.DataFrame:
+    df = pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in columns.items()},
+                      index=range(len(ids)))
+    df.index = pd.Index(np.asarray(ids, dtype=np.int64), name="user")
+    return df
+
+
+class _Unique:
+    """Remembers where each id was first seen, to report duplicates in item/user files."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what, self.seen = path, what, {}
+
+    def check(self, lineno: int, key: int) -> None:
+        if key in self.seen:
+            raise DataFormatError(self.path, lineno,
+                                  f"duplicate {self.what} id {key} (first on line {self.seen[key]})")
+        self.seen[key] = lineno
+
+
+# ----------------------------------------------------------------------------- RecBole
+
+_RECBOLE_TYPES = ("token", "float", "token_seq", "float_seq")
+_TITLE_FIELDS = ("movie_title", "title", "item_title", "name")
+_GENRE_FIELDS = ("class", "genre", "genres", "categories", "category")
+_DROPPED_USER_FIELDS = ("zip_code",)
+
+
+def _recbole_header(path: pathlib.Path, encoding: str = "utf-8") -> list[str]:
+    """Field names of a RecBole atomic file; the header is ``name:type`` per column."""
+    with open(path, encoding=encoding, newline="") as f:
+        header = f.readline().rstrip("\r\n")
+    if not header.strip():
+        raise DataFormatError(path, 1, "empty header; expected tab-separated 'field:type' columns")
+    names = []
+    for col in header.split("\t"):
+        name, colon, typ = col.partition(":")
+        if not colon or not name or typ not in _RECBOLE_TYPES:
+            raise DataFormatError(path, 1, f"bad header column {col!r}; expected 'field:type' "
+                                           f"with type in {_RECBOLE_TYPES}")
+        names.append(name)
+    return names
+
+
+def _recbole_body(path: pathlib.Path, ncols: int) -> Iterator[tuple[int, list[str]]]:
+    for lineno, fields in _rows(path, "\t", nfields=ncols):
+        if lineno > 1:
+            yield lineno, fields
+
+
+def load_recbole(folder, name: str | None = None) -> RawData:
+    """Read RecBole atomic files ``<folder>/<name>.inter`` (required), ``.item``, ``.user``.
+
+    ``name`` defaults to the folder's name. Files are tab-separated with a ``field:type``
+    header (types token, float, token_seq, float_seq).
+
+    * ``.inter``: needs ``user_id`` and ``item_id`` (integer tokens); ``timestamp`` may be
+      a float holding an integer value; other fields (``rating``) are ignored. Without a
+      ``timestamp`` field the line order is the time order (timestamp = line number).
+    * ``.item``: ``item_id``; the title is the first of movie_title/title/item_title/name
+      that exists (kept verbatim); genres are the first of class/genre/genres/categories/
+      category, a space-separated token_seq. Other fields (release_year) are ignored.
+    * ``.user``: ``user_id``; every other field except zip_code is a categorical feature
+      kept as str; ``age``, when it holds integers, becomes a MovieLens-1M age bucket.
+    """
+    folder = pathlib.Path(folder)
+    name = name or folder.name
+    inter_path = _require(folder / f"{name}.inter")
+
+    cols = _recbole_header(inter_path)
+    for need in ("user_id", "item_id"):
+        if need not in cols:
+            raise DataFormatError(inter_path, 1, f"header has no {need!r} field")
+    iu, ii = cols.index("user_id"), cols.index("item_id")
+    it = cols.index("timestamp") if "timestamp" in cols else None
+    users, items, times = [], [], []
+    for lineno, f in _recbole_body(inter_path, len(cols)):
+        users.append(_int(inter_path, lineno, "user_id", f[iu]))
+        items.append(_int(inter_path, lineno, "item_id", f[ii]))
+        times.append(lineno if it is None else
+                     _int(inter_path, lineno, "timestamp", f[it], allow_integral_float=True))
+    inter = _inter_frame(users, items, times)
+
+    ids, titles, genres = [], [], []
+    item_path = folder / f"{name}.item"
+    if item_path.is_file():
+        cols = _recbole_header(item_path)
+        if "item_id" not in cols:
+            raise DataFormatError(item_path, 1, "header has no 'item_id' field")
+        iid = cols.index("item_id")
+        ititle = next((cols.index(c) for c in _TITLE_FIELDS if c in cols), None)
+        igenre = next((cols.index(c) for c in _GENRE_FIELDS if c in cols), None)
+        uniq = _Unique(item_path, "item")
+        for lineno, f in _recbole_body(item_path, len(cols)):
+            key = _int(item_path, lineno, "item_id", f[iid])
+            uniq.check(lineno, key)
+            ids.append(key)
+            titles.append("" if ititle is None else f[ititle].strip())
+            genres.append([] if igenre is None else f[igenre].split())
+    items_df = _items_frame(ids, titles, genres)
+
+    uids, feats = [], {}
+    user_path = folder / f"{name}.user"
+    if user_path.is_file():
+        cols = _recbole_header(user_path)
+        if "user_id" not in cols:
+            raise DataFormatError(user_path, 1, "header has no 'user_id' field")
+        iuid = cols.index("user_id")
+        keep = [(i, c) for i, c in enumerate(cols)
+                if c != "user_id" and c not in _DROPPED_USER_FIELDS]
+        feats = {c: [] for _, c in keep}
+        uniq = _Unique(user_path, "user")
+        for lineno, f in _recbole_body(user_path, len(cols)):
+            key = _int(user_path, lineno, "user_id", f[iuid])
+            uniq.check(lineno, key)
+            uids.append(key)
+            for i, c in keep:
+                feats[c].append(f[i].strip())
+        if "age" in feats and all(v.strip().isdigit() or not v for v in feats["age"]):
+            feats["age"] = [age_bucket(int(v)) if v else "" for v in feats["age"]]
+    users_df = _users_frame(uids, feats)
+    return RawData(name, inter, items_df, users_df)
+
+
+# ----------------------------------------------------------------------------- MovieLens raw
+
+
+def load_movielens_raw(folder) -> RawData:
+    """Read GroupLens' original files, detecting the release from the file names.
+
+    * ml-100k (``u.data`` present): ``u.data`` is ``user \\t item \\t rating \\t timestamp``;
+      ``u.item`` is '|'-separated latin-1 with 24 fields (id, title, release date, video
+      release date, IMDb URL, 19 genre flags in the order of ``u.genre``: unknown, Action,
+      ... Western); ``u.user`` is ``id|age|gender|occupation|zip``. Age (years) becomes a
+      MovieLens-1M bucket; zip is dropped. Titles keep their "(year)" suffix.
+    * ml-1m (``ratings.dat`` present): '::'-separated latin-1 files: ratings
+      ``user::item::rating::timestamp``; movies ``id::title::Genre1|Genre2``; users
+      ``id::gender::age_code::occupation_code::zip``. Age codes become bucket names,
+      occupation codes the names from the ml-1m README; zip is dropped.
+
+    ``u.item``/``u.user``/``movies.dat``/``users.dat`` are optional (empty frames when absent).
+    """
+    folder = pathlib.Path(folder)
+    if (folder / "u.data").is_file():
+        return _load_ml100k(folder)
+    if (folder / "ratings.dat").is_file():
+        return _load_ml1m(folder)
+    raise FileNotFoundError(f"no MovieLens files in {folder}: expected {folder / 'u.data'} "
+                            f"(ml-100k) or {folder / 'ratings.dat'} (ml-1m)")
+
+
+def _read_ratings(path: pathlib.Path, sep: str) -> pd.DataFrame:
+    users, items, times = [], [], []
+    for lineno, f in _rows(path, sep, encoding="latin-1", nfields=4):
+        users.append(_int(path, lineno, "user id", f[0]))
+        items.append(_int(path, lineno, "item id", f[1]))
+        times.append(_int(path, lineno, "timestamp", f[3]))
+    return _inter_frame(users, items, times)
+
+
+def _load_ml100k(folder: pathlib.Path) -> RawData:
+    inter = _read_ratings(folder / "u.data", "\t")
+
+    ids, titles, genres = [], [], []
+    path = folder / "u.item"
+    if path.is_file():
+        uniq = _Unique(path, "item")
+        for lineno, f in _rows(path, "|", encoding="latin-1", nfields=5 + len(ML100K_GENRES)):
+            key = _int(path, lineno, "item id", f[0])
+            uniq.check(lineno, key)
+            flags = f[5:]
+            if any(x not in ("0", "1") for x in flags):
+                raise DataFormatError(path, lineno, f"genre flags must be 0 or 1, got {flags}")
+            ids.append(key)
+            titles.append(f[1].strip())
+            genres.append([g for g, x in zip(ML100K_GENRES, flags) if x == "1"])
+    items = _items_frame(ids, titles, genres)
+
+    uids, feats = [], {"age": [], "gender": [], "occupation": []}
+    path = folder / "u.user"
+    if path.is_file():
+        uniq = _Unique(path, "user")
+        for lineno, f in _rows(path, "|", encoding="latin-1", nfields=5):
+            key = _int(path, lineno, "user id", f[0])
+            uniq.check(lineno, key)
+            uids.append(key)
+            feats["age"].append(age_bucket(_int(path, lineno, "age", f[1])))
+            feats["gender"].append(f[2].strip())
+            feats["occupation"].append(f[3].strip())
+    return RawData("ml-100k", inter, items, _users_frame(uids, feats))
+
+
+def _load_ml1m(folder: pathlib.Path) -> RawData:
+    inter = _read_ratings(folder / "ratings.dat", "::")
+
+    ids, titles, genres = [], [], []
+    path = folder / "movies.dat"
+    if path.is_file():
+        uniq = _Unique(path, "item")
+        for lineno, f in _rows(path, "::", encoding="latin-1", nfields=3):
+            key = _int(path, lineno, "movie id", f[0])
+            uniq.check(lineno, key)
+            ids.append(key)
+            titles.append(f[1].strip())
+            genres.append([g for g in f[2].strip().split("|") if g])
+    items = _items_frame(ids, titles, genres)
+
+    uids, feats = [], {"age": [], "gender": [], "occupation": []}
+    path = folder / "users.dat"
+    if path.is_file():
+        uniq = _Unique(path, "user")
+        for lineno, f in _rows(path, "::", encoding="latin-1", nfields=5):
+            key = _int(path, lineno, "user id", f[0])
+            uniq.check(lineno, key)
+            age = _int(path, lineno, "age code", f[2])
+            occ = _int(path, lineno, "occupation code", f[3])
+            if age not in ML1M_AGE_CODES:
+                raise DataFormatError(path, lineno, f"unknown age code {age} "
+                                                    f"(expected one of {sorted(ML1M_AGE_CODES)})")
+            if not 0 <= occ < len(ML1M_OCCUPATIONS):
+                raise DataFormatError(path, lineno, f"unknown occupation code {occ} (expected 0..20)")
+            uids.append(key)
+            feats["age"].append(ML1M_AGE_CODES[age])
+            feats["gender"].append(f[1].strip())
+            feats["occupation"].append(ML1M_OCCUPATIONS[occ])
+    return RawData("ml-1m", inter, items, _users_frame(uids, feats))
+
+
+# ----------------------------------------------------------------------------- ComiRec csv
+
+
+def load_comirec_csv(path, name: str | None = None) -> RawData:
+    """Read ComiRec's ``user,item,category,timestamp`` csv (no header; one header line accepted).
+
+    Line 1 is taken as a header when its user field is not an integer. Each item's genres
+    are ``[category]`` from its first line (ComiRec gives one category per item). Users
+    have no profile features. ``name`` defaults to the file name without extension.
+    """
+    path = _require(path)
+    users, items, times = [], [], []
+    category: dict[int, str] = {}
+    for lineno, f in _rows(path, ",", nfields=4):
+        if lineno == 1 and not _is_int(f[0]):
+            continue  # header line
+        users.append(_int(path, lineno, "user id", f[0]))
+        item = _int(path, lineno, "item id", f[1])
+        items.append(item)
+        times.append(_int(path, lineno, "timestamp", f[3]))
+        category.setdefault(item, f[2].strip())
+    ids = sorted(category)
+    items_df = _items_frame(ids, [""] * len(ids), [[category[i]] if category[i] else [] for i in ids])
+    uids = sorted(set(users))
+    return RawData(name or path.stem, _inter_frame(users, items, times), items_df,
+                   _users_frame(uids, {}))
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s.strip())
+        return True
+    except ValueError:
+        return False
+
