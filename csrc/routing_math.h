@@ -55,4 +55,48 @@ MK_HD void masked_softmax(const acc_t* x, int x_stride, const mask_t* active, in
   for (int k = 0; k < n; ++k) w[k * w_stride] *= inv;
 }
 
+// One user's coupling weights w (K, L) from logits b (K, L), both row-major (ROUTING.md, "coupling").
+// `valid` (L) and `active` (K) may be nullptr (all valid / all active).
+//   over_behaviors = false (MIND): for each valid i, softmax over the active j; masked i -> 0 for all j.
+//   over_behaviors = true (ComiRec): for each active j, softmax over all L positions (padding in the
+//     denominator), then 0 at masked i; inactive j -> 0.
+template <typename acc_t, typename mask_t>
+MK_HD void user_coupling(const acc_t* b, const mask_t* valid, const mask_t* active, bool over_behaviors, acc_t* w,
+                         int K, int L) {
+  if (over_behaviors) {
+    for (int j = 0; j < K; ++j) {
+      acc_t* wj = w + j * L;
+      if (active && !active[j]) {
+        for (int i = 0; i < L; ++i) wj[i] = acc_t(0);
+        continue;
+      }
+      masked_softmax(b + j * L, 1, static_cast<const mask_t*>(nullptr), 0, wj, 1, L);
+      if (valid)
+        for (int i = 0; i < L; ++i)
+          if (!valid[i]) wj[i] = acc_t(0);
+    }
+  } else {
+    for (int i = 0; i < L; ++i) {
+      if (valid && !valid[i]) {
+        for (int j = 0; j < K; ++j) w[j * L + i] = acc_t(0);
+        continue;
+      }
+      masked_softmax(b + i, L, active, 1, w + i, L, K);
+    }
+  }
+}
+
+// dz = squash'(z)^T g for one interest (n values): dz = a g + 2 a'(n2) (z . g) z.
+template <typename acc_t>
+MK_HD void squash_backward_row(const acc_t* z, const acc_t* g, acc_t* dz, int n) {
+  acc_t n2 = acc_t(0), zg = acc_t(0);
+  for (int k = 0; k < n; ++k) {
+    n2 += z[k] * z[k];
+    zg += z[k] * g[k];
+  }
+  const acc_t a = squash_scale(n2);
+  const acc_t coef = acc_t(2) * squash_scale_derivative(n2) * zg;
+  for (int k = 0; k < n; ++k) dz[k] = a * g[k] + coef * z[k];
+}
+
 }  // namespace mind_kernels

@@ -1,0 +1,488 @@
+// Fused CPU kernels of the B2I routing op (ROUTING.md): one pass per user, everything in cache.
+//
+// Forward, per user (E_u (L, D_in), S (D_out, D_in), logits b (K, L)), reassociated so each
+// iteration works on D_in-sized vectors and touches S only K times:
+//     w       = coupling(b)                            (K, L)
+//     ebar_j  = sum_i w_ij e_i                          (K, D_in)
+//     z_j     = S ebar_j  (= sum_i w_ij u_i)            (K, D_out)
+//     c_j     = squash(z_j)
+//     t < r:  h_j = S^T c_j (D_in);  b_ij += e_i . h_j  (= c_j . u_i)
+// Outputs: capsules c (E's dtype), the final w and z (accumulation dtype), which is all backward needs.
+//
+// Backward (detach_routing=True), per user, with G = dL/dc:
+//     dz_j = squash'(z_j)^T G_j;  g_j = S^T dz_j (K, D_in);  dE_i = sum_j w_ij g_j  (= S^T du_i)
+//     ebar_j = sum_i w_ij e_i;    dS += sum_j dz_j ebar_j^T                         (= sum_i du_i e_i^T)
+// dS is reduced deterministically: users are split into chunks that depend on B only (never on the
+// thread count), each chunk accumulates its own partial in a fixed user order, and the partials are
+// summed in chunk order.
+//
+// Every inner loop is an "axpy over rows" with a contiguous inner axis, so it vectorises without a
+// floating-point reduction; the per-user bodies are compiled twice (baseline x86-64 and AVX2+FMA)
+// and the AVX2 copy is picked at run time where the CPU has it.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "routing_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define MK_X86_DISPATCH 1
+#define MK_ALWAYS_INLINE inline __attribute__((always_inline))
+#define MK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MK_X86_DISPATCH 0
+#define MK_ALWAYS_INLINE inline
+#define MK_TARGET_AVX2
+#endif
+
+namespace mind_kernels {
+namespace {
+
+// out[0:n] += sum_{k < m} coef[k] * rows[k * stride + 0:n]. Four rows per pass so each load/store of
+// `out` carries four multiply-adds; the inner loop is over contiguous memory.
+template <typename T>
+MK_ALWAYS_INLINE void axpy_rows(T* __restrict__ out, int64_t n, const T* __restrict__ coef,
+                                const T* __restrict__ rows, int64_t stride, int64_t m) {
+  int64_t k = 0;
+  for (; k + 4 <= m; k += 4) {
+    const T c0 = coef[k], c1 = coef[k + 1], c2 = coef[k + 2], c3 = coef[k + 3];
+    const T* __restrict__ r0 = rows + k * stride;
+    const T* __restrict__ r1 = r0 + stride;
+    const T* __restrict__ r2 = r1 + stride;
+    const T* __restrict__ r3 = r2 + stride;
+#pragma omp simd
+    for (int64_t x = 0; x < n; ++x) out[x] += (c0 * r0[x] + c1 * r1[x]) + (c2 * r2[x] + c3 * r3[x]);
+  }
+  for (; k < m; ++k) {
+    const T c0 = coef[k];
+    const T* __restrict__ r0 = rows + k * stride;
+#pragma omp simd
+    for (int64_t x = 0; x < n; ++x) out[x] += c0 * r0[x];
+  }
+}
+
+template <typename T>
+MK_ALWAYS_INLINE void fill_zero(T* __restrict__ p, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) p[x] = T(0);
+}
+
+// Converts n values to another type (a plain copy when the types agree).
+template <typename To, typename From>
+MK_ALWAYS_INLINE void convert_row(To* __restrict__ dst, const From* __restrict__ src, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<To>(src[x]);
+}
+
+// Sizes and pointers of one call, shared by every user.
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* E;        // (B, L, D_in)
+  const acc_t* S;           // (D_out, D_in)
+  const acc_t* St;          // (D_in, D_out), S transposed
+  const acc_t* b0;          // (K, L) or (B, K, L)
+  int64_t b0_user_stride;   // 0 when b0 is shared by every user
+  const bool* mask;         // (B, L) or nullptr
+  const bool* imask;        // (B, K) or nullptr
+  scalar_t* capsules;       // (B, K, D_out)
+  acc_t* coupling;          // (B, K, L)
+  acc_t* preact;            // (B, K, D_out)
+  int64_t L, D_in, D_out, K, r;
+  bool over_behaviors;
+};
+
+// Per-thread scratch of the forward: a handful of (K, L)/(K, D) rows, reused across users.
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> buf;
+  acc_t *e, *et, *b, *ebar, *z, *c, *h;
+  ForwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
+      : buf((convert_e ? L * D_in : 0) + D_in * L + K * L + K * D_in + 2 * K * D_out + D_in) {
+    acc_t* p = buf.data();
+    e = nullptr;
+    if (convert_e) { e = p; p += L * D_in; }
+    et = p; p += D_in * L;
+    b = p; p += K * L;
+    ebar = p; p += K * D_in;
+    z = p; p += K * D_out;
+    c = p; p += K * D_out;
+    h = p;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, int64_t u) {
+  const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
+  const scalar_t* Eu = a.E + u * L * D_in;
+  const acc_t* e;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    e = Eu;
+  } else {  // half inputs: widen the user's rows once
+    convert_row(s.e, Eu, L * D_in);
+    e = s.e;
+  }
+  // e^T (D_in, L): the logit update b_j += sum_d h_j[d] e^T[d, :] is then an axpy over positions.
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t d = 0; d < D_in; ++d) s.et[d * L + i] = e[i * D_in + d];
+  const acc_t* b0u = a.b0 + u * a.b0_user_stride;
+  for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
+
+  const bool* valid = a.mask ? a.mask + u * L : nullptr;
+  const bool* active = a.imask ? a.imask + u * K : nullptr;
+  acc_t* w = a.coupling + u * K * L;  // the last iteration's w is the output
+
+  for (int64_t t = 1; t <= a.r; ++t) {
+    user_coupling(s.b, valid, active, a.over_behaviors, w, static_cast<int>(K), static_cast<int>(L));
+    for (int64_t j = 0; j < K; ++j) {
+      acc_t* ebar = s.ebar + j * D_in;
+      acc_t* z = s.z + j * D_out;
+      fill_zero(ebar, D_in);
+      fill_zero(z, D_out);
+      if (active && !active[j]) continue;  // w_j = 0: z_j = c_j = 0
+      axpy_rows(ebar, D_in, w + j * L, e, D_in, L);
+      axpy_rows(z, D_out, ebar, a.St, D_out, D_in);
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      const acc_t* z = s.z + j * D_out;
+      acc_t n2 = acc_t(0);
+      for (int64_t o = 0; o < D_out; ++o) n2 += z[o] * z[o];
+      const acc_t scale = squash_scale(n2);
+      acc_t* c = s.c + j * D_out;
+      for (int64_t o = 0; o < D_out; ++o) c[o] = scale * z[o];
+    }
+    if (t < a.r) {
+      for (int64_t j = 0; j < K; ++j) {
+        // Inactive interests never get weight, in either softmax mode, so their logits are unused.
+        if (active && !active[j]) continue;
+        fill_zero(s.h, D_in);
+        axpy_rows(s.h, D_in, s.c + j * D_out, a.S, D_in, D_out);
+        axpy_rows(s.b + j * L, L, s.h, s.et, L, D_in);
+      }
+    }
+  }
+  convert_row(a.preact + u * K * D_out, s.z, K * D_out);
+  convert_row(a.capsules + u * K * D_out, s.c, K * D_out);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_range_generic(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  ForwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
+  for (int64_t u = begin; u < end; ++u) forward_user(a, s, u);
+}
+
+#if MK_X86_DISPATCH
+template <typename scalar_t, typename acc_t>
+MK_TARGET_AVX2 void forward_range_avx2(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  ForwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
+  for (int64_t u = begin; u < end; ++u) forward_user(a, s, u);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void forward_range(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+#if MK_X86_DISPATCH
+  if (cpu_has_avx2_fma()) return forward_range_avx2(a, begin, end);
+#endif
+  forward_range_generic(a, begin, end);
+}
+
+// Users per task so that a task carries enough work to be worth a thread (~1 MFLOP); small batches
+// (online serving, B = 1) then run on the calling thread without an OpenMP fork.
+int64_t users_per_task(int64_t flops_per_user) {
+  constexpr int64_t kMinTaskFlops = 1 << 20;
+  return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_user));
+}
+
+// ------------------------------------------------------------------------------------------ backward
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const acc_t* G;       // (B, K, D_out)
+  const scalar_t* E;    // (B, L, D_in)
+  const acc_t* S;       // (D_out, D_in)
+  const acc_t* w;       // (B, K, L)
+  const acc_t* z;       // (B, K, D_out)
+  scalar_t* dE;         // (B, L, D_in)
+  int64_t L, D_in, D_out, K;
+};
+
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> buf;
+  acc_t *e, *dz, *dzt, *g, *ebar, *row, *wcol;
+  BackwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
+      : buf((convert_e ? L * D_in : 0) + 2 * K * D_out + 2 * K * D_in + D_in + K) {
+    acc_t* p = buf.data();
+    e = nullptr;
+    if (convert_e) { e = p; p += L * D_in; }
+    dz = p; p += K * D_out;
+    dzt = p; p += D_out * K;
+    g = p; p += K * D_in;
+    ebar = p; p += K * D_in;
+    row = p; p += D_in;
+    wcol = p;
+  }
+};
+
+// One user's dE rows, and its contribution sum_j dz_j ebar_j^T added into dS_part (D_out, D_in).
+template <typename scalar_t, typename acc_t>
+MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, BackwardScratch<acc_t>& s,
+                                    acc_t* dS_part, int64_t u) {
+  const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
+  const scalar_t* Eu = a.E + u * L * D_in;
+  const acc_t* e;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    e = Eu;
+  } else {
+    convert_row(s.e, Eu, L * D_in);
+    e = s.e;
+  }
+  const acc_t* w = a.w + u * K * L;
+  const acc_t* z = a.z + u * K * D_out;
+  const acc_t* G = a.G + u * K * D_out;
+
+  for (int64_t j = 0; j < K; ++j) {
+    acc_t* dz = s.dz + j * D_out;
+    squash_backward_row(z + j * D_out, G + j * D_out, dz, static_cast<int>(D_out));
+    for (int64_t o = 0; o < D_out; ++o) s.dzt[o * K + j] = dz[o];
+    acc_t* g = s.g + j * D_in;  // g_j = S^T dz_j
+    fill_zero(g, D_in);
+    axpy_rows(g, D_in, dz, a.S, D_in, D_out);
+    acc_t* ebar = s.ebar + j * D_in;
+    fill_zero(ebar, D_in);
+    axpy_rows(ebar, D_in, w + j * L, e, D_in, L);
+  }
+  scalar_t* dEu = a.dE + u * L * D_in;
+  for (int64_t i = 0; i < L; ++i) {  // dE_i = sum_j w_ij g_j (masked i: w = 0 -> 0)
+    for (int64_t j = 0; j < K; ++j) s.wcol[j] = w[j * L + i];
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      acc_t* out = dEu + i * D_in;
+      fill_zero(out, D_in);
+      axpy_rows(out, D_in, s.wcol, s.g, D_in, K);
+    } else {
+      fill_zero(s.row, D_in);
+      axpy_rows(s.row, D_in, s.wcol, s.g, D_in, K);
+      convert_row(dEu + i * D_in, s.row, D_in);
+    }
+  }
+  for (int64_t o = 0; o < D_out; ++o)  // dS[o, :] += sum_j dz_j[o] ebar_j
+    axpy_rows(dS_part + o * D_in, D_in, s.dzt + o * K, s.ebar, D_in, K);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_range_generic(const BackwardArgs<scalar_t, acc_t>& a, acc_t* dS_part, int64_t begin, int64_t end) {
+  BackwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
+  for (int64_t u = begin; u < end; ++u) backward_user(a, s, dS_part, u);
+}
+
+#if MK_X86_DISPATCH
+template <typename scalar_t, typename acc_t>
+MK_TARGET_AVX2 void backward_range_avx2(const BackwardArgs<scalar_t, acc_t>& a, acc_t* dS_part, int64_t begin,
+                                        int64_t end) {
+  BackwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
+  for (int64_t u = begin; u < end; ++u) backward_user(a, s, dS_part, u);
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void backward_range(const BackwardArgs<scalar_t, acc_t>& a, acc_t* dS_part, int64_t begin, int64_t end) {
+#if MK_X86_DISPATCH
+  if (cpu_has_avx2_fma()) return backward_range_avx2(a, dS_part, begin, end);
+#endif
+  backward_range_generic(a, dS_part, begin, end);
+}
+
+// ------------------------------------------------------------------------------------------ checks
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "mind_kernels::", op, ": `", name, "` must be a CPU tensor, got ", t.device());
+}
+
+void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || d == at::kDouble, "mind_kernels::", op,
+              ": `", name, "` must be float32, float16, bfloat16 or float64, got ", d);
+}
+
+// A (B, n) mask as contiguous bool, or an undefined tensor for None.
+at::Tensor bool_mask(const std::optional<at::Tensor>& m, int64_t B, int64_t n, const char* name, const char* dims) {
+  if (!m.has_value() || !m->defined()) return at::Tensor();
+  check_cpu(*m, "routing_forward", name);
+  TORCH_CHECK(m->dim() == 2 && m->size(0) == B && m->size(1) == n, "mind_kernels::routing_forward: `", name,
+              "` must be ", dims, " = (", B, ", ", n, "), got shape ", m->sizes());
+  TORCH_CHECK(!m->is_floating_point() && !m->is_complex(), "mind_kernels::routing_forward: `", name,
+              "` must be bool or integer 0/1, got ", m->scalar_type());
+  at::Tensor b = m->scalar_type() == at::kBool ? *m : m->ne(0);
+  return b.contiguous();
+}
+
+// ------------------------------------------------------------------------------------------ ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Tensor& behaviors,
+                                                                     const at::Tensor& weight,
+                                                                     const at::Tensor& init_logits,
+                                                                     const std::optional<at::Tensor>& mask,
+                                                                     const std::optional<at::Tensor>& interest_mask,
+                                                                     int64_t num_iters, bool over_behaviors) {
+  constexpr const char* op = "routing_forward";
+  check_cpu(behaviors, op, "behaviors");
+  check_cpu(weight, op, "weight");
+  check_cpu(init_logits, op, "init_logits");
+  TORCH_CHECK(behaviors.dim() == 3, "mind_kernels::routing_forward: `behaviors` must be 3-D (B, L, D_in), got shape ",
+              behaviors.sizes());
+  check_float_dtype(behaviors, op, "behaviors");
+  const int64_t B = behaviors.size(0), L = behaviors.size(1), D_in = behaviors.size(2);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == D_in,
+              "mind_kernels::routing_forward: `weight` must be (D_out, D_in) with D_in = ", D_in, ", got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == behaviors.scalar_type() || weight.scalar_type() == at::kFloat,
+              "mind_kernels::routing_forward: `weight` must have the dtype of `behaviors` (", behaviors.scalar_type(),
+              ") or float32, got ", weight.scalar_type());
+  TORCH_CHECK(init_logits.dim() == 2 || init_logits.dim() == 3,
+              "mind_kernels::routing_forward: `init_logits` must be (K, L) or (B, K, L), got shape ",
+              init_logits.sizes());
+  TORCH_CHECK(init_logits.is_floating_point(), "mind_kernels::routing_forward: `init_logits` must be floating, got ",
+              init_logits.scalar_type());
+  const int64_t D_out = weight.size(0), K = init_logits.size(-2);
+  TORCH_CHECK(init_logits.size(-1) == L && (init_logits.dim() == 2 || init_logits.size(0) == B),
+              "mind_kernels::routing_forward: `init_logits` must be (K, L) or (B, K, L) with B = ", B, ", L = ", L,
+              ", got shape ", init_logits.sizes());
+  TORCH_CHECK(num_iters >= 1, "mind_kernels::routing_forward: `num_iters` must be >= 1, got ", num_iters);
+
+  const auto acc = acc_type_of(behaviors.scalar_type());
+  const at::Tensor E = behaviors.contiguous();
+  const at::Tensor S = weight.to(acc).contiguous();
+  const at::Tensor b0 = init_logits.to(acc).contiguous();
+  const at::Tensor m = bool_mask(mask, B, L, "mask", "(B, L)");
+  const at::Tensor im = bool_mask(interest_mask, B, K, "interest_mask", "(B, K)");
+
+  at::Tensor capsules = at::empty({B, K, D_out}, behaviors.options());
+  at::Tensor coupling = at::empty({B, K, L}, behaviors.options().dtype(acc));
+  at::Tensor preact = at::empty({B, K, D_out}, behaviors.options().dtype(acc));
+  if (B == 0 || K == 0) return {capsules, coupling, preact};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, E.scalar_type(), "mind_kernels_routing_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* Sp = S.const_data_ptr<acc_t>();
+    std::vector<acc_t> St(D_in * D_out);
+    for (int64_t o = 0; o < D_out; ++o)
+      for (int64_t d = 0; d < D_in; ++d) St[d * D_out + o] = Sp[o * D_in + d];
+    ForwardArgs<scalar_t, acc_t> a{E.const_data_ptr<scalar_t>(),
+                                   Sp,
+                                   St.data(),
+                                   b0.const_data_ptr<acc_t>(),
+                                   b0.dim() == 3 ? K * L : 0,
+                                   m.defined() ? m.const_data_ptr<bool>() : nullptr,
+                                   im.defined() ? im.const_data_ptr<bool>() : nullptr,
+                                   capsules.mutable_data_ptr<scalar_t>(),
+                                   coupling.mutable_data_ptr<acc_t>(),
+                                   preact.mutable_data_ptr<acc_t>(),
+                                   L, D_in, D_out, K, num_iters, over_behaviors};
+    const int64_t flops = 4 * num_iters * K * (L + D_out) * D_in;
+    at::parallel_for(0, B, users_per_task(flops), [&](int64_t begin, int64_t end) { forward_range(a, begin, end); });
+  });
+  return {capsules, coupling, preact};
+}
+
+std::tuple<at::Tensor, at::Tensor> routing_backward_cpu(const at::Tensor& grad_capsules, const at::Tensor& behaviors,
+                                                        const at::Tensor& weight, const at::Tensor& coupling,
+                                                        const at::Tensor& preactivation) {
+  constexpr const char* op = "routing_backward";
+  check_cpu(grad_capsules, op, "grad_capsules");
+  check_cpu(behaviors, op, "behaviors");
+  check_cpu(weight, op, "weight");
+  check_cpu(coupling, op, "coupling");
+  check_cpu(preactivation, op, "preactivation");
+  TORCH_CHECK(behaviors.dim() == 3, "mind_kernels::routing_backward: `behaviors` must be 3-D (B, L, D_in), got shape ",
+              behaviors.sizes());
+  check_float_dtype(behaviors, op, "behaviors");
+  const int64_t B = behaviors.size(0), L = behaviors.size(1), D_in = behaviors.size(2);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == D_in,
+              "mind_kernels::routing_backward: `weight` must be (D_out, D_in) with D_in = ", D_in, ", got shape ",
+              weight.sizes());
+  check_float_dtype(weight, op, "weight");
+  const int64_t D_out = weight.size(0);
+  TORCH_CHECK(coupling.dim() == 3 && coupling.size(0) == B && coupling.size(2) == L,
+              "mind_kernels::routing_backward: `coupling` must be (B, K, L) with B = ", B, ", L = ", L,
+              ", got shape ", coupling.sizes());
+  const int64_t K = coupling.size(1);
+  TORCH_CHECK(preactivation.dim() == 3 && preactivation.size(0) == B && preactivation.size(1) == K &&
+                  preactivation.size(2) == D_out,
+              "mind_kernels::routing_backward: `preactivation` must be (B, K, D_out) = (", B, ", ", K, ", ", D_out,
+              "), got shape ", preactivation.sizes());
+  TORCH_CHECK(grad_capsules.dim() == 3 && grad_capsules.size(0) == B && grad_capsules.size(1) == K &&
+                  grad_capsules.size(2) == D_out,
+              "mind_kernels::routing_backward: `grad_capsules` must be (B, K, D_out) = (", B, ", ", K, ", ", D_out,
+              "), got shape ", grad_capsules.sizes());
+
+  const auto acc = acc_type_of(behaviors.scalar_type());
+  // Autograd may hand a stride-0 (expanded) gradient: make everything dense in the accumulation dtype.
+  const at::Tensor G = grad_capsules.to(acc).contiguous();
+  const at::Tensor E = behaviors.contiguous();
+  const at::Tensor S = weight.to(acc).contiguous();
+  const at::Tensor w = coupling.to(acc).contiguous();
+  const at::Tensor z = preactivation.to(acc).contiguous();
+
+  at::Tensor dE = at::empty({B, L, D_in}, behaviors.options());
+  at::Tensor dS_acc;
+  if (B == 0 || K == 0) {
+    dE.zero_();
+    return {dE, at::zeros({D_out, D_in}, weight.options())};
+  }
+
+  // Fixed chunking of users (a function of B and the sizes only): chunk c owns partial c of dS.
+  const int64_t per_user = 8 * K * (L + D_out) * D_in;
+  const int64_t max_chunks = std::clamp<int64_t>((int64_t(1) << 24) / std::max<int64_t>(1, D_out * D_in), 1, 64);
+  const int64_t min_chunk = users_per_task(per_user);
+  const int64_t chunk = std::max(min_chunk, at::divup(B, max_chunks));
+  const int64_t n_chunks = at::divup(B, chunk);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, E.scalar_type(), "mind_kernels_routing_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    BackwardArgs<scalar_t, acc_t> a{G.const_data_ptr<acc_t>(), E.const_data_ptr<scalar_t>(), S.const_data_ptr<acc_t>(),
+                                    w.const_data_ptr<acc_t>(), z.const_data_ptr<acc_t>(), dE.mutable_data_ptr<scalar_t>(),
+                                    L, D_in, D_out, K};
+    const int64_t n = D_out * D_in;
+    std::vector<acc_t> parts(n_chunks * n, acc_t(0));
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        backward_range(a, parts.data() + c * n, c * chunk, std::min(B, (c + 1) * chunk));
+    });
+    dS_acc = at::empty({D_out, D_in}, weight.options().dtype(acc));
+    acc_t* out = dS_acc.mutable_data_ptr<acc_t>();
+    // Sum the partials in chunk order: element x of dS is always (((p0 + p1) + p2) + ...).
+    at::parallel_for(0, n, 4096, [&](int64_t x0, int64_t x1) {
+      for (int64_t x = x0; x < x1; ++x) {
+        acc_t t = parts[x];
+        for (int64_t c = 1; c < n_chunks; ++c) t += parts[c * n + x];
+        out[x] = t;
+      }
+    });
+  });
+  at::Tensor dS = dS_acc.scalar_type() == weight.scalar_type() ? dS_acc : dS_acc.to(weight.scalar_type());
+  return {dE, dS};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mind_kernels, CPU, m) {
+  m.impl("routing_forward", &routing_forward_cpu);
+  m.impl("routing_backward", &routing_backward_cpu);
+}
+
+}  // namespace mind_kernels
