@@ -1,0 +1,294 @@
+"""The Triton routing backend against the reference (ROUTING.md tolerances).
+
+Three groups:
+
+* Interpreter tests (CPU, ``TRITON_INTERPRET=1``): the interpreter only takes
+  effect when the variable is set before triton is first imported, and other
+  test files (or torch itself) may import triton earlier in this process.  So
+  when this file is collected without the variable, ``test_interpreter_suite``
+  re-runs this very file in a fresh ``python -m pytest`` with the variable set
+  and asserts that it passed; inside that child the interpreter tests run.
+* GPU tests (``@pytest.mark.gpu``, skipped without CUDA or under the
+  interpreter): larger shapes, bf16, ``torch.compile(fullgraph=True)`` and
+  ``torch.library.opcheck`` (both fail under the interpreter, ARCHITECTURE.md).
+* Dispatcher hooks (pure Python, always): ``shape_refusals`` and ``unavailable_reason``.
+
+Comparisons: outputs (capsules, coupling w) and gradients (dE, dS) against the
+reference evaluated in float64 on the same (rounded) inputs.  float32: atol
+1e-5, rtol 1e-4.  float16 / bfloat16: max error at most 2x the max error of the
+reference run in that dtype (plus 1e-6 so two exact answers do not fail).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mind_kernels import b2i_routing, dynamic_interest_mask
+from mind_kernels.dispatch import RoutingCall
+from mind_kernels.reference import b2i_routing_reference
+from mind_kernels.triton import routing as triton_routing
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+interp = pytest.mark.skipif(not INTERPRETING, reason="interpreter test: runs in the TRITON_INTERPRET=1 child process")
+needs_gpu = pytest.mark.skipif(
+    INTERPRETING or not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and triton (not the interpreter)"
+)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def make_case(B, L, D_in, D_out, K, dtype, device="cpu", weight_dtype=None, batched_logits=True, seed=0):
+    """Inputs with an empty user (0), a user with every interest inactive (1, when B > 2) and random masks."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(B, L, D_in, generator=g).to(dtype)
+    S = (torch.randn(D_out, D_in, generator=g) / D_in**0.5).to(weight_dtype or dtype)
+    b0 = torch.randn(B, K, L, generator=g) if batched_logits else torch.randn(K, L, generator=g)
+    mask = torch.rand(B, L, generator=g) > 0.3
+    mask[:, -1] = True  # most users keep a behaviour ...
+    if B > 1:
+        mask[0] = False  # ... but user 0 has none
+    interest_mask = dynamic_interest_mask(mask, K) | (torch.rand(B, K, generator=g) > 0.5)
+    if B > 2:
+        interest_mask[1] = False
+    G = torch.randn(B, K, D_out, generator=g).to(dtype)
+    return [t.to(device) for t in (E, S, b0, mask, interest_mask, G)]
+
+
+def run_op(fn, E, S, b0, mask, interest_mask, G, r, over):
+    """(capsules, w, dE, dS) of one routing call with gradient G on the capsules."""
+    E = E.detach().clone().requires_grad_()
+    S = S.detach().clone().requires_grad_()
+    c, w = fn(E, S, b0, mask, interest_mask, r, over)
+    c.backward(G)
+    return c.detach(), w.detach(), E.grad, S.grad
+
+
+def reference_fn(E, S, b0, mask, interest_mask, r, over):
+    return b2i_routing_reference(E, S, b0, mask, interest_mask, r, over, True, True)
+
+
+def check_against_reference(E, S, b0, mask, interest_mask, G, r, over):
+    """Run the Triton op and the reference (in float64 and in E's dtype); assert ROUTING.md's tolerances."""
+    got = run_op(triton_routing.routing_triton, E, S, b0, mask, interest_mask, G, r, over)
+    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, interest_mask, G.double(), r, over)
+    names = ("capsules", "coupling", "dE", "dS")
+    for name, x, ref in zip(names, got, oracle):
+        assert torch.isfinite(x).all(), f"{name} has non-finite values"
+        assert x.shape == ref.shape, name
+    assert got[0].dtype == E.dtype and got[1].dtype == torch.float32
+    assert got[2].dtype == E.dtype and got[3].dtype == S.dtype
+    if E.dtype == torch.float32:
+        for name, x, ref in zip(names, got, oracle):
+            torch.testing.assert_close(x.double(), ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    else:
+        same_dtype = run_op(reference_fn, E, S, b0, mask, interest_mask, G, r, over)
+        for name, x, own, ref in zip(names, got, same_dtype, oracle):
+            err = (x.double() - ref).abs().max().item()
+            ref_err = (own.double() - ref).abs().max().item()
+            assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3g} > 2 x reference's {E.dtype} error {ref_err:.3g}"
+    return got
+
+
+# ------------------------------------------------------- interpreter: CPU
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the parent; the child runs the interpreter tests")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-m", "not gpu", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "interpreter suite failed:\n" + out[-6000:]
+    passed = re.search(r"(\d+) passed", out)
+    assert passed is not None and int(passed.group(1)) >= 20, "interpreter suite ran too few tests:\n" + out[-3000:]
+
+
+@interp
+def test_interpreter_backend_available():
+    assert triton_routing.unavailable_reason("cpu") is None
+    assert "interpreter" in triton_routing.unavailable_reason("cuda")
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r", [1, 3])
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+def test_odd_shapes_match_reference(over, r, dtype):
+    # B=7 with 3 interpreter programs: several users per program and several dS partials.
+    E, S, b0, mask, im, G = make_case(7, 5, 3, 6, 3, dtype, seed=r)
+    c, w, dE, dS = check_against_reference(E, S, b0, mask, im, G, r, over)
+    # The empty user (0) and the all-inactive user (1): zero capsules, zero weights, zero dE.
+    assert (c[:2] == 0).all() and (w[:2] == 0).all() and (dE[:2] == 0).all()
+    # Masked positions and inactive interests get zero weight; masked rows of dE are zero.
+    assert (w.masked_select(~mask[:, None, :].expand_as(w)) == 0).all()
+    assert (w.masked_select(~im[:, :, None].expand_as(w)) == 0).all()
+    assert (dE[~mask] == 0).all()
+
+
+@interp
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+def test_no_masks_broadcast_logits(over):
+    E, S, b0, _, _, G = make_case(4, 6, 4, 5, 2, torch.float32, batched_logits=False, seed=3)
+    c, w, _, _ = check_against_reference(E, S, b0, None, None, G, 3, over)
+    if over == "interests":  # every position's weights sum to 1 over the K interests
+        torch.testing.assert_close(w.sum(1), torch.ones(4, 6))
+
+
+@interp
+@pytest.mark.parametrize("shape", [(3, 1, 1, 1, 1), (2, 17, 8, 16, 4), (5, 9, 7, 2, 5)])
+def test_more_shapes(shape):
+    B, L, D_in, D_out, K = shape
+    E, S, b0, mask, im, G = make_case(B, L, D_in, D_out, K, torch.float32, seed=B + L)
+    check_against_reference(E, S, b0, mask, im, G, 2, "interests")
+    check_against_reference(E, S, b0, mask, im, G, 3, "behaviors")
+
+
+@interp
+def test_half_behaviors_float32_weight():
+    E, S, b0, mask, im, G = make_case(5, 5, 3, 6, 3, torch.float16, weight_dtype=torch.float32, seed=11)
+    check_against_reference(E, S, b0, mask, im, G, 3, "interests")
+
+
+@interp
+def test_integer_mask_and_public_api():
+    E, S, b0, mask, im, _ = make_case(4, 5, 3, 6, 3, torch.float32, seed=5)
+    c, w = b2i_routing(E, S, b0, mask.to(torch.int64), im, 3, return_weights=True, backend="triton")
+    c_ref, w_ref = b2i_routing_reference(E.double(), S.double(), b0.double(), mask, im, 3, return_weights=True)
+    torch.testing.assert_close(c.double(), c_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.double(), w_ref, atol=1e-5, rtol=1e-4)
+
+
+@interp
+def test_stride_zero_gradient_and_determinism():
+    # y.sum().backward() hands the op an expanded (stride-0) gradient.
+    E, S, b0, mask, im, _ = make_case(7, 5, 3, 6, 3, torch.float32, seed=9)
+    grads = []
+    for _ in range(2):
+        Eg, Sg = E.clone().requires_grad_(), S.clone().requires_grad_()
+        triton_routing.routing_triton(Eg, Sg, b0, mask, im, 3, "interests")[0].sum().backward()
+        grads.append((Eg.grad, Sg.grad))
+    Er, Sr = E.double().requires_grad_(), S.double().requires_grad_()
+    b2i_routing_reference(Er, Sr, b0.double(), mask, im, 3).sum().backward()
+    torch.testing.assert_close(grads[0][0].double(), Er.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0][1].double(), Sr.grad, atol=1e-5, rtol=1e-4)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])  # bitwise
+
+
+@interp
+def test_only_behaviors_need_grad():
+    E, S, b0, mask, im, G = make_case(3, 5, 3, 6, 3, torch.float32, seed=2)
+    Eg = E.clone().requires_grad_()
+    c, _ = triton_routing.routing_triton(Eg, S, b0, mask, im, 3, "interests")
+    c.backward(G)
+    Er = E.double().requires_grad_()
+    b2i_routing_reference(Er, S.double(), b0.double(), mask, im, 3).backward(G.double())
+    torch.testing.assert_close(Eg.grad.double(), Er.grad, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+@pytest.mark.parametrize("shape", [(256, 50, 64, 64, 4), (37, 21, 24, 40, 3), (16, 128, 64, 32, 8)])
+def test_gpu_matches_reference(shape, over, dtype):
+    B, L, D_in, D_out, K = shape
+    assert triton_routing.unavailable_reason("cuda") is None
+    E, S, b0, mask, im, G = make_case(B, L, D_in, D_out, K, dtype, device="cuda", seed=B)
+    check_against_reference(E, S, b0, mask, im, G, 3, over)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("r", [1, 2])
+def test_gpu_small_iters_no_masks(r):
+    E, S, b0, _, _, G = make_case(300, 7, 5, 3, 2, torch.float32, device="cuda", batched_logits=False, seed=r)
+    check_against_reference(E, S, b0, None, None, G, r, "interests")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_public_api_auto_serves():
+    E, S, b0, mask, im, _ = make_case(64, 50, 64, 64, 4, torch.float32, device="cuda")
+    c = b2i_routing(E, S, b0, mask, im, 3, backend="triton")
+    torch.testing.assert_close(c.double(), b2i_routing_reference(E.double(), S.double(), b0.double(), mask, im, 3),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_torch_compile_fullgraph():
+    E, S, b0, mask, im, G = make_case(64, 50, 64, 64, 4, torch.float32, device="cuda", seed=4)
+    triton_routing._ops()  # register before tracing
+
+    def f(E, S):
+        return triton_routing.routing_triton(E, S, b0, mask, im, 3, "interests")[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    Ec, Sc = E.clone().requires_grad_(), S.clone().requires_grad_()
+    out = compiled(Ec, Sc)
+    out.backward(G)
+    Ee, Se = E.clone().requires_grad_(), S.clone().requires_grad_()
+    ref = f(Ee, Se)
+    ref.backward(G)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(Ec.grad, Ee.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(Sc.grad, Se.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_opcheck():
+    fwd, bwd = triton_routing._ops()
+    E, S, b0, mask, im, G = make_case(8, 9, 16, 8, 3, torch.float32, device="cuda", seed=6)
+    E.requires_grad_()
+    S.requires_grad_()
+    torch.library.opcheck(fwd, (E, S, b0, mask, im, 3, False))
+    torch.library.opcheck(fwd, (E, S, b0[0], None, None, 2, True))
+    _, w, z = fwd(E.detach(), S.detach(), b0, mask, im, 3, False)
+    torch.library.opcheck(bwd, (G, E.detach(), S.detach(), w, z))
+
+
+# ------------------------------------------------- dispatcher hooks (any machine)
+
+
+def _call(dtype=torch.float32, L=50, K=4, D_in=64, D_out=64):
+    return RoutingCall("cuda", dtype, dtype, True, "interests", 8, L, K, D_in, D_out)
+
+
+def test_shape_refusals_accept_the_paper_shape():
+    assert triton_routing.shape_refusals(_call()) == []
+    assert triton_routing.shape_refusals(_call(torch.bfloat16, L=5, K=3, D_in=3, D_out=6)) == []
+
+
+def test_shape_refusals_name_the_limit():
+    reasons = triton_routing.shape_refusals(_call(L=512, K=16, D_in=256, D_out=256))
+    assert reasons and any(str(triton_routing.MAX_TILE_ELEMENTS) in r for r in reasons)
+    assert any("float64" in r for r in triton_routing.shape_refusals(_call(torch.float64)))
+
+
+@pytest.mark.skipif(INTERPRETING, reason="checks the non-interpreter answer")
+def test_unavailable_reason_outside_interpreter():
+    why = triton_routing.unavailable_reason("cpu")
+    assert why is not None and ("TRITON_INTERPRET" in why or "not installed" in why)
+    if not torch.cuda.is_available():
+        assert triton_routing.unavailable_reason("cuda") is not None
+    assert triton_routing.unavailable_reason("mps") is not None
