@@ -1,0 +1,296 @@
+"""Full-corpus retrieval and top-N metrics (Recall, HitRate, NDCG @ N), plus MostPopular.
+
+Retrieval rule (MIND's serving): each of a user's K interest vectors retrieves its top-n
+items by inner product, the K lists are merged, an item keeps its best score, and the n
+best remain. That equals ranking every item by ``max_k <u_k, e_i>`` (an item in the merged
+top-n is in the top-n of the interest that gives its best score), which is what is
+computed. Ties are broken by the lower item index.
+
+Exactness and identical results with and without faiss: both paths only *propose*
+candidates (faiss IndexFlatIP or a torch float32 matmul + topk, over-fetching a few). The
+candidates are then rescored in float64 by one shared function (float32 products are exact
+in float64) and ordered by (score desc, item asc). A user whose proposal may have missed an
+item that would tie or beat the n-th score (the best unproposed float32 score, plus a
+float32 rounding bound, reaches it) is rescored over the whole catalogue instead. So both
+paths return the exact top-n under the float64 scores, with the same tie-breaking.
+
+Metrics, per user, with T = set(targets) (repeated targets count once) and the first n
+entries of the ranking (-1 = padding, never a hit):
+
+* recall@n   = |hits| / |T|
+* hit_rate@n = 1 if hits else 0
+* ndcg@n     = sum_{hit at 0-based rank r} 1/log2(r+2)  /  sum_{r < min(|T|, n)} 1/log2(r+2)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+
+import numpy as np
+import torch
+
+_F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _exact_scores(u64: np.ndarray, e64: np.ndarray) -> np.ndarray:
+    """(K, d) interests x (C, d) items -> (C,) float64 max_k <u_k, e_c>.
+
+    Elementwise product then a row sum, one interest at a time, so a (user, item) pair gets
+    bit-identical scores whichever other items are scored with it (a matmul's blocking
+    could change the rounding).
+    """
+    out = np.full(len(e64), -np.inf)
+    for k in range(len(u64)):
+        np.maximum(out, (e64 * u64[k]).sum(axis=1), out=out)
+    return out
+
+
+def _rank(items: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best n of (items, scores) by score desc, then item asc."""
+    order = np.lexsort((items, -scores))[:n]
+    return items[order], scores[order]
+
+
+def _propose_torch(uv: torch.Tensor, E: torch.Tensor, excl: list[np.ndarray], m: int):
+    """Candidates per user from a float32 matmul + topk of max_k scores.
+
+    Returns [(candidate items, bound)], bound = the best float32 score of any eligible item
+    not proposed (-inf when every eligible item is proposed).
+    """
+    B, K, d = uv.shape
+    s = (uv.reshape(B * K, d) @ E.T).view(B, K, -1).amax(dim=1)
+    s[:, 0] = -math.inf
+    lens = np.array([len(x) for x in excl])
+    if lens.sum():
+        rows = torch.from_numpy(np.repeat(np.arange(B), lens))
+        s[rows, torch.from_numpy(np.concatenate(excl))] = -math.inf
+    m = min(m, s.shape[1])
+    vals, idx = (t.numpy() for t in torch.topk(s, m, dim=1))
+    exhaustive = m == s.shape[1]
+    return [(idx[b][vals[b] > -np.inf].astype(np.int64),
+             -math.inf if exhaustive else float(vals[b, -1])) for b in range(B)]
+
+
+def _propose_faiss(index, uv: torch.Tensor, excl: list[np.ndarray], m: int, num_items: int):
+    """Candidates per user from faiss: each interest's top (m + |exclude|) items, merged by
+    best score, excluded removed, the best m kept. An unproposed item either was never
+    returned (its score for interest k is <= that list's last score) or was cut (<= the
+    best cut score), so bound = the larger of the two."""
+    B, K, d = uv.shape
+    mk = min(m + max([len(x) for x in excl] + [0]), num_items)  # room for excluded hits
+    D, I = index.search(np.ascontiguousarray(uv.reshape(B * K, d).numpy()), mk)
+    D, I = D.reshape(B, K * mk), I.reshape(B, K * mk) + 1  # index position p holds item p+1
+    last = -np.inf if mk == num_items else D.reshape(B, K, mk)[:, :, -1].max(axis=1)
+    out = []
+    for b in range(B):
+        ok = (I[b] > 0) & ~np.isin(I[b], excl[b])
+        items, sc = I[b][ok], D[b][ok]
+        order = np.lexsort((-sc, items))  # by item, best score first
+        items, sc = items[order], sc[order]
+        first = np.ones(len(items), dtype=bool)
+        first[1:] = items[1:] != items[:-1]
+        items, sc = items[first], sc[first]
+        bound = -math.inf if mk == num_items else float(last[b])
+        if len(items) > m:
+            top = np.argpartition(-sc, m)
+            bound = max(bound, float(sc[top[m:]].max()))
+            items = items[top[:m]]
+        out.append((items.astype(np.int64), bound))
+    return out
+
+
+def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: int,
+                  exclude: list | None = None, use_faiss: bool | None = None,
+                  chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n items per user by ``max_k <user_vectors[u, k], item_embeddings[i]>``, i >= 1.
+
+    user_vectors: (U, K, d) interest vectors (K may be 1) or (U, d).
+    item_embeddings: (num_items+1, d); row 0 is padding and never returned.
+    exclude: per user, item indices never to return (e.g. the seen history).
+    use_faiss: True = faiss IndexFlatIP proposes candidates, False = torch, None = faiss when
+    importable. Results are identical either way (see the module docstring).
+
+    Returns (items (U, n) int64, scores (U, n) float32), padded with -1 / -inf when fewer
+    than n items are eligible.
+    """
+    uv = user_vectors.detach().to("cpu", torch.float32)
+    if uv.dim() == 2:
+        uv = uv[:, None, :]
+    if uv.dim() != 3:
+        raise ValueError(f"user_vectors must be (U, K, d) or (U, d), got {tuple(user_vectors.shape)}")
+    E = item_embeddings.detach().to("cpu", torch.float32).contiguous()
+    if E.dim() != 2 or E.shape[1] != uv.shape[2]:
+        raise ValueError(f"item_embeddings must be (num_items+1, {uv.shape[2]}), got {tuple(E.shape)}")
+    if not (torch.isfinite(uv).all() and torch.isfinite(E).all()):
+        raise ValueError("user_vectors and item_embeddings must be finite")
+    U, K, d = uv.shape
+    N = E.shape[0] - 1
+    if exclude is None:
+        exclude = [np.zeros(0, np.int64)] * U
+    if len(exclude) != U:
+        raise ValueError(f"exclude has {len(exclude)} entries for {U} users")
+    exclude = [np.asarray(x, dtype=np.int64).reshape(-1) for x in exclude]
+    for x in exclude:
+        if len(x) and (x.min() < 0 or x.max() > N):
+            raise ValueError(f"exclude holds item indices outside 0..{N}: {x[(x < 0) | (x > N)][:5]}")
+    if use_faiss is None:
+        use_faiss = faiss_available()
+
+    items = np.full((U, n), -1, dtype=np.int64)
+    scores = np.full((U, n), -np.inf, dtype=np.float32)
+    if U == 0 or n <= 0 or N <= 0:
+        return items, scores
+
+    E64 = E.numpy().astype(np.float64)
+    U64 = uv.numpy().astype(np.float64)
+    e_norm = float(torch.linalg.vector_norm(E[1:], dim=1).max())
+    u_norm = torch.linalg.vector_norm(uv, dim=2).amax(dim=1).numpy()
+    # |float32 dot - exact dot| <= d * eps * sum|u_i e_i| <= d * eps * |u| |e|; doubled for safety.
+    tol = 2.0 * d * _F32_EPS * u_norm * e_norm
+    margin = n + max(8, n // 4)
+    index = None
+    if use_faiss:
+        import faiss
+        index = faiss.IndexFlatIP(d)
+        index.add(np.ascontiguousarray(E[1:].numpy()))
+    all_items = np.arange(1, N + 1, dtype=np.int64)
+
+    for start in range(0, U, chunk_size):
+        stop = min(start + chunk_size, U)
+        excl = exclude[start:stop]
+        if index is not None:
+            proposals = _propose_faiss(index, uv[start:stop], excl, margin, N)
+        else:
+            proposals = _propose_torch(uv[start:stop], E, excl, margin)
+        for b, (cands, bound) in enumerate(proposals):
+            u = start + b
+            top_i, top_s = _rank(cands, _exact_scores(U64[u], E64[cands]), n)
+            nth = top_s[-1] if len(top_s) == n else -np.inf
+            if bound > -np.inf and not nth > bound + tol[u]:
+                # An unproposed item might tie or beat the n-th: rank the whole catalogue.
+                cands = np.setdiff1d(all_items, excl[b])
+                top_i, top_s = _rank(cands, _exact_scores(U64[u], E64[cands]), n)
+            items[u, :len(top_i)] = top_i
+            scores[u, :len(top_s)] = top_s
+    return items, scores
+
+
+def most_popular_rankings(item_counts: np.ndarray, num_users: int, n: int,
+                          exclude: list | None = None) -> np.ndarray:
+    """MostPopular baseline: items 1..N by count desc (ties: lower index), per user minus
+    ``exclude[u]``; (num_users, n) int64, -1 padded. ``item_counts[0]`` (padding) is ignored."""
+    counts = np.asarray(item_counts)
+    idx = np.arange(1, len(counts), dtype=np.int64)
+    order = idx[np.lexsort((idx, -counts[1:]))]
+    out = np.full((num_users, n), -1, dtype=np.int64)
+    if exclude is None:
+        out[:, :min(n, len(order))] = order[:n]
+        return out
+    if len(exclude) != num_users:
+        raise ValueError(f"exclude has {len(exclude)} entries for {num_users} users")
+    for u, x in enumerate(exclude):
+        x = np.asarray(x, dtype=np.int64)
+        head = order[:n + len(x)]  # enough that n survive the exclusion when possible
+        head = head[~np.isin(head, x)][:n]
+        out[u, :len(head)] = head
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _per_user(ranked: np.ndarray, targets: list, n: int):
+    """Yield (0-based ranks of hits within the top n, |set(targets)|) per user."""
+    ranked = np.asarray(ranked)
+    if ranked.ndim != 2 or len(ranked) != len(targets):
+        raise ValueError(f"ranked must be (U, >=n) with U = len(targets) = {len(targets)}, "
+                         f"got shape {ranked.shape}")
+    if ranked.shape[1] < n:
+        raise ValueError(f"ranked has {ranked.shape[1]} columns, fewer than n={n}")
+    for row, t in zip(ranked[:, :n], targets):
+        tset = set(np.asarray(t).reshape(-1).tolist())
+        if not tset:
+            raise ValueError("a user has no targets; metrics are undefined for it")
+        seen, hits = set(), []
+        for r, item in enumerate(row.tolist()):
+            if item in tset and item not in seen:  # a repeated item scores once
+                hits.append(r)
+            seen.add(item)
+        yield hits, len(tset)
+
+
+def recall_at_n(ranked: np.ndarray, targets: list, n: int) -> np.ndarray:
+    """Per user |top-n ∩ T| / |T|; (U,) float64."""
+    return np.array([len(h) / m for h, m in _per_user(ranked, targets, n)], dtype=np.float64)
+
+
+def hit_rate_at_n(ranked: np.ndarray, targets: list, n: int) -> np.ndarray:
+    """Per user 1.0 if the top n holds any target, else 0.0; (U,) float64."""
+    return np.array([float(len(h) > 0) for h, _ in _per_user(ranked, targets, n)], dtype=np.float64)
+
+
+def ndcg_at_n(ranked: np.ndarray, targets: list, n: int) -> np.ndarray:
+    """Per user DCG / IDCG with binary gains; IDCG fills min(|T|, n) ranks; (U,) float64."""
+    out = []
+    for hits, m in _per_user(ranked, targets, n):
+        dcg = sum(1.0 / math.log2(r + 2) for r in hits)
+        idcg = sum(1.0 / math.log2(r + 2) for r in range(min(m, n)))
+        out.append(dcg / idcg)
+    return np.array(out, dtype=np.float64)
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(U); 0 for one user)."""
+    if len(x) == 0:
+        return math.nan, math.nan
+    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    return float(np.mean(x)), se
+
+
+def evaluate_rankings(ranked: np.ndarray, targets: list, ns=(20, 50)) -> dict:
+    """{"recall@N", "recall@N_se", "hit_rate@N", "hit_rate@N_se", "ndcg@N", "ndcg@N_se"
+    for N in ns, "num_users"}: means over users and their standard errors."""
+    out: dict = {"num_users": len(targets)}
+    for n in ns:
+        for name, fn in (("recall", recall_at_n), ("hit_rate", hit_rate_at_n), ("ndcg", ndcg_at_n)):
+            mean, se = _mean_se(fn(ranked, targets, n))
+            out[f"{name}@{n}"] = mean
+            out[f"{name}@{n}_se"] = se
+    return out
+
+
+def write_metrics(rows: list, path_prefix) -> tuple[pathlib.Path, pathlib.Path]:
+    """Write rows (dicts) to ``<prefix>.json`` (a list) and ``<prefix>.csv`` (columns in
+    first-seen order, missing cells empty); returns both paths."""
+    prefix = pathlib.Path(path_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path = prefix.with_name(prefix.name + ".json")
+    csv_path = prefix.with_name(prefix.name + ".csv")
+    with open(json_path, "w") as f:
+        json.dump(rows, f, indent=1, default=_json_default)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        for row in rows:
+            w.writerow(row)
+    return json_path, csv_path
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.tolist()
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
