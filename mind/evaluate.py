@@ -115,7 +115,8 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
                   chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Top-n items per user by ``max_k <user_vectors[u, k], item_embeddings[i]>``, i >= 1.
 
-    user_vectors: (U, K, d) interest vectors (K may be 1) or (U, d).
+    user_vectors: (U, K, d) interest vectors (K may be 1) or (U, d); a tensor (any device,
+    float dtype) or a numpy array, like item_embeddings.
     item_embeddings: (num_items+1, d); row 0 is padding and never returned.
     exclude: per user, item indices never to return (e.g. the seen history).
     use_faiss: True = faiss IndexFlatIP proposes candidates, False = torch, None = faiss when
@@ -124,12 +125,12 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
     Returns (items (U, n) int64, scores (U, n) float32), padded with -1 / -inf when fewer
     than n items are eligible.
     """
-    uv = user_vectors.detach().to("cpu", torch.float32)
+    uv = torch.as_tensor(user_vectors).detach().to("cpu", torch.float32)
     if uv.dim() == 2:
         uv = uv[:, None, :]
     if uv.dim() != 3:
         raise ValueError(f"user_vectors must be (U, K, d) or (U, d), got {tuple(user_vectors.shape)}")
-    E = item_embeddings.detach().to("cpu", torch.float32).contiguous()
+    E = torch.as_tensor(item_embeddings).detach().to("cpu", torch.float32).contiguous()
     if E.dim() != 2 or E.shape[1] != uv.shape[2]:
         raise ValueError(f"item_embeddings must be (num_items+1, {uv.shape[2]}), got {tuple(E.shape)}")
     if not (torch.isfinite(uv).all() and torch.isfinite(E).all()):

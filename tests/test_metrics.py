@@ -113,6 +113,9 @@ def test_multi_interest_merge_dedup_exclude(use_faiss):
     # (U, d) single-interest input: (1, 0) scores 1, 0, 1, -1, .5
     items, _ = retrieve_topk(USER[:, 0], ITEMS, 3, use_faiss=use_faiss)
     assert items.tolist() == [[1, 3, 5]]
+    # numpy inputs are accepted too
+    items, _ = retrieve_topk(USER.numpy(), ITEMS.numpy(), 3, use_faiss=use_faiss)
+    assert items.tolist() == [[2, 3, 1]]
 
 
 def _brute_force(uv, E, n, exclude):
