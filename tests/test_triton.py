@@ -292,3 +292,34 @@ def test_unavailable_reason_outside_interpreter():
     if not torch.cuda.is_available():
         assert triton_routing.unavailable_reason("cuda") is not None
     assert triton_routing.unavailable_reason("mps") is not None
+
+
+@pytest.mark.skipif(INTERPRETING or not HAS_TRITON, reason="needs triton's compiler (not the interpreter)")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_sm90_without_a_gpu(dtype):
+    """The interpreter does not type-check like the compiler: compile both kernels to a Hopper cubin here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from mind_kernels.triton import kernels
+
+    if not isinstance(kernels.routing_fwd_kernel, JITFunction):
+        pytest.skip("triton was imported under the interpreter in this process")
+    blocks = {"BL": 64, "BK": 4, "BDI": 64, "BDO": 64, "EPS": kernels.SQUASH_EPS}
+    ints = {n: "i32" for n in ("B", "L", "K", "D_IN", "D_OUT")}
+    fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "B0_ptr": "*fp32", "M_ptr": "*u8", "IM_ptr": "*u8",
+               "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
+               "num_iters": "i32", **{n: "constexpr" for n in ("HAS_MASK", "HAS_IMASK", "OVER_BEHAVIORS", *blocks)}}
+    bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32",
+               "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints, **{n: "constexpr" for n in blocks}}
+    target = GPUTarget("cuda", 90, 32)
+    options = {"num_warps": triton_routing._num_warps(64, 4, 64, 64)}
+    for fn, sig, consts in (
+        (kernels.routing_fwd_kernel, fwd_sig, {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": True, **blocks}),
+        (kernels.routing_bwd_kernel, bwd_sig, blocks),
+    ):
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
+        assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
+        assert ".entry " + fn.__name__ in compiled.asm["ptx"]
