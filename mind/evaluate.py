@@ -121,6 +121,7 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
     exclude: per user, item indices never to return (e.g. the seen history).
     use_faiss: True = faiss IndexFlatIP proposes candidates, False = torch, None = faiss when
     importable. Results are identical either way (see the module docstring).
+    chunk_size: users per proposal batch (the torch path lowers it to bound memory).
 
     Returns (items (U, n) int64, scores (U, n) float32), padded with -1 / -inf when fewer
     than n items are eligible.
@@ -167,6 +168,10 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
         index.add(np.ascontiguousarray(E[1:].numpy()))
     all_items = np.arange(1, N + 1, dtype=np.int64)
 
+    if index is None:
+        # The torch proposal holds a (chunk * K, N+1) float32 score block: cap it at 2**26
+        # entries (256 MiB) whatever chunk_size asks for.
+        chunk_size = max(1, min(chunk_size, 2**26 // (K * (N + 1))))
     for start in range(0, U, chunk_size):
         stop = min(start + chunk_size, U)
         excl = exclude[start:stop]
