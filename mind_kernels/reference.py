@@ -36,6 +36,13 @@ Decisions where ROUTING.md is silent:
   every other dtype is computed in float32 and the capsules are cast back to
   the input dtype.  The coupling weights are returned in the compute dtype.
 * ``mask`` values are read as ``mask != 0``.
+* Non-finite inputs: no backend checks for NaN/Inf (that would cost a device
+  synchronisation).  A NaN/Inf in a position that takes part in the routing (a
+  valid behaviour; in "behaviors" mode any position, padding included, since
+  padding sits in the softmax denominator), in S, or in such a position's
+  logits propagates to that user's capsules (and, through S, to everyone's);
+  other users are unaffected.  In "interests" mode masked positions take no
+  part, so whatever they hold is ignored.
 
 Gradients: with ``detach_routing=True`` iterations 1 .. r-1 see ``u`` detached
 and the final coupling ``w`` is a constant, so the gradient flows through the
@@ -133,6 +140,10 @@ def b2i_routing_reference(
     )
 
     u = behaviors.to(acc) @ weight.to(acc).t()  # (B, L, D_out)
+    if softmax_over == "interests":
+        # Masked positions carry w = 0 and their logits are never read, so they cannot matter; zeroing
+        # them keeps a NaN/Inf in padding from leaking through 0 * NaN (the non-finite contract below).
+        u = torch.where(mask[:, :, None], u, torch.zeros_like(u))
     u_routing = u.detach() if detach_routing else u
     b = init_logits.detach().to(acc).expand(B, K, L)
 

@@ -223,3 +223,17 @@ def test_integer_mask_equals_bool_mask():
 def test_reference_function_directly_matches_api():
     E, S, b0, mask = _inputs(seed=9)
     torch.testing.assert_close(b2i_routing_reference(E, S, b0, mask), b2i_routing(E, S, b0, mask, backend="reference"))
+
+
+def test_non_finite_padding_is_ignored_in_interests_mode_and_confined_to_its_user():
+    E, S, b0, mask = _inputs(B=3, L=5, seed=10)
+    clean = b2i_routing(E, S, b0, mask, backend="reference")
+    E2 = E.clone()
+    E2[0][~mask[0]] = float("nan")  # padding of user 0 holds NaN
+    mask_all = mask.clone()
+    E2[1, 0] = float("inf")  # a valid behaviour of user 1 holds Inf
+    out = b2i_routing(E2, S, b0, mask_all, backend="reference")
+    if (~mask[0]).any():
+        torch.testing.assert_close(out[0], clean[0])
+    assert not torch.isfinite(out[1]).all()
+    torch.testing.assert_close(out[2], clean[2])
