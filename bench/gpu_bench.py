@@ -299,17 +299,18 @@ def add_ratios(rows: List[Row]) -> None:
                     setattr(r, attr, o.median_ms / r.median_ms)
 
 
-def sanitize_case(backend: str) -> None:
-    """A tiny odd-shaped forward+backward (for compute-sanitizer): checks finiteness and agreement."""
-    case = make_case(5, 7, 3, 2, 3, torch.float32, "cuda", seed=1)
-    case.S = torch.randn(6, 3, device="cuda")
-    case.G = torch.randn(5, 2, 6, device="cuda")
+def sanitize_case(backend: str, device: str = "cuda") -> None:
+    """A tiny odd-shaped forward+backward (for compute-sanitizer): checks agreement with the float64 reference."""
+    case = make_case(5, 7, 3, 2, 3, torch.float32, device, seed=1)
+    case.S = torch.randn(6, 3, device=device)
+    case.G = torch.randn(5, 2, 6, device=device)
     case.mask[0] = False
     fwd = forward_fn(backend, case)
     E, S = case.E.clone().requires_grad_(), case.S.clone().requires_grad_()
     out = fwd(E, S)
     out.backward(case.G)
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     Er, Sr = case.E.double().requires_grad_(), case.S.double().requires_grad_()
     ref = reference.b2i_routing_reference(Er, Sr, case.b0.double(), case.mask, None, 3)
     ref.backward(case.G.double())
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.sanitize_case:
-        sanitize_case(args.sanitize_case)
+        sanitize_case(args.sanitize_case, "cpu" if args.dry_run else "cuda")
         return 0
 
     device = "cpu" if args.dry_run else "cuda"
