@@ -12,6 +12,13 @@
 
 namespace mind_kernels {
 
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+// On the host, unqualified exp/sqrt of a float would otherwise resolve to the C double functions;
+// these bring in the float overloads (device code gets them from the CUDA math headers).
+using std::exp;
+using std::sqrt;
+#endif
+
 // squash(z) = |z|^2 / (1 + |z|^2) * z / sqrt(|z|^2 + eps): 0 maps to 0, never NaN.
 constexpr double kSquashEps = 1e-9;
 
