@@ -115,6 +115,26 @@ def test_matches_torch_rechub(bilinear_type, routing_times, case, relu):
         assert torch.all(got[0][2] == 0)
 
 
+def _fused_backends():
+    table = mind_kernels.backends()
+    return [s.name for s in table if s.name in ("cpp",) and s.available.get("cpu") is None]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("bilinear_type", [0, 1])
+@pytest.mark.parametrize("routing_times", [2, 3])
+def test_matches_torch_rechub_on_each_backend(backend, bilinear_type, routing_times):
+    """The same equality with the backend named explicitly, so the fused C++ kernels are exercised."""
+    if backend not in ["reference"] + _fused_backends():
+        pytest.skip(f"{backend} backend not built")
+    torch.manual_seed(99)
+    theirs, _ = _pair(bilinear_type, 11, 7, 4, routing_times, False)
+    ours = CapsuleNetwork(7, 11, bilinear_type, 4, routing_times, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    E, mask, probe = torch.randn(9, 11, 7), _mask(9, 11, torch.long), torch.randn(9, 4, 7)
+    _assert_same(_run(theirs, E, mask, probe, 4), _run(ours, E, mask, probe, 4))
+
+
 @pytest.mark.parametrize("bilinear_type", [0, 1, 2])
 def test_matches_torch_rechub_without_stop_grad(bilinear_type):
     """stop_grad = False (an attribute in torch-rechub) differentiates through every round."""
