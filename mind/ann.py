@@ -1,0 +1,241 @@
+"""Approximate (and exact) multi-interest retrieval for large catalogues, on faiss.
+
+``mind.evaluate.retrieve_topk`` scores every item for every user: exact, and the right tool
+for evaluation, but its cost grows with the catalogue.  This module builds a faiss index
+once and searches it many times:
+
+* ``kind="exact"``: ``IndexFlatIP``, brute force.  Results equal ``retrieve_topk``'s,
+  item for item and score for score (same float64 rescoring, same tie-breaking, same
+  fallback to the whole catalogue when a near-tie might have been cut; see below).
+* ``kind="ivf"``: ``IndexIVFFlat`` with inner product.  ``nlist`` inverted lists (k-means
+  centroids, trained on a sample of ``train_size`` items), ``nprobe`` lists scanned per
+  query.  ``nprobe == nlist`` scans everything and is exact up to the order of ties.
+* ``kind="hnsw"``: ``IndexHNSWFlat`` with ``METRIC_INNER_PRODUCT``; ``M`` links per node,
+  ``efConstruction`` at build time, ``efSearch`` (the beam width) at query time.
+
+Retrieval rule (MIND's serving, as in ``retrieve_topk``): for a user with interest vectors
+u_1 .. u_K (a (U, d) input is K = 1), each interest retrieves its top-m items from the index
+(m = n + the user's number of excluded items, so that n survive the exclusion), the K lists
+are merged, duplicates removed, padding (row 0) and excluded items dropped, and the n best
+kept.  Every kept candidate is scored in float64 as
+
+    score(i) = max_k <u_k, e_i>
+
+(the item's best score over *all* interests, i.e. its true merged score even when an
+approximate search missed it in one list), ordered by (score desc, item asc).  So an
+approximate index can only *miss* items; it never misorders or misscores what it returns.
+
+Exactness of ``kind="exact"``: the flat index proposes each interest's float32 top
+(n + margin + |exclude|), exactly as ``retrieve_topk``'s faiss path does; a user whose n-th
+float64 score does not beat the best unproposed float32 score by a rounding bound is rescored
+over the whole catalogue (in blocks, so a million-item catalogue never needs a float64 copy).
+
+Returns ``(items (U, n) int64, scores (U, n) float32)``, padded with -1 / -inf when fewer
+than n items are eligible: the format of ``retrieve_topk``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .evaluate import _F32_EPS, _exact_scores, _propose_faiss, _rank
+
+KINDS = ("exact", "ivf", "hnsw")
+_FULL_BLOCK = 65536  # catalogue rows per float64 block in the exact fallback (32 MiB at d = 64)
+
+
+@dataclass
+class AnnIndex:
+    """A built index over items 1..N (faiss position p holds item p + 1).
+
+    ``embeddings`` is the (N+1, d) float32 table (row 0 = padding), kept to rescore candidates
+    in float64; ``params`` records what the index was built with (for reports).
+    """
+
+    kind: str
+    index: object
+    embeddings: np.ndarray
+    params: dict = field(default_factory=dict)
+    max_item_norm: float = 0.0
+
+    @property
+    def num_items(self) -> int:
+        return self.embeddings.shape[0] - 1
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def set_search_params(self, **params) -> None:
+        """Change query-time knobs in place: ``nprobe`` (ivf) or ``efSearch`` (hnsw)."""
+        for key, value in params.items():
+            if self.kind == "ivf" and key == "nprobe":
+                self.index.nprobe = int(min(max(1, value), self.index.nlist))
+            elif self.kind == "hnsw" and key == "efSearch":
+                self.index.hnsw.efSearch = int(max(1, value))
+            else:
+                raise ValueError(f"{key!r} is not a search parameter of a {self.kind!r} index")
+            self.params[key] = int(value)
+
+
+def _as_table(item_embeddings) -> np.ndarray:
+    E = torch.as_tensor(item_embeddings).detach().to("cpu", torch.float32).numpy()
+    if E.ndim != 2 or E.shape[0] < 1 or E.shape[1] < 1:
+        raise ValueError(f"item_embeddings must be (num_items+1, d), got shape {tuple(E.shape)}")
+    if not np.isfinite(E).all():
+        raise ValueError("item_embeddings must be finite")
+    return np.ascontiguousarray(E)
+
+
+def build_index(item_embeddings, kind: str = "exact", **params) -> AnnIndex:
+    """Build a faiss index over rows 1..N of ``item_embeddings`` (N+1, d) float32; row 0 is padding.
+
+    kind="exact": no parameters.
+    kind="ivf": ``nlist`` (default ~4 sqrt(N), at most N), ``nprobe`` (default min(16, nlist)),
+    ``train_size`` (items sampled to train the k-means quantizer, default min(N, 64 nlist)),
+    ``seed`` (default 0).
+    kind="hnsw": ``M`` (default 32), ``efConstruction`` (default 40), ``efSearch`` (default 64).
+    """
+    import faiss
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    E = _as_table(item_embeddings)
+    N, d = E.shape[0] - 1, E.shape[1]
+    items = E[1:]
+    allowed = {"exact": set(), "ivf": {"nlist", "nprobe", "train_size", "seed"},
+               "hnsw": {"M", "efConstruction", "efSearch"}}[kind]
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(f"unknown parameters for kind={kind!r}: {sorted(unknown)} (allowed: {sorted(allowed)})")
+
+    if kind == "exact":
+        index = faiss.IndexFlatIP(d)
+        index.add(items)
+        used = {}
+    elif kind == "ivf":
+        if N < 1:
+            raise ValueError("an ivf index needs at least one item to train on")
+        nlist = int(params.get("nlist", max(1, min(N, round(4 * math.sqrt(N))))))
+        if not 1 <= nlist <= N:
+            raise ValueError(f"nlist must be in 1..{N} (the number of items), got {nlist}")
+        nprobe = int(params.get("nprobe", min(16, nlist)))
+        train_size = int(min(N, params.get("train_size", 64 * nlist)))
+        rng = np.random.default_rng(params.get("seed", 0))
+        sample = items if train_size >= N else items[np.sort(rng.choice(N, train_size, replace=False))]
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(params.get("seed", 0))
+        index.cp.min_points_per_centroid = 1  # small test catalogues: no "too few points" noise
+        index.cp.max_points_per_centroid = max(1, -(-len(sample) // nlist))  # we sampled already
+        index.train(np.ascontiguousarray(sample))
+        index.add(items)
+        index.nprobe = min(max(1, nprobe), nlist)
+        used = {"nlist": nlist, "nprobe": index.nprobe, "train_size": len(sample)}
+    else:
+        M = int(params.get("M", 32))
+        index = faiss.IndexHNSWFlat(d, M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params.get("efConstruction", 40))
+        index.hnsw.efSearch = int(params.get("efSearch", 64))
+        if N:
+            index.add(items)
+        used = {"M": M, "efConstruction": index.hnsw.efConstruction, "efSearch": index.hnsw.efSearch}
+    max_norm = float(np.sqrt((items.astype(np.float64) ** 2).sum(axis=1).max())) if N else 0.0
+    return AnnIndex(kind, index, E, used, max_norm)
+
+
+def _full_catalogue_top(u64: np.ndarray, E: np.ndarray, excl: np.ndarray, n: int):
+    """Exact top-n over items 1..N minus ``excl`` in float64 blocks (bit-identical to scoring
+    the whole catalogue at once: ``_exact_scores`` scores each row independently)."""
+    best_i = np.zeros(0, np.int64)
+    best_s = np.zeros(0, np.float64)
+    N = E.shape[0] - 1
+    for start in range(1, N + 1, _FULL_BLOCK):
+        cands = np.arange(start, min(start + _FULL_BLOCK, N + 1), dtype=np.int64)
+        if len(excl):
+            cands = cands[~np.isin(cands, excl)]
+        s = _exact_scores(u64, E[cands].astype(np.float64))
+        best_i, best_s = _rank(np.concatenate([best_i, cands]), np.concatenate([best_s, s]), n)
+    return best_i, best_s
+
+
+def search(index: AnnIndex, user_vectors, n: int, exclude: list | None = None,
+           chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n items per user under MIND's multi-interest rule (module docstring).
+
+    user_vectors: (U, K, d) interest vectors or (U, d); tensor or numpy array, finite.
+    n: items per user.
+    exclude: per user, item indices never to return (e.g. the seen history), or None.
+    chunk_size: users per faiss call.
+
+    Returns (items (U, n) int64 -1-padded, scores (U, n) float32 -inf-padded); scores are
+    max_k <u_k, e_i> computed in float64 then cast.
+    """
+    uv = torch.as_tensor(user_vectors).detach().to("cpu", torch.float32)
+    if uv.dim() == 2:
+        uv = uv[:, None, :]
+    if uv.dim() != 3 or uv.shape[2] != index.dim:
+        raise ValueError(f"user_vectors must be (U, K, {index.dim}) or (U, {index.dim}), "
+                         f"got {tuple(torch.as_tensor(user_vectors).shape)}")
+    if not torch.isfinite(uv).all():
+        raise ValueError("user_vectors must be finite")
+    U, K, d = uv.shape
+    N = index.num_items
+    if exclude is None:
+        exclude = [np.zeros(0, np.int64)] * U
+    if len(exclude) != U:
+        raise ValueError(f"exclude has {len(exclude)} entries for {U} users")
+    exclude = [np.asarray(x, dtype=np.int64).reshape(-1) for x in exclude]
+    for x in exclude:
+        if len(x) and (x.min() < 0 or x.max() > N):
+            raise ValueError(f"exclude holds item indices outside 0..{N}: {x[(x < 0) | (x > N)][:5]}")
+
+    items = np.full((U, n), -1, dtype=np.int64)
+    scores = np.full((U, n), -np.inf, dtype=np.float32)
+    if U == 0 or n <= 0 or N <= 0:
+        return items, scores
+
+    E = index.embeddings
+    U64 = uv.numpy().astype(np.float64)
+    if index.kind == "exact":
+        # retrieve_topk's own proposal, margin and rounding bound, so the results are identical.
+        u_norm = torch.linalg.vector_norm(uv, dim=2).amax(dim=1).numpy()
+        tol = 2.0 * d * _F32_EPS * u_norm * index.max_item_norm
+        margin = n + max(8, n // 4)
+    for start in range(0, U, chunk_size):
+        stop = min(start + chunk_size, U)
+        excl = exclude[start:stop]
+        if index.kind == "exact":
+            proposals = _propose_faiss(index.index, uv[start:stop], excl, margin, N)
+        else:
+            proposals = _propose_approx(index.index, uv[start:stop], excl, n, N)
+        for b, (cands, bound) in enumerate(proposals):
+            u = start + b
+            top_i, top_s = _rank(cands, _exact_scores(U64[u], E[cands].astype(np.float64)), n)
+            nth = top_s[-1] if len(top_s) == n else -np.inf
+            if index.kind == "exact" and bound > -np.inf and not nth > bound + tol[u]:
+                top_i, top_s = _full_catalogue_top(U64[u], E, excl[b], n)
+            items[u, :len(top_i)] = top_i
+            scores[u, :len(top_s)] = top_s
+    return items, scores
+
+
+def _propose_approx(index, uv: torch.Tensor, excl: list, n: int, num_items: int):
+    """Each interest's top (n + max |exclude|) from the approximate index, merged: the distinct
+    items, padding (faiss's -1 for an unfilled slot becomes 0 here) and excluded removed.
+    The bound is -inf: an approximate index makes no completeness promise."""
+    B, K, d = uv.shape
+    mk = min(n + max([len(x) for x in excl] + [0]), num_items)
+    _, I = index.search(np.ascontiguousarray(uv.reshape(B * K, d).numpy()), mk)
+    I = I.reshape(B, K * mk) + 1
+    out = []
+    for b in range(B):
+        cands = np.unique(I[b][I[b] > 0])
+        if len(excl[b]):
+            cands = cands[~np.isin(cands, excl[b])]
+        out.append((cands.astype(np.int64), -math.inf))
+    return out
