@@ -122,6 +122,10 @@ def routing_fwd_kernel(
             active_k = (tl.load(IM_ptr + b64 * K + offs_k, mask=in_k, other=0) != 0) & in_k
         else:
             active_k = in_k
+        if not OVER_BEHAVIORS:
+            # Masked positions take no part in "interests" mode: zero them so that a NaN/Inf in padding
+            # cannot leak through 0 * NaN (the reference's non-finite contract).
+            E = tl.where(valid_l[:, None], E, 0.0)
         logits = tl.load(B0_ptr + b64 * b0_stride_b + offs_k[:, None] * L + offs_l[None, :], mask=tile_kl, other=0.0)
         logits = logits.to(tl.float32)
 
@@ -198,6 +202,10 @@ def routing_bwd_kernel(
         dE = tl.sum(w[:, :, None] * g[:, None, :], axis=0)  # (BL, BDI); masked rows have w = 0
         tl.store(DE_ptr + e_off, dE.to(DE_ptr.dtype.element_ty), mask=tile_e)
 
+        # Rows no interest draws on (masked ones) contribute exactly 0; zeroing them keeps NaN/Inf padding
+        # out of dS (0 * NaN), as the forward did.
+        used = tl.max(tl.abs(w), axis=0) > 0
+        E = tl.where(used[:, None], E, 0.0)
         x = tl.sum(w[:, :, None] * E[None, :, :], axis=1)  # (BK, BDI)
         dS += tl.sum(dz[:, :, None] * x[:, None, :], axis=0)  # (BDO, BDI)
 
