@@ -139,11 +139,13 @@ def b2i_routing_reference(
         torch.ones(B, K, dtype=torch.bool, device=device) if interest_mask is None else interest_mask != 0
     )
 
-    u = behaviors.to(acc) @ weight.to(acc).t()  # (B, L, D_out)
+    E = behaviors.to(acc)
     if softmax_over == "interests":
         # Masked positions carry w = 0 and their logits are never read, so they cannot matter; zeroing
-        # them keeps a NaN/Inf in padding from leaking through 0 * NaN (the non-finite contract below).
-        u = torch.where(mask[:, :, None], u, torch.zeros_like(u))
+        # them before the matmul keeps a NaN/Inf in padding from leaking through 0 * NaN into the
+        # output or into dS (the non-finite contract above).
+        E = torch.where(mask[:, :, None], E, torch.zeros_like(E))
+    u = E @ weight.to(acc).t()  # (B, L, D_out)
     u_routing = u.detach() if detach_routing else u
     b = init_logits.detach().to(acc).expand(B, K, L)
 

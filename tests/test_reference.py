@@ -237,3 +237,14 @@ def test_non_finite_padding_is_ignored_in_interests_mode_and_confined_to_its_use
         torch.testing.assert_close(out[0], clean[0])
     assert not torch.isfinite(out[1]).all()
     torch.testing.assert_close(out[2], clean[2])
+
+
+def test_nan_padding_leaves_gradients_finite_in_interests_mode():
+    E, S, b0, mask = _inputs(B=3, L=5, seed=11)
+    mask[0, -2:] = False
+    E = E.clone()
+    E[0, -2:] = float("nan")
+    E.requires_grad_(True)
+    S.requires_grad_(True)
+    b2i_routing(E, S, b0, mask, backend="reference").sum().backward()
+    assert torch.isfinite(S.grad).all() and torch.isfinite(E.grad).all()
