@@ -1,0 +1,309 @@
+"""The fused CUDA C++ routing kernels (csrc/cuda/routing.cu) against the reference.
+
+GPU tests (``@pytest.mark.gpu``) are skipped without a CUDA device or when the
+extension was built without the CUDA kernels.  They compare the op's outputs
+(capsules, coupling w) and gradients (dE, dS) with the reference evaluated in
+float64 on the same (rounded) inputs, with ROUTING.md's tolerances:
+
+* float32 (and float64): atol 1e-5, rtol 1e-4 (float64: 1e-9 / 1e-9).
+* float16 / bfloat16: max error at most 2x the max error of the reference run in
+  that dtype, with the float32 tolerance as a floor: the kernel and the
+  reference both accumulate in float32, so where the reference's own error is
+  ~0 (coupling w, or dS for a float32 S) the float32 rounding of either side is
+  the honest bound.
+
+Shapes cover L = 1, D = 1, K = 1, odd sizes (D = 3, L = 37, K = 3, 5), D_out != D_in,
+K > 4 (two interest chunks), B = 1, a large B (more users than thread blocks,
+grid-stride), sizes whose workspace / E / S / dS accumulator do not fit in
+shared memory (the kernel's global-memory paths), both softmax axes, empty
+users, users with every interest inactive, and num_iters in {1, 2, 3, 5}.
+
+One test runs without a GPU: when the extension was built with CUDA
+(``_build_info.json``), the CUDA dispatch key must have a kernel for both ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mind_kernels
+from mind_kernels import b2i_routing, dynamic_interest_mask, ops
+from mind_kernels.reference import b2i_routing_reference
+
+HAS_CUDA_KERNEL = ops.kernel_unavailable_reason("cuda") is None
+needs_cuda_kernel = pytest.mark.skipif(
+    not torch.cuda.is_available() or not HAS_CUDA_KERNEL,
+    reason="needs a CUDA device and mind_kernels._C built with the CUDA kernels "
+    f"({ops.kernel_unavailable_reason('cuda') or 'no CUDA device'})",
+)
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def make_case(B, L, D_in, D_out, K, dtype, weight_dtype=None, batched_logits=True, masks=True, seed=0):
+    """CUDA inputs; with masks, user 0 has no behaviour and user 1 (B > 2) has every interest inactive."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(B, L, D_in, generator=g).to(dtype)
+    S = (torch.randn(D_out, D_in, generator=g) / D_in**0.5).to(weight_dtype or dtype)
+    b0 = torch.randn(B, K, L, generator=g) if batched_logits else torch.randn(K, L, generator=g)
+    mask = interest_mask = None
+    if masks:
+        mask = torch.rand(B, L, generator=g) > 0.3
+        mask[:, -1] = True
+        if B > 1:
+            mask[0] = False
+        interest_mask = dynamic_interest_mask(mask, K) | (torch.rand(B, K, generator=g) > 0.5)
+        if B > 2:
+            interest_mask[1] = False
+    G = torch.randn(B, K, D_out, generator=g).to(dtype)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    return [cuda(t) for t in (E, S, b0, mask, interest_mask, G)]
+
+
+def cuda_fn(E, S, b0, mask, interest_mask, r, over):
+    return b2i_routing(E, S, b0, mask, interest_mask, r, "behaviors" if over else "interests",
+                       return_weights=True, backend="cuda")
+
+
+def reference_fn(E, S, b0, mask, interest_mask, r, over):
+    return b2i_routing_reference(E, S, b0, mask, interest_mask, r, "behaviors" if over else "interests", True, True)
+
+
+def run_op(fn, E, S, b0, mask, interest_mask, G, r, over):
+    """(capsules, w, dE, dS) of one routing call with gradient G on the capsules."""
+    E = E.detach().clone().requires_grad_()
+    S = S.detach().clone().requires_grad_()
+    c, w = fn(E, S, b0, mask, interest_mask, r, over)
+    c.backward(G)
+    return c.detach(), w.detach(), E.grad, S.grad
+
+
+NAMES = ("capsules", "coupling", "dE", "dS")
+
+
+def check_against_reference(E, S, b0, mask, interest_mask, G, r, over):
+    """Run the CUDA op and the float64 reference; assert ROUTING.md's tolerances. Returns the op's results."""
+    got = run_op(cuda_fn, E, S, b0, mask, interest_mask, G, r, over)
+    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, interest_mask, G.double(), r, over)
+    acc = torch.float64 if E.dtype == torch.float64 else torch.float32
+    for name, x, ref in zip(NAMES, got, oracle):
+        assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(x).all(), f"{name} has non-finite values"
+    assert got[0].dtype == E.dtype and got[1].dtype == acc
+    assert got[2].dtype == E.dtype and got[3].dtype == S.dtype
+    if E.dtype == torch.float64:
+        for name, x, ref in zip(NAMES, got, oracle):
+            torch.testing.assert_close(x, ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+    elif E.dtype == torch.float32:
+        for name, x, ref in zip(NAMES, got, oracle):
+            torch.testing.assert_close(x.double(), ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    else:
+        own = run_op(reference_fn, E, S, b0, mask, interest_mask, G, r, over)
+        for name, x, mine, ref in zip(NAMES, got, own, oracle):
+            ref_err = (mine.double() - ref).abs().max().item()
+            excess = ((x.double() - ref).abs() - (1e-5 + 1e-4 * ref.abs())).max().item()
+            assert excess <= 2 * ref_err, (
+                f"{name}: error beyond the fp32 tolerance {excess:.3g} > 2 x the reference's {E.dtype} error "
+                f"{ref_err:.3g}"
+            )
+    if mask is not None and E.shape[0] > 1:
+        # user 0 has no behaviour: zero capsules, zero coupling, zero dE
+        assert (got[0][0] == 0).all() and (got[1][0] == 0).all() and (got[2][0] == 0).all()
+    if interest_mask is not None and E.shape[0] > 2:
+        # user 1 has every interest inactive
+        assert (got[0][1] == 0).all() and (got[1][1] == 0).all() and (got[2][1] == 0).all()
+    return got
+
+
+# ----------------------------------------------------------------- GPU: correctness
+
+SHAPES = [
+    # B, L, D_in, D_out, K
+    (1, 1, 1, 1, 1),
+    (5, 37, 3, 5, 3),
+    (6, 50, 64, 64, 4),
+    (4, 13, 32, 48, 8),  # K = 8: two chunks of four interests
+    (3, 7, 130, 20, 5),  # D_in > block size, K = 5 (padded chunk)
+    (3, 2, 128, 128, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_matches_reference(shape, over, dtype):
+    check_against_reference(*make_case(*shape, dtype), r=3, over=over)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_num_iters(r, over):
+    check_against_reference(*make_case(7, 20, 16, 24, 4, torch.float32, seed=r), r=r, over=over)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_float32_weight_with_low_precision_behaviors(dtype, over):
+    got = check_against_reference(*make_case(5, 19, 24, 40, 4, dtype, weight_dtype=torch.float32), r=3, over=over)
+    assert got[3].dtype == torch.float32
+
+
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_float64(over):
+    check_against_reference(*make_case(5, 23, 17, 9, 3, torch.float64), r=3, over=over)
+
+
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_broadcast_logits_without_masks(over):
+    check_against_reference(*make_case(6, 31, 20, 12, 4, torch.float32, batched_logits=False, masks=False), r=3,
+                            over=over)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_large_batch_grid_stride():
+    # More users than resident thread blocks: blocks loop over users and dS sums many block partials.
+    check_against_reference(*make_case(3000, 50, 64, 64, 4, torch.float32), r=3, over=False)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 8000, 40, 40, 6),  # logits / coupling workspace exceeds shared memory -> global scratch
+        (2, 300, 180, 200, 2),  # staged E and S do not fit together
+        (3, 5, 300, 310, 2),  # S (and the dS accumulator) exceed shared memory
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_sizes_beyond_shared_memory(shape):
+    check_against_reference(*make_case(*shape, torch.float32), r=2, over=True)
+    check_against_reference(*make_case(*shape, torch.float32, seed=1), r=2, over=False)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_stride_zero_gradient():
+    # c.sum().backward() hands the backward an expanded (stride-0) gradient.
+    E, S, b0, mask, imask, _ = make_case(4, 11, 8, 6, 3, torch.float32)
+    grads = []
+    for fn, cast in ((cuda_fn, lambda t: t), (reference_fn, lambda t: t.double())):
+        e = cast(E).detach().requires_grad_()
+        s = cast(S).detach().requires_grad_()
+        c, _ = fn(e, s, cast(b0), mask, imask, 3, False)
+        c.sum().backward()
+        grads.append((e.grad, s.grad))
+    for x, ref in zip(grads[0], grads[1]):
+        torch.testing.assert_close(x.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_dS_deterministic():
+    E, S, b0, mask, imask, G = make_case(2048, 50, 64, 64, 4, torch.float32)
+    first = run_op(cuda_fn, E, S, b0, mask, imask, G, 3, False)
+    second = run_op(cuda_fn, E, S, b0, mask, imask, G, 3, False)
+    for name, x, y in zip(NAMES, first, second):
+        assert torch.equal(x, y), f"{name} differs between two identical runs"
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_empty_batch():
+    E = torch.randn(0, 5, 8, device="cuda")
+    S = torch.randn(6, 8, device="cuda")
+    b0 = torch.randn(3, 5, device="cuda")
+    c, w, z = torch.ops.mind_kernels.routing_forward(E, S, b0, None, None, 3, False)
+    assert c.shape == (0, 3, 6) and w.shape == (0, 3, 5) and z.shape == (0, 3, 6)
+    dE, dS = torch.ops.mind_kernels.routing_backward(torch.zeros(0, 3, 6, device="cuda"), E, S, w, z)
+    assert dE.shape == (0, 5, 8)
+    assert dS.shape == (6, 8) and dS.dtype == S.dtype and (dS == 0).all()
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_preactivation_is_final_aggregation():
+    # z is the pre-squash aggregation of the last iteration: capsules == squash(z).
+    E, S, b0, mask, imask, _ = make_case(5, 9, 12, 10, 3, torch.float32)
+    c, w, z = torch.ops.mind_kernels.routing_forward(E, S, b0, mask, imask, 3, False)
+    n2 = (z * z).sum(-1, keepdim=True)
+    torch.testing.assert_close(c, n2 / (1 + n2) * z / torch.sqrt(n2 + 1e-9), atol=1e-6, rtol=1e-5)
+    # and z == w S e (the final aggregation with the returned coupling)
+    torch.testing.assert_close(z, w @ (E @ S.t()), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_kernel_refuses_bad_input():
+    E = torch.randn(2, 5, 8, device="cuda")
+    S = torch.randn(6, 7, device="cuda")  # D_in mismatch
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.mind_kernels.routing_forward(E, S, torch.randn(3, 5, device="cuda"), None, None, 3, False)
+
+
+# ----------------------------------------------------------------- GPU: composition
+
+
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_opcheck(over):
+    E, S, b0, mask, imask, G = make_case(3, 6, 5, 4, 3, torch.float32)
+    E.requires_grad_()
+    S.requires_grad_()
+    torch.library.opcheck(torch.ops.mind_kernels.routing_forward.default, (E, S, b0, mask, imask, 2, over))
+    c, w, z = torch.ops.mind_kernels.routing_forward(E.detach(), S.detach(), b0, mask, imask, 2, over)
+    torch.library.opcheck(torch.ops.mind_kernels.routing_backward.default, (G, E.detach(), S.detach(), w, z))
+
+
+class _Routing(torch.nn.Module):
+    def __init__(self, S):
+        super().__init__()
+        self.S = torch.nn.Parameter(S.clone())
+
+    def forward(self, E, b0, mask, imask):
+        return mind_kernels.b2i_routing(E, self.S, b0, mask, imask, 3, "interests", backend="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_torch_compile_fullgraph():
+    E, S, b0, mask, imask, G = make_case(6, 10, 16, 8, 4, torch.float32)
+    eager, compiled_mod = _Routing(S), _Routing(S)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    results = []
+    for mod in (eager, compiled):
+        e = E.clone().requires_grad_()
+        c = mod(e, b0, mask, imask)
+        c.backward(G)
+        results.append((c.detach(), e.grad, mod.S.grad))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------- no GPU needed
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    if ops.extension_error() is not None:
+        pytest.skip(ops.extension_error())
+    if not ops.build_info().get("built_cuda"):
+        pytest.skip("mind_kernels._C was built without the CUDA kernels")
+    for op in ("routing_forward", "routing_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mind_kernels::{op}", "CUDA"), op
+    assert ops.kernel_unavailable_reason("cuda") is None
