@@ -113,6 +113,7 @@ class MIND(nn.Module):
         dynamic_interests: K'_u per user instead of K.
         backend: routing backend for ``mind_kernels`` ("auto", "reference", "cpp", ...).
         routing_init_std: sigma of the routing logits b0 ~ N(0, sigma^2).
+        softmax_over: coupling axis, "interests" (MIND, default) or "behaviors" (ComiRec).
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class MIND(nn.Module):
         dynamic_interests: bool = False,
         backend: str = "auto",
         routing_init_std: float = 1.0,
+        softmax_over: str = "interests",
     ):
         super().__init__()
         if item_genres is None:
@@ -144,7 +146,7 @@ class MIND(nn.Module):
             user_feature_cardinalities=[int(c) for c in user_feature_cardinalities], dim=dim,
             num_interests=num_interests, num_iters=num_iters, user_feature_dim=user_feature_dim,
             hidden_mult=hidden_mult, dynamic_interests=bool(dynamic_interests), backend=backend,
-            routing_init_std=float(routing_init_std),
+            routing_init_std=float(routing_init_std), softmax_over=softmax_over,
         )
         self.num_items, self.dim, self.num_interests = num_items, dim, num_interests
         self.dynamic_interests = bool(dynamic_interests)
@@ -162,7 +164,7 @@ class MIND(nn.Module):
             self.item_id_embedding.weight[0].zero_()
             self.genre_embedding.weight[0].zero_()
 
-        self.extractor = B2IRouting(dim, dim, num_interests, num_iters=num_iters, softmax_over="interests",
+        self.extractor = B2IRouting(dim, dim, num_interests, num_iters=num_iters, softmax_over=softmax_over,
                                     init_std=routing_init_std, dynamic_interests=self.dynamic_interests,
                                     backend=backend)
         profile_dim = user_feature_dim * len(self.user_feature_embeddings)
@@ -189,11 +191,19 @@ class MIND(nn.Module):
 
     # ----- item tower -------------------------------------------------------------------
     def embed_items(self, items: torch.Tensor) -> torch.Tensor:
-        """e_i for a LongTensor of item indices of any shape (...,) -> (..., d); index 0 gives 0."""
-        emb = self.item_id_embedding(items)
+        """e_i for a LongTensor of item indices of any shape (...,) -> (..., d); index 0 gives 0.
+
+        Each distinct item is embedded once and gathered: a history batch repeats items
+        heavily, and the genre pooling costs G * d per embedded row.
+        """
         if self.item_genres.shape[1] == 0:
-            return emb
-        genres = self.item_genres[items]                                   # (..., G)
+            return self.item_id_embedding(items)
+        uniq, inverse = torch.unique(items.reshape(-1), return_inverse=True)
+        return self._embed_unique(uniq)[inverse].reshape(*items.shape, self.dim)
+
+    def _embed_unique(self, items: torch.Tensor) -> torch.Tensor:
+        emb = self.item_id_embedding(items)
+        genres = self.item_genres[items]                                   # (n, G)
         valid = (genres != 0).to(emb.dtype)
         pooled = (self.genre_embedding(genres) * valid[..., None]).sum(-2)
         pooled = pooled / valid.sum(-1, keepdim=True).clamp_min(1.0)      # items without genres: 0

@@ -1,0 +1,268 @@
+"""Train MIND on a :class:`mind.data.PreparedData`: AdamW, early stopping, checkpoints, resume.
+
+One epoch = one pass over the (history, next item) training samples in a seeded random
+order.  After each epoch the model is evaluated on the validation split (Recall, HitRate,
+NDCG @20 and @50 with full-catalogue retrieval); training stops when valid recall@50 has
+not improved for ``patience`` epochs, and the best epoch's weights are evaluated on test.
+
+Retrieval excludes every item of the user's full known history (``full_histories``):
+MovieLens users rate an item at most once, so a seen item can never be a target and
+leaving seen items in would only spend slots of the top-N list.
+
+Files in ``out_dir``:
+    last.pt            checkpoint after the latest epoch (model, optimizer, epoch, RNG, config, best)
+    best.pt            model weights of the best validation epoch
+    metrics.json/.csv  one row per epoch (train loss, valid metrics, seconds)
+    final_metrics.json/.csv   valid and test metrics of the best epoch
+    learning_curves.png
+    split.json         the user split (mind.data.save_split)
+
+Reproducibility: everything is seeded from ``config.seed``; the epoch order comes from a
+generator seeded by (seed, epoch), and the global RNG states are saved in each checkpoint,
+so ``resume`` from epoch e continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import (CheckpointError, get_rng_state, load_checkpoint, save_checkpoint,
+                         seed_everything, set_rng_state)
+from .loss import SoftmaxLoss
+from .model import MIND, retrieval_vectors
+
+#: config fields that change the model or the optimisation; a resumed run must match them.
+_RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr", "weight_decay", "batch_size",
+                      "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
+                      "routing_init_std", "softmax_over")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults tuned on MovieLens-100k, see mind/quality.py)."""
+
+    dim: int = 64
+    num_interests: int = 4
+    num_iters: int = 3
+    max_len: int = 20
+    p: float = 2.0                 # label-aware attention hardness (0 = mean, inf = argmax)
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    epochs: int = 20
+    num_negatives: int = 200
+    loss: str = "sampled"          # "sampled" | "full" | "in_batch"
+    patience: int = 3
+    seed: int = 0
+    dynamic_interests: bool = False
+    backend: str = "auto"
+    user_feature_dim: int = 16
+    hidden_mult: int = 4
+    routing_init_std: float = 1.0
+    softmax_over: str = "interests"  # routing coupling axis; "behaviors" = ComiRec's convention
+    eval_ns: tuple = (20, 50)
+    eval_batch_size: int = 1024
+    out_dir: str = "runs/mind"
+    progress: bool = True          # tqdm bars
+    write_files: bool = True       # metrics / plots / split (checkpoints are always written)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eval_ns"] = list(self.eval_ns)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "eval_ns" in d:
+            d["eval_ns"] = tuple(d["eval_ns"])
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: MIND
+    history: list
+    best_epoch: int
+    best_metric: float
+    valid_metrics: dict
+    test_metrics: dict
+    out_dir: pathlib.Path
+
+
+def build_model(data, config: TrainConfig) -> MIND:
+    """A fresh MIND sized for ``data`` (items, genres, user features) and ``config``."""
+    return MIND(
+        num_items=int(data.num_items), item_genres=torch.as_tensor(np.asarray(data.item_genres), dtype=torch.long),
+        num_genres=len(data.genre_names), user_feature_cardinalities=list(data.user_feature_cardinalities),
+        dim=config.dim, num_interests=config.num_interests, num_iters=config.num_iters,
+        user_feature_dim=config.user_feature_dim, hidden_mult=config.hidden_mult,
+        dynamic_interests=config.dynamic_interests, backend=config.backend,
+        routing_init_std=config.routing_init_std, softmax_over=config.softmax_over)
+
+
+def _long(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.long)
+
+
+@torch.no_grad()
+def user_vectors(model: MIND, histories, user_features, batch_size: int = 1024) -> torch.Tensor:
+    """Retrieval-ready user vectors (U, K, d) in eval mode (inactive interests = copies of interest 0)."""
+    was_training = model.training
+    model.eval()
+    histories, user_features = _long(histories), _long(user_features)
+    out = []
+    for s in range(0, histories.shape[0], batch_size):
+        v, imask = model.interests(histories[s:s + batch_size], user_features[s:s + batch_size])
+        out.append(retrieval_vectors(v, imask))
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, model.num_interests, model.dim)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024) -> dict:
+    """Recall / HitRate / NDCG @ns on an EvalSplit with full-catalogue retrieval, seen items excluded."""
+    from .evaluate import evaluate_rankings, retrieve_topk
+
+    feats = _long(data.user_features)[_long(split.user_index)]
+    vectors = user_vectors(model, split.histories, feats, batch_size)
+    was_training = model.training
+    model.eval()
+    table = model.item_embeddings()
+    model.train(was_training)
+    ranked, _ = retrieve_topk(vectors.numpy(), table.numpy(), max(ns), exclude=split.full_histories)
+    return evaluate_rankings(ranked, split.targets, ns=tuple(ns))
+
+
+def _check_resumable(saved: dict, config: TrainConfig, path) -> None:
+    diffs = {k: (saved.get(k), getattr(config, k)) for k in _RESUME_MUST_MATCH
+             if k in saved and saved.get(k) != getattr(config, k)
+             and not (isinstance(saved.get(k), (list, tuple)) and list(saved[k]) == list(getattr(config, k)))}
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was written with a different config; "
+                              f"differences (saved, requested): {diffs}")
+
+
+def _write_run_files(out_dir: pathlib.Path, history: list) -> None:
+    from .evaluate import write_metrics
+    from .plots import plot_learning_curves
+
+    write_metrics(history, str(out_dir / "metrics"))
+    if history:
+        plot_learning_curves(history, out_dir / "learning_curves.png")
+
+
+def train(data, config: TrainConfig, resume: bool = False, log=print) -> TrainResult:
+    """Train (or resume) a MIND model on ``data``; return the best model and its valid/test metrics.
+
+    ``resume=True`` continues from ``out_dir/last.pt`` and raises CheckpointError if that
+    file is missing, corrupt, or was written with a different model/optimisation config.
+    """
+    out_dir = pathlib.Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    ns = tuple(config.eval_ns)
+    key = f"valid_recall@{max(ns)}"
+
+    seed_everything(config.seed)
+    model = build_model(data, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = SoftmaxLoss(config.loss, np.asarray(data.item_counts), config.num_negatives)
+
+    start_epoch, history = 1, []
+    best_metric, best_epoch, bad_epochs = -math.inf, 0, 0
+    if resume:
+        state = load_checkpoint(last_path, required=("model", "optimizer", "epoch", "rng", "config",
+                                                     "best_metric", "best_epoch", "bad_epochs", "history"))
+        _check_resumable(state["config"], config, last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        best_metric, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+        bad_epochs, history = int(state["bad_epochs"]), list(state["history"])
+        log(f"resumed from {last_path} after epoch {start_epoch - 1} (best {key} {best_metric:.4f} "
+            f"at epoch {best_epoch})")
+    elif config.write_files:
+        from .data import save_split
+        save_split(data, str(out_dir / "split.json"))
+
+    users = _long(data.train_users)
+    hists = _long(data.train_histories)[:, -config.max_len:]
+    targets = _long(data.train_targets)
+    feats_table = _long(data.user_features)
+    n = targets.shape[0]
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        if bad_epochs >= config.patience:
+            break
+        t0 = time.time()
+        model.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        total, batches = 0.0, 0
+        bar = tqdm(range(0, n, config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
+                   disable=not config.progress, leave=False)
+        for s in bar:
+            idx = order[s:s + config.batch_size]
+            hist, tgt = hists[idx], targets[idx]
+            user = model(hist, feats_table[users[idx]], tgt, p=config.p)
+            loss = loss_fn(user, model, tgt)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+            if batches % 20 == 0:
+                bar.set_postfix(loss=f"{total / batches:.4f}")
+        valid = evaluate_model(model, data, data.valid, ns, config.eval_batch_size)
+        row = {"epoch": epoch, "train_loss": total / max(batches, 1),
+               **{f"valid_{k}": v for k, v in valid.items()}, "seconds": time.time() - t0}
+        history.append(row)
+        improved = row[key] > best_metric
+        if improved:
+            best_metric, best_epoch, bad_epochs = row[key], epoch, 0
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "model_config": model.config,
+                             "config": config.to_dict(), "metric": best_metric}, best_path)
+        else:
+            bad_epochs += 1
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "rng": get_rng_state(), "config": config.to_dict(), "model_config": model.config,
+                         "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                         "history": history}, last_path)
+        if config.write_files:
+            _write_run_files(out_dir, history)
+        log(f"epoch {epoch}: loss {row['train_loss']:.4f}  {key} {row[key]:.4f}"
+            f"{'  (best)' if improved else ''}  [{row['seconds']:.1f}s]")
+
+    if best_epoch > 0:
+        model.load_state_dict(load_checkpoint(best_path, required=("model",))["model"])
+    model.eval()
+    valid = evaluate_model(model, data, data.valid, ns, config.eval_batch_size)
+    test = evaluate_model(model, data, data.test, ns, config.eval_batch_size)
+    if config.write_files:
+        from .evaluate import write_metrics
+        rows = [{"split": "valid", "epoch": best_epoch, **valid}, {"split": "test", "epoch": best_epoch, **test}]
+        write_metrics(rows, str(out_dir / "final_metrics"))
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return TrainResult(model, history, best_epoch, best_metric, valid, test, out_dir)
+
+
+def load_trained(checkpoint: str | pathlib.Path, data) -> tuple[MIND, TrainConfig]:
+    """Rebuild the model from ``best.pt`` / ``last.pt`` (needs the data's item genres only for shape)."""
+    state = load_checkpoint(checkpoint, required=("model", "config"))
+    config = TrainConfig.from_dict(state["config"])
+    model = build_model(data, config)
+    model.load_state_dict(state["model"])
+    return model.eval(), config

@@ -1,0 +1,131 @@
+"""Training: planted-interest recovery, checkpoints, exact resume, corrupt-checkpoint errors."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mind.checkpoint import (CheckpointError, get_rng_state, load_checkpoint, save_checkpoint,
+                             set_rng_state)
+from mind.data import make_synthetic, prepare
+from mind.evaluate import evaluate_rankings, most_popular_rankings
+from mind.train import TrainConfig, train, user_vectors
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models on a shared machine train fastest single-threaded
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    raw, truth = make_synthetic(num_users=300, num_items=400, num_clusters=8, interests_per_user=(2, 3),
+                                seq_len=(20, 40), seed=0)
+    return prepare(raw, max_len=20), truth
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    raw, _ = make_synthetic(num_users=60, num_items=80, num_clusters=4, seq_len=(10, 20), seed=1)
+    return prepare(raw, max_len=10)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(dim=16, num_interests=4, max_len=10, batch_size=64, epochs=2, num_negatives=20, lr=3e-3,
+                patience=5, seed=3, progress=False, out_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_planted_interests_are_recovered(planted, tmp_path):
+    data, truth = planted
+    cfg = TrainConfig(dim=32, num_interests=4, max_len=20, batch_size=128, epochs=6, num_negatives=50,
+                      lr=5e-3, patience=10, seed=0, progress=False, out_dir=str(tmp_path / "syn"))
+    result = train(data, cfg, log=lambda *_: None)
+    test = result.test_metrics
+    pop = evaluate_rankings(most_popular_rankings(data.item_counts, len(data.test), 50,
+                                                  exclude=data.test.full_histories), data.test.targets)
+    # a user's future items come from its 2-3 planted clusters (of 8): MIND must find them
+    assert test["recall@20"] > 2 * pop["recall@20"], (test, pop)
+    assert test["recall@50"] > pop["recall@50"] + 0.1, (test, pop)
+
+    # Purity: the top-20 items retrieved by each interest should come from the user's own clusters.
+    cluster_of = {i: truth["item_cluster"][int(r)] for i, r in enumerate(data.item_raw_ids) if i > 0}
+    V = user_vectors(result.model, data.test.histories, data.user_features[data.test.user_index])
+    table = result.model.item_embeddings().detach()
+    own, total = 0, 0
+    for u, raw_user in enumerate(data.test.users.tolist()):
+        mine = set(truth["user_clusters"][raw_user])
+        for k in range(V.shape[1]):
+            top = torch.topk(table[1:] @ V[u, k], 20).indices + 1
+            own += sum(cluster_of[int(i)] in mine for i in top)
+            total += len(top)
+    chance = np.mean([len(c) / 8 for c in truth["user_clusters"].values()])  # ~ 2.5 / 8
+    assert own / total > chance + 0.3, (own / total, chance)
+
+    # files a user is told about
+    out = result.out_dir
+    for name in ("metrics.json", "metrics.csv", "final_metrics.json", "learning_curves.png", "split.json",
+                 "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    full = train(tiny, _cfg(tmp_path / "a", epochs=2), log=lambda *_: None)
+    train(tiny, _cfg(tmp_path / "b", epochs=1), log=lambda *_: None)
+    messages = []
+    resumed = train(tiny, _cfg(tmp_path / "b", epochs=2), resume=True, log=messages.append)
+    assert any("resumed" in m and "after epoch 1" in m for m in messages)
+    a = load_checkpoint(tmp_path / "a" / "run" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [r["epoch"] for r in b["history"]] == [1, 2]
+    assert a["history"][1]["train_loss"] == b["history"][1]["train_loss"]
+    assert full.test_metrics == resumed.test_metrics
+
+
+def test_corrupt_checkpoint_raises_naming_file(tiny, tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    train(tiny, cfg, log=lambda *_: None)
+    last = tmp_path / "run" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"last\.pt.*(truncated|corrupt)"):
+        train(tiny, _cfg(tmp_path, epochs=2), resume=True)
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"last\.pt"):
+        train(tiny, _cfg(tmp_path, epochs=2), resume=True)
+
+
+def test_resume_without_checkpoint_or_with_other_config_raises(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(tiny, _cfg(tmp_path), resume=True)
+    train(tiny, _cfg(tmp_path, epochs=1), log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="different config"):
+        train(tiny, _cfg(tmp_path, epochs=2, dim=8), resume=True)
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    path = save_checkpoint({"x": torch.arange(3)}, tmp_path / "c.pt")
+    save_checkpoint({"x": torch.arange(4)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    assert torch.equal(load_checkpoint(path, required=("x",))["x"], torch.arange(4))
+    with pytest.raises(CheckpointError, match=r"lacks required entries \['y'\]"):
+        load_checkpoint(path, required=("x", "y"))
+
+
+def test_rng_state_round_trip_through_checkpoint(tmp_path):
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    save_checkpoint({"rng": get_rng_state()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
