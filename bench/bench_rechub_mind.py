@@ -18,6 +18,7 @@ Prints a table (median ms, p20-p80, ratio = torch-rechub / ours) and writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -79,20 +80,12 @@ def build_mind(args, device, patched):
     history = [SequenceFeature("hist_item_id", args.items, embed_dim=D, pooling="concat", shared_with="item_id")]
     item = [SparseFeature("item_id", args.items, embed_dim=D)]
     neg = [SequenceFeature("neg_items", args.items, embed_dim=D, pooling="concat", shared_with="item_id")]
-    ctx = compat.patched(backend=args.backend) if patched else _Null()
+    ctx = compat.patched(backend=args.backend) if patched else contextlib.nullcontext()
     with ctx:
         torch.manual_seed(0)
         model = rechub_mind.MIND(user, history, item, neg, max_length=args.length, interest_num=args.interests)
     assert isinstance(model.capsule, compat.CapsuleNetwork) == patched
     return model.to(device).train()
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def synthetic_batch(args, device):

@@ -6,6 +6,7 @@ state_dicts load both ways; patch() makes torch-rechub's MIND / ComirecDR use ou
 and leaves a training step's loss and gradients unchanged; unpatch() restores.
 """
 
+import contextlib
 import sys
 
 import pytest
@@ -389,7 +390,7 @@ def _batch(B, L, n_items, n_users, n_neg, seed=0):
 
 def _train_step(model_cls, patched_run, seed=0, **kwargs):
     B, L, D, K, n_items, n_users, n_neg = 6, 7, 8, 3, 40, 10, 4
-    ctx = compat.patched() if patched_run else _nullcontext()
+    ctx = compat.patched() if patched_run else contextlib.nullcontext()
     with ctx:
         torch.manual_seed(seed)
         model = model_cls(*_features(D, n_items, n_users), max_length=L, interest_num=K, **kwargs)
@@ -403,14 +404,6 @@ def _train_step(model_cls, patched_run, seed=0, **kwargs):
     loss = F.cross_entropy(y / 0.1, torch.zeros(B, dtype=torch.long))
     loss.backward()
     return model, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("model_name,kwargs", [("MIND", {}), ("MIND", {"dynamic_interest": True}), ("ComirecDR", {})])
