@@ -128,6 +128,25 @@ MK_ALWAYS_INLINE void convert_row(To* __restrict__ dst, const From* __restrict__
   for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<To>(src[x]);
 }
 
+// The user's rows as acc_t: E itself when no copy is needed, else `buf` holding the widened rows
+// with the rows where skip[i * skip_stride] is true set to 0. Skipped rows carry zero weight, so
+// zeroing them changes nothing for finite inputs and keeps a NaN/Inf there out of the products
+// (0 * NaN = NaN): the reference's non-finite contract ignores padding in "interests" mode.
+template <typename acc_t, typename scalar_t, typename pred_t>
+MK_ALWAYS_INLINE const acc_t* user_rows(const scalar_t* Eu, acc_t* buf, int64_t L, int64_t D_in, bool any_skip,
+                                        pred_t skip) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (!any_skip) return Eu;
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    if (any_skip && skip(i))
+      fill_zero(buf + i * D_in, D_in);
+    else
+      convert_row(buf + i * D_in, Eu + i * D_in, D_in);
+  }
+  return buf;
+}
+
 // Sizes and pointers of one call, shared by every user.
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
@@ -151,10 +170,9 @@ struct ForwardScratch {
   std::vector<acc_t> buf;
   acc_t *e, *et, *b, *ebar, *z, *c, *h;
   ForwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
-      : buf((convert_e ? L * D_in : 0) + D_in * L + K * L + 2 * K * D_in + 2 * K * D_out) {
+      : buf(L * D_in + D_in * L + K * L + 2 * K * D_in + 2 * K * D_out) {
     acc_t* p = buf.data();
-    e = nullptr;
-    if (convert_e) { e = p; p += L * D_in; }
+    e = p; p += L * D_in;
     et = p; p += D_in * L;
     b = p; p += K * L;
     ebar = p; p += K * D_in;
@@ -167,19 +185,16 @@ struct ForwardScratch {
 template <typename scalar_t, typename acc_t>
 MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, int64_t u) {
   const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
-  const scalar_t* Eu = a.E + u * L * D_in;
-  const acc_t* e;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    e = Eu;
-  } else {  // half inputs: widen the user's rows once
-    convert_row(s.e, Eu, L * D_in);
-    e = s.e;
-  }
-  const acc_t* b0u = a.b0 + u * a.b0_user_stride;
-  for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
-
   const bool* valid = a.mask ? a.mask + u * L : nullptr;
   const bool* active = a.imask ? a.imask + u * K : nullptr;
+  // "interests" mode ignores masked positions entirely (their rows may hold anything, even NaN).
+  bool any_masked = false;
+  if (valid && !a.over_behaviors)
+    for (int64_t i = 0; i < L; ++i) any_masked |= !valid[i];
+  const acc_t* e =
+      user_rows(a.E + u * L * D_in, s.e, L, D_in, any_masked, [valid](int64_t i) { return !valid[i]; });
+  const acc_t* b0u = a.b0 + u * a.b0_user_stride;
+  for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
   acc_t* w = a.coupling + u * K * L;  // the last iteration's w is the output
 
   for (int64_t t = 1; t <= a.r; ++t) {
@@ -268,10 +283,11 @@ struct BackwardScratch {
   std::vector<acc_t> buf;
   acc_t *e, *dz, *dzt, *g, *ebar, *wt, *de;
   BackwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
-      : buf((convert_e ? 2 * L * D_in : 0) + 2 * K * D_out + 2 * K * D_in + L * K) {
+      : buf(L * D_in + (convert_e ? L * D_in : 0) + 2 * K * D_out + 2 * K * D_in + L * K) {
     acc_t* p = buf.data();
-    e = de = nullptr;
-    if (convert_e) { e = p; p += L * D_in; de = p; p += L * D_in; }
+    e = p; p += L * D_in;
+    de = nullptr;
+    if (convert_e) { de = p; p += L * D_in; }
     dz = p; p += K * D_out;
     dzt = p; p += D_out * K;
     g = p; p += K * D_in;
@@ -285,14 +301,6 @@ template <typename scalar_t, typename acc_t>
 MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, BackwardScratch<acc_t>& s,
                                     acc_t* dS_part, int64_t u) {
   const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
-  const scalar_t* Eu = a.E + u * L * D_in;
-  const acc_t* e;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    e = Eu;
-  } else {
-    convert_row(s.e, Eu, L * D_in);
-    e = s.e;
-  }
   const acc_t* w = a.w + u * K * L;
   const acc_t* z = a.z + u * K * D_out;
   const acc_t* G = a.G + u * K * D_out;
@@ -303,6 +311,16 @@ MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, Back
     for (int64_t o = 0; o < D_out; ++o) s.dzt[o * K + j] = dz[o];
     for (int64_t i = 0; i < L; ++i) s.wt[i * K + j] = w[j * L + i];
   }
+  // Positions with no weight in any interest (masked ones) contribute nothing to ebar: zero their
+  // rows so that a NaN/Inf in padding cannot reach dS through 0 * NaN.
+  auto unused = [&](int64_t i) {
+    for (int64_t j = 0; j < K; ++j)
+      if (s.wt[i * K + j] != acc_t(0)) return false;
+    return true;
+  };
+  bool any_unused = false;
+  for (int64_t i = 0; i < L && !any_unused; ++i) any_unused = unused(i);
+  const acc_t* e = user_rows(a.E + u * L * D_in, s.e, L, D_in, any_unused, unused);
   fill_zero(s.g, K * D_in);
   gemm_acc(s.g, D_in, s.dz, D_out, a.S, D_in, K, D_out, D_in);  // g = dz S  (g_j = S^T dz_j)
   fill_zero(s.ebar, K * D_in);

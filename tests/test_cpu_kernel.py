@@ -328,3 +328,24 @@ def test_cpp_checks_shapes():
         torch.ops.mind_kernels.routing_backward(
             torch.randn(2, 2, 3), E, torch.randn(3, 4), torch.rand(2, 2, 5), torch.randn(2, 2, 7)
         )
+
+
+# ---------------------------------------------------------------------------------------------- non-finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_padding_is_ignored_in_interests_mode(dtype):
+    """The reference's non-finite contract: in "interests" mode masked rows take no part at all."""
+    E, S, b0, mask, _ = make_inputs(4, 12, 6, 5, 3, dtype, seed=11)
+    mask[:, -3:] = False
+    mask[2] = False  # an empty user, all padding
+    E_nan = E.clone()
+    E_nan[~mask] = float("nan")
+    E_nan[0, -1] = float("inf")
+    compare_with_reference(E, S, b0, mask, None, 3, "interests")  # finite padding: the reference's answer
+    grad_out = torch.randn(4, 3, 5, dtype=compute_dtype(dtype))
+    got = run(E_nan, S, b0, mask, None, 3, "interests", "cpp", grad_out)
+    want = run(E, S, b0, mask, None, 3, "interests", "cpp", grad_out)
+    for g_, w_ in zip(got, want):
+        assert torch.isfinite(g_.double()).all()
+        assert torch.equal(g_, w_)
