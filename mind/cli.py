@@ -1,0 +1,252 @@
+"""``python -m mind``: train, evaluate, export, recommend, explain, quality.
+
+Typical session::
+
+    python -m mind train --data ml-100k --out runs/ml100k          # fetch MovieLens-100k, train, test
+    python -m mind export --checkpoint runs/ml100k/best.pt --out runs/ml100k/model
+    python -m mind recommend --model runs/ml100k/model --history 50,172,181 -n 10
+    python -m mind explain --model runs/ml100k/model --history 50,172,181,1,121,9
+    python -m mind quality --out runs/quality                      # the MostPopular / K=1 / K=4 table
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+
+DATA_HELP = ("dataset: 'ml-100k' (downloads MovieLens-100k once into ~/.cache/mind-kernels), "
+             "'synthetic' (planted-interest toy data), or 'dir' with --data-dir and --format")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="ml-100k", choices=["ml-100k", "synthetic", "dir"], help=DATA_HELP)
+    g.add_argument("--data-dir", help="folder (or .csv file for comirec) with your own data; implies --data dir")
+    g.add_argument("--format", default="recbole", choices=["recbole", "movielens", "comirec"],
+                   help="format of --data-dir: RecBole atomic files (.inter/.item/.user), raw MovieLens "
+                        "(u.data / ratings.dat), or a ComiRec csv (user,item,category,timestamp)")
+    g.add_argument("--max-len", type=int, default=20, help="history length fed to the model (default 20)")
+    g.add_argument("--split-seed", type=int, default=2020, help="seed of the 8:1:1 user split (default 2020)")
+
+
+def load_data(args):
+    """RawData -> PreparedData from the data arguments."""
+    from . import data as D
+
+    kind = "dir" if args.data_dir else args.data
+    if kind == "ml-100k":
+        raw = D.load_recbole(D.fetch_movielens_100k())
+    elif kind == "synthetic":
+        raw, _ = D.make_synthetic()
+    else:
+        if not args.data_dir:
+            raise SystemExit("--data dir needs --data-dir PATH")
+        loader = {"recbole": D.load_recbole, "movielens": D.load_movielens_raw,
+                  "comirec": D.load_comirec_csv}[args.format]
+        raw = loader(args.data_dir)
+    return D.prepare(raw, max_len=args.max_len, seed=args.split_seed)
+
+
+def _threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(max(1, n))
+
+
+def _fmt_metrics(rows: list[tuple[str, dict]], ns=(20, 50)) -> str:
+    names = [f"{m}@{n}" for n in ns for m in ("recall", "hit_rate", "ndcg")]
+    out = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, m in rows:
+        out.append(f"| {label} | " + " | ".join(f"{m[k]:.4f} ± {m[k + '_se']:.4f}" for k in names) + " |")
+    return "\n".join(out)
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    _threads(args.threads)
+    data = load_data(args)
+    print(f"data: {json.dumps(data.summary())}")
+    cfg = TrainConfig(dim=args.dim, num_interests=args.interests, max_len=args.max_len, p=args.p, lr=args.lr,
+                      weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+                      num_negatives=args.negatives, loss=args.loss, patience=args.patience, seed=args.seed,
+                      dynamic_interests=args.dynamic_interests, backend=args.backend, out_dir=args.out,
+                      softmax_over=args.routing_axis, progress=not args.no_progress)
+    result = train(data, cfg, resume=args.resume)
+    print(f"\nbest epoch {result.best_epoch} (valid recall@50 {result.best_metric:.4f}); mean ± s.e. over users:")
+    print(_fmt_metrics([("valid", result.valid_metrics), ("test", result.test_metrics)]))
+    out = result.out_dir
+    print(f"\nresults: {out}/final_metrics.csv, per-epoch {out}/metrics.csv, curves {out}/learning_curves.png")
+    print(f"checkpoints: {out}/best.pt (best epoch), {out}/last.pt (resume with --resume)")
+    print(f"next: python -m mind export --checkpoint {out}/best.pt --out {out}/model")
+    return 0
+
+
+def _model_from_checkpoint(args):
+    from .checkpoint import load_checkpoint
+    from .train import TrainConfig, build_model
+
+    state = load_checkpoint(args.checkpoint, required=("model", "config"))
+    cfg = TrainConfig.from_dict(state["config"])
+    args.max_len = cfg.max_len
+    data = load_data(args)
+    model = build_model(data, cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), data, cfg
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import write_metrics
+    from .train import evaluate_model
+
+    _threads(args.threads)
+    model, data, cfg = _model_from_checkpoint(args)
+    valid = evaluate_model(model, data, data.valid, cfg.eval_ns)
+    test = evaluate_model(model, data, data.test, cfg.eval_ns)
+    print(_fmt_metrics([("valid", valid), ("test", test)], cfg.eval_ns))
+    if args.out:
+        paths = write_metrics([{"split": "valid", **valid}, {"split": "test", **test}], args.out)
+        print(f"written: {paths[0]}, {paths[1]}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .serve import export
+
+    model, data, _ = _model_from_checkpoint(args)
+    path = export(model, data, args.out)
+    print(f"exported {data.num_items} items and the model to {path}")
+    print(f"try: python -m mind recommend --model {path} --history {','.join(str(x) for x in data.item_raw_ids[1:4])}")
+    return 0
+
+
+def _history(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_recommend(args) -> int:
+    from .serve import load
+
+    rec = load(args.model)
+    try:
+        items = rec.recommend(_history(args.history), n=args.n, exclude_history=not args.include_history)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for rank, (raw, title, score) in enumerate(items, 1):
+        print(f"{rank:3d}. [{raw}] {title}  (score {score:.3f})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain
+    from .serve import load
+
+    rec = load(args.model)
+    try:
+        out = explain(rec, _history(args.history), png=args.png, top_n=args.top)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out["text"])
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from .quality import run_quality
+
+    _threads(args.threads)
+    run_quality(out_dir=args.out, seeds=tuple(range(args.seeds)), epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mind", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train MIND, evaluate on valid/test, write metrics, plots and checkpoints",
+                       description="Train MIND with early stopping on valid recall@50, then evaluate the best "
+                                   "epoch on test. Writes checkpoints, metrics (JSON/CSV) and learning curves "
+                                   "into --out.")
+    _add_data_args(p)
+    g = p.add_argument_group("model and training")
+    g.add_argument("--out", default="runs/mind", help="output folder (default runs/mind)")
+    g.add_argument("--dim", type=int, default=64, help="embedding size d (default 64)")
+    g.add_argument("--interests", type=int, default=4, help="number of interests K (default 4)")
+    g.add_argument("--dynamic-interests", action="store_true", help="K'_u = max(1, min(K, log2 n_u)) per user")
+    g.add_argument("--routing-axis", default="interests", choices=["interests", "behaviors"],
+                   help="routing softmax axis: 'interests' (MIND, default) or 'behaviors' (ComiRec)")
+    g.add_argument("--p", type=float, default=2.0, help="label-aware attention power (0 mean, inf hard; default 2)")
+    g.add_argument("--epochs", type=int, default=20, help="max epochs (default 20)")
+    g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    g.add_argument("--loss", default="sampled", choices=["sampled", "full", "in_batch"],
+                   help="softmax estimator (default sampled: log-uniform negatives + logQ)")
+    g.add_argument("--negatives", type=int, default=200, help="sampled negatives per batch (default 200)")
+    g.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
+    g.add_argument("--backend", default="auto", help="routing backend: auto, reference, cpp, triton, cuda")
+    g.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: this small model trains fastest single-threaded)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on valid and test",
+                       description="Recall/HitRate/NDCG @20,@50 of a checkpoint (best.pt or last.pt) on the valid "
+                                   "and test users of the same data (pass the same data options as for training).")
+    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train")
+    p.add_argument("--out", help="write <out>.json and <out>.csv")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a checkpoint for serving (item vectors, ids, titles, model)",
+                       description="Write a serving folder: item embeddings, raw ids, titles, genres and the model "
+                                   "that turns a history into interest vectors. Use the training data options.")
+    p.add_argument("--checkpoint", required=True, help="best.pt written by train")
+    p.add_argument("--out", required=True, help="folder to create")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recommend", help="top-n items for a history of raw item ids",
+                       description="Recommend for a comma-separated history of raw item ids (oldest first). "
+                                   "Unknown ids are dropped with a warning; seen items are excluded.")
+    p.add_argument("--model", required=True, help="folder written by export")
+    p.add_argument("--history", required=True, help="raw item ids, oldest first, e.g. 50,172,181")
+    p.add_argument("-n", type=int, default=20, help="how many items (default 20)")
+    p.add_argument("--include-history", action="store_true", help="allow items of the history in the list")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("explain", help="show which history items formed each interest",
+                       description="For a history, print each interest with the items routed to it (argmax of "
+                                   "the coupling weights), their genres and the interest's own top items; "
+                                   "save a heatmap of the coupling weights.")
+    p.add_argument("--model", required=True, help="folder written by export")
+    p.add_argument("--history", required=True, help="raw item ids, oldest first")
+    p.add_argument("--png", default="explain.png", help="heatmap path (default explain.png)")
+    p.add_argument("--top", type=int, default=5, help="recommendations shown per interest (default 5)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("quality", help="MostPopular vs MIND K=1 vs MIND K=4 on MovieLens-100k",
+                       description="Train MIND K=1 and K=4 with several seeds on MovieLens-100k and compare with "
+                                   "MostPopular on valid and test; writes quality.md/.csv/.json into --out.")
+    p.add_argument("--out", default="runs/quality", help="output folder (default runs/quality)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help="override the epochs per run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quality)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "p", None) is not None and math.isnan(args.p):
+        raise SystemExit("--p must be a number or inf")
+    return int(args.func(args) or 0)

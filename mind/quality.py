@@ -1,0 +1,123 @@
+"""The quality table: MostPopular vs MIND K=1 vs MIND K=4 on MovieLens-100k (valid and test).
+
+For every model and seed the best-validation-epoch weights are evaluated with full-catalogue
+retrieval, seen items excluded (see :mod:`mind.train`).  Each cell is
+
+    mean over seeds ± std over seeds (sample std, ddof=1) [mean over seeds of the standard
+    error across users]
+
+MostPopular is deterministic, so its seed std is 0.  The verdict line checks the goal:
+MIND K=4 beats both baselines on Recall@50 and HitRate@50 by more than the seed spread
+(mean difference > std of K=4 + std of the baseline), on valid and on test.
+
+Written into ``out_dir``: quality.md (the table), quality.csv (one row per method, split,
+metric), quality.json (the aggregated rows plus every per-seed result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import numpy as np
+
+METRICS = [f"{m}@{n}" for n in (20, 50) for m in ("recall", "hit_rate", "ndcg")]
+
+#: the per-run config of the table (epochs chosen so the whole command runs in minutes on 2 cores)
+QUALITY_CONFIG = dict(dim=64, max_len=20, p=2.0, lr=3e-3, weight_decay=1e-4, batch_size=256, epochs=8,
+                      num_negatives=200, loss="sampled", patience=3)
+
+
+def _aggregate(per_seed: list[dict]) -> dict:
+    out = {}
+    for m in METRICS:
+        vals = np.array([r[m] for r in per_seed], dtype=np.float64)
+        ses = np.array([r[m + "_se"] for r in per_seed], dtype=np.float64)
+        out[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                  "se_users": float(ses.mean()), "values": vals.tolist()}
+    return out
+
+
+def _table(results: dict) -> str:
+    lines = ["| method | split | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for method, splits in results.items():
+        for split, agg in splits.items():
+            cells = [f"{agg[m]['mean']:.4f} ± {agg[m]['std']:.4f} [{agg[m]['se_users']:.4f}]" for m in METRICS]
+            lines.append(f"| {method} | {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(results: dict, target: str = "MIND K=4", metrics=("recall@50", "hit_rate@50")) -> tuple[bool, list]:
+    """Does ``target`` beat every other method by more than the summed seed std? One line per check."""
+    ok, lines = True, []
+    for split in ("valid", "test"):
+        for m in metrics:
+            t = results[target][split][m]
+            for other, splits in results.items():
+                if other == target:
+                    continue
+                o = splits[split][m]
+                margin = t["mean"] - o["mean"]
+                spread = t["std"] + o["std"]
+                passed = margin > spread
+                ok &= passed
+                lines.append(f"{'PASS' if passed else 'FAIL'}  {split} {m}: {target} {t['mean']:.4f} vs "
+                             f"{other} {o['mean']:.4f} (margin {margin:+.4f}, seed spread {spread:.4f})")
+    return ok, lines
+
+
+def run_quality(out_dir="runs/quality", seeds=(0, 1, 2), epochs=None, progress=False, log=print) -> dict:
+    """Train and evaluate everything, write quality.{md,csv,json} into ``out_dir``; return the results."""
+    from .data import fetch_movielens_100k, load_recbole, prepare
+    from .evaluate import evaluate_rankings, most_popular_rankings, write_metrics
+    from .train import TrainConfig, train
+
+    t0 = time.time()
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(load_recbole(fetch_movielens_100k()), max_len=QUALITY_CONFIG["max_len"])
+    log(f"data: {json.dumps(data.summary())}")
+
+    raw: dict = {"MostPopular": {}, "MIND K=1": {}, "MIND K=4": {}}
+    for split_name, split in (("valid", data.valid), ("test", data.test)):
+        ranked = most_popular_rankings(data.item_counts, len(split), 50, exclude=split.full_histories)
+        raw["MostPopular"][split_name] = [evaluate_rankings(ranked, split.targets)] * len(seeds)
+
+    base = dict(QUALITY_CONFIG)
+    if epochs is not None:
+        base["epochs"] = int(epochs)
+    for k in (1, 4):
+        name = f"MIND K={k}"
+        raw[name] = {"valid": [], "test": []}
+        for seed in seeds:
+            cfg = TrainConfig(num_interests=k, seed=seed, out_dir=str(out / f"K{k}_seed{seed}"),
+                              progress=progress, **base)
+            t = time.time()
+            res = train(data, cfg, log=lambda *_: None)
+            raw[name]["valid"].append(res.valid_metrics)
+            raw[name]["test"].append(res.test_metrics)
+            log(f"{name} seed {seed}: best epoch {res.best_epoch}, valid recall@50 {res.valid_metrics['recall@50']:.4f}, "
+                f"test recall@50 {res.test_metrics['recall@50']:.4f} [{time.time() - t:.0f}s]")
+
+    results = {method: {split: _aggregate(rows) for split, rows in splits.items()} for method, splits in raw.items()}
+    ok, checks = verdict(results)
+    header = (f"MovieLens-100k ({data.summary()['valid_eval_users']} valid / {data.summary()['test_eval_users']} "
+              f"test users), seeds {list(seeds)}, config {json.dumps(base)}.\n"
+              "Cells: mean over seeds ± std over seeds [standard error across users, mean over seeds].\n")
+    text = header + "\n" + _table(results) + "\n\n" + "\n".join(checks) + \
+        f"\n\nMIND K=4 beats both baselines by more than the seed spread: {'YES' if ok else 'NO'}\n"
+    (out / "quality.md").write_text(text)
+    rows = [{"method": method, "split": split, "metric": m, "mean": agg[m]["mean"], "std_seeds": agg[m]["std"],
+             "se_users": agg[m]["se_users"], "per_seed": json.dumps(agg[m]["values"])}
+            for method, splits in results.items() for split, agg in splits.items() for m in METRICS]
+    write_metrics(rows, out / "quality")
+    (out / "quality.json").write_text(json.dumps({"config": base, "seeds": list(seeds), "results": results,
+                                                  "checks": checks, "passed": ok, "raw": raw,
+                                                  "seconds": time.time() - t0}, indent=1, default=float))
+    log("\n" + text)
+    log(f"written: {out / 'quality.md'}, {out / 'quality.csv'}, {out / 'quality.json'} "
+        f"[{time.time() - t0:.0f}s]")
+    return {"results": results, "passed": ok, "checks": checks}

@@ -1,0 +1,135 @@
+"""Export / load round trip, deterministic serving, unknown ids, explain, and the CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mind.cli import build_parser, main
+from mind.data import make_synthetic, prepare
+from mind.evaluate import retrieve_topk
+from mind.explain import explain
+from mind.model import retrieval_vectors
+from mind.serve import export, load
+from mind.train import TrainConfig, build_model, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    raw, _ = make_synthetic(num_users=80, num_items=100, num_clusters=4, seq_len=(10, 20), seed=2)
+    data = prepare(raw, max_len=10)
+    out = tmp_path_factory.mktemp("serve")
+    cfg = TrainConfig(dim=16, num_interests=3, max_len=10, batch_size=64, epochs=1, num_negatives=20,
+                      seed=0, progress=False, out_dir=str(out / "run"))
+    result = train(data, cfg, log=lambda *_: None)
+    export(result.model, data, out / "model")
+    return data, result.model, out
+
+
+def test_round_trip_gives_identical_recommendations(trained):
+    data, model, out = trained
+    rec = load(out / "model")
+    history = [int(r) for r in data.item_raw_ids[[3, 7, 11, 20, 5]]]
+    got = rec.recommend(history, n=10)
+    # the same list computed directly from the in-memory model
+    idx = torch.tensor([[0] * 5 + [3, 7, 11, 20, 5]])
+    with torch.no_grad():
+        v, imask = model.eval().interests(idx)
+        items, scores = retrieve_topk(retrieval_vectors(v, imask), model.item_embeddings(), 10,
+                                      exclude=[np.array([3, 7, 11, 20, 5])])
+    assert [r for r, _, _ in got] == [int(data.item_raw_ids[i]) for i in items[0]]
+    np.testing.assert_allclose([s for _, _, s in got], scores[0], rtol=1e-6)
+    assert [t for _, t, _ in got] == [data.item_titles[i] for i in items[0]]
+    assert not set(history) & {r for r, _, _ in got}                 # history excluded
+    # vectors from the export equal the model's
+    np.testing.assert_allclose(rec.interests([history]), v.numpy(), rtol=1e-6)
+
+
+def test_serving_is_deterministic_and_accepts_string_ids(trained):
+    data, _, out = trained
+    rec = load(out / "model")
+    history = [int(r) for r in data.item_raw_ids[1:9]]
+    first = rec.recommend(history, n=15)
+    assert all(rec.recommend(history, n=15) == first for _ in range(3))
+    assert load(out / "model").recommend([str(h) for h in history], n=15) == first
+    a = rec.interests([history, history[:3]])
+    assert np.array_equal(a, rec.interests([history, history[:3]]))
+    # batch composition only changes float rounding (matmul blocking), not the result
+    np.testing.assert_allclose(a[1], rec.interests([history[:3]])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_long_history_keeps_most_recent(trained):
+    data, _, out = trained
+    rec = load(out / "model")
+    ids = [int(r) for r in data.item_raw_ids[1:]]
+    long_history = ids[:25]                                             # max_len is 10
+    np.testing.assert_array_equal(rec.interests([long_history]), rec.interests([long_history[-10:]]))
+    with_incl = rec.recommend(long_history, n=5, exclude_history=False)
+    without = rec.recommend(long_history, n=5)
+    assert not {r for r, _, _ in without} & set(long_history)            # the whole history is excluded
+    assert len(with_incl) == 5
+
+
+def test_unknown_ids_are_dropped_with_warning_and_empty_raises(trained):
+    data, _, out = trained
+    rec = load(out / "model")
+    good = [int(r) for r in data.item_raw_ids[1:5]]
+    with pytest.warns(UserWarning, match="unknown item id"):
+        mixed = rec.recommend(good + [10**9, "nope"], n=5)
+    assert mixed == rec.recommend(good, n=5)
+    with pytest.raises(ValueError, match="no known item"), pytest.warns(UserWarning):
+        rec.recommend([10**9], n=5)
+    with pytest.raises(ValueError, match="no known item"):
+        rec.recommend([], n=5)
+
+
+def test_explain_routes_every_item_and_writes_png(trained, tmp_path):
+    data, _, out = trained
+    rec = load(out / "model")
+    history = [int(r) for r in data.item_raw_ids[1:9]]
+    result = explain(rec, history, png=tmp_path / "e.png")
+    w = result["weights"]
+    assert w.shape == (3, 8)
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, rtol=1e-5)         # softmax over interests
+    assigned = sorted(r for it in result["interests"] for r, *_ in it["items"])
+    assert assigned == sorted(history)                                   # each item in exactly one interest
+    for it in result["interests"]:
+        k = it["interest"]
+        for raw, _, _, weight in it["items"]:
+            assert weight == pytest.approx(w[:, history.index(raw)].max())
+            assert w[k, history.index(raw)] == pytest.approx(weight)
+    assert (tmp_path / "e.png").stat().st_size > 1000
+    assert "interest" in result["text"]
+
+
+def test_export_of_fresh_model_loads(trained, tmp_path):
+    data, _, _ = trained
+    torch.manual_seed(0)
+    model = build_model(data, TrainConfig(dim=8, num_interests=2, max_len=10))
+    rec = load(export(model, data, tmp_path / "m"))
+    assert rec.interests([[int(data.item_raw_ids[1])]]).shape == (1, 2, 8)
+    with pytest.raises(FileNotFoundError, match="not a MIND export"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("command", [None, "train", "evaluate", "export", "recommend", "explain", "quality"])
+def test_cli_help_exits_zero(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_cli_module_entry_point_and_recommend(trained, capsys):
+    data, _, out = trained
+    proc = subprocess.run([sys.executable, "-m", "mind", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "recommend" in proc.stdout
+    history = ",".join(str(int(r)) for r in data.item_raw_ids[1:5])
+    assert main(["recommend", "--model", str(out / "model"), "--history", history, "-n", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("1. [") and lines[2].strip().startswith("3. [")
+    assert main(["recommend", "--model", str(out / "model"), "--history", "999999999"]) == 2
