@@ -258,10 +258,12 @@ void forward_range(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t
   forward_range_generic(a, begin, end);
 }
 
-// Users per task so that a task carries enough work to be worth a thread (~1 MFLOP); small batches
-// (online serving, B = 1) then run on the calling thread without an OpenMP fork.
+// Users per task so that a task carries enough work to be worth a thread (~8 MFLOP, a few hundred
+// microseconds); small batches (online serving: B = 1, 16 at L = 50, D = 64) run on the calling
+// thread. Measured on a shared 2-core machine: an OpenMP fork for ~100 us of work cost 2-5x more
+// than it saved once the cores were contended (the idle worker spins, competing with the caller).
 int64_t users_per_task(int64_t flops_per_user) {
-  constexpr int64_t kMinTaskFlops = 1 << 20;
+  constexpr int64_t kMinTaskFlops = int64_t(8) << 20;
   return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_user));
 }
 

@@ -222,7 +222,8 @@ def test_weight_gradient_is_bit_identical_across_runs():
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        E, S, b0, mask, _ = make_inputs(300, 20, 16, 16, 4, torch.float32, seed=3)
+        # B large enough for several fixed chunks of users (a chunk carries ~8 MFLOP of work).
+        E, S, b0, mask, _ = make_inputs(2000, 20, 16, 16, 4, torch.float32, seed=3)
         c, w, z = torch.ops.mind_kernels.routing_forward(E, S, b0, mask, None, 3, False)
         G = torch.randn_like(c)
         results = [torch.ops.mind_kernels.routing_backward(G, E, S, w, z) for _ in range(3)]
