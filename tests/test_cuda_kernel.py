@@ -18,11 +18,24 @@ grid-stride), sizes whose workspace / E / S / dS accumulator do not fit in
 shared memory (the kernel's global-memory paths), both softmax axes, empty
 users, users with every interest inactive, and num_iters in {1, 2, 3, 5}.
 
-One test runs without a GPU: when the extension was built with CUDA
-(``_build_info.json``), the CUDA dispatch key must have a kernel for both ops.
+Without a GPU:
+
+* when the extension was built with CUDA (``_build_info.json``), the CUDA
+  dispatch key must have a kernel for both ops;
+* the emulation tests (``slow``: one ~1.5 min C++ compile) compile the kernels'
+  device source (``csrc/cuda/routing_kernels.cuh``) as host C++ through
+  ``csrc/cuda/routing_emulation.cpp``, which runs every CUDA thread of a block as
+  a host thread with real barriers and shuffles, NaN-fills shared memory, scratch
+  and outputs, and lets the test force every shared-memory staging plan.  They
+  check the kernels' indexing, layouts and synchronisation against the float64
+  reference; what they cannot check is GPU timing and ``--use_fast_math``
+  rounding, which the GPU tests cover.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 import torch
@@ -44,8 +57,8 @@ LOW = (torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------- helpers
 
 
-def make_case(B, L, D_in, D_out, K, dtype, weight_dtype=None, batched_logits=True, masks=True, seed=0):
-    """CUDA inputs; with masks, user 0 has no behaviour and user 1 (B > 2) has every interest inactive."""
+def make_case(B, L, D_in, D_out, K, dtype, weight_dtype=None, batched_logits=True, masks=True, seed=0, device="cuda"):
+    """Inputs on ``device``; with masks, user 0 has no behaviour and user 1 (B > 2) has every interest inactive."""
     g = torch.Generator().manual_seed(seed)
     E = torch.randn(B, L, D_in, generator=g).to(dtype)
     S = (torch.randn(D_out, D_in, generator=g) / D_in**0.5).to(weight_dtype or dtype)
@@ -60,8 +73,7 @@ def make_case(B, L, D_in, D_out, K, dtype, weight_dtype=None, batched_logits=Tru
         if B > 2:
             interest_mask[1] = False
     G = torch.randn(B, K, D_out, generator=g).to(dtype)
-    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
-    return [cuda(t) for t in (E, S, b0, mask, interest_mask, G)]
+    return [None if t is None else t.to(device) for t in (E, S, b0, mask, interest_mask, G)]
 
 
 def cuda_fn(E, S, b0, mask, interest_mask, r, over):
@@ -296,6 +308,22 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_nan_padding_is_ignored_in_interests_mode():
+    # Reference's non-finite contract: in "interests" mode masked rows take no part at all.
+    E, S, b0, mask, imask, G = make_case(4, 12, 6, 5, 3, torch.float32, seed=11)
+    mask[:, -3:] = False
+    E_nan = E.clone()
+    E_nan[~mask] = float("nan")
+    E_nan[0, -1] = float("inf")
+    got = run_op(cuda_fn, E_nan, S, b0, mask, imask, G, 3, False)
+    want = run_op(cuda_fn, E, S, b0, mask, imask, G, 3, False)
+    for name, x, y in zip(NAMES, got, want):
+        assert torch.isfinite(x).all(), name
+        assert torch.equal(x, y), name
+
+
 # ----------------------------------------------------------------- no GPU needed
 
 
@@ -307,3 +335,150 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     for op in ("routing_forward", "routing_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mind_kernels::{op}", "CUDA"), op
     assert ops.kernel_unavailable_reason("cuda") is None
+
+
+# ----------------------------------------------------------------- CPU emulation of the kernels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG_SMEM = 227 * 1024  # an H100 / H200's opt-in shared memory per block
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the emulation harness")
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="mk_cuda_emulation",
+        sources=[os.path.join(REPO, "csrc", "cuda", "routing_emulation.cpp")],
+        extra_include_paths=[os.path.join(REPO, "csrc"), os.path.join(REPO, "csrc", "cuda")],
+        extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(tmp_path_factory.mktemp("mk_cuda_emulation")),
+        verbose=False,
+    )
+
+
+def make_cpu_case(*args, **kwargs):
+    return make_case(*args, **kwargs, device="cpu")
+
+
+def emulated_fn(emu, grid, max_smem):
+    """The emulated op with the reference's call shape: (capsules, w) and an autograd backward."""
+
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, E, S, b0, mask, imask, r, over):
+            acc = torch.float64 if E.dtype == torch.float64 else torch.float32
+            c, w, z = emu.forward(E, S, b0.to(acc), mask, imask, r, over, grid, max_smem)
+            ctx.save_for_backward(E, S, w, z)
+            ctx.mark_non_differentiable(w)
+            return c, w
+
+        @staticmethod
+        def backward(ctx, G, _gw):
+            E, S, w, z = ctx.saved_tensors
+            dE, dS = emu.backward(G.contiguous(), E, S, w, z, grid, max_smem)
+            return dE, dS, None, None, None, None, None
+
+    return lambda E, S, b0, mask, imask, r, over: Op.apply(E, S, b0, mask, imask, r, over)
+
+
+def check_emulated(emu, case, r, over, grid, max_smem):
+    E, S, b0, mask, imask, G = case
+    got = run_op(emulated_fn(emu, grid, max_smem), E, S, b0, mask, imask, G, r, over)
+    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, imask, G.double(), r, over)
+    for name, x, ref in zip(NAMES, got, oracle):
+        assert x.shape == ref.shape, name
+        assert torch.isfinite(x).all(), f"{name} has non-finite values (an unwritten or NaN-garbage read?)"
+    if E.dtype == torch.float64:
+        tol = dict(atol=1e-10, rtol=1e-10)
+    else:
+        tol = dict(atol=1e-5, rtol=1e-4)
+    if E.dtype in (torch.float64, torch.float32):
+        for name, x, ref in zip(NAMES, got, oracle):
+            torch.testing.assert_close(x.double(), ref, **tol, msg=lambda m: f"{name}: {m}")
+    else:
+        own = run_op(reference_fn, E, S, b0, mask, imask, G, r, over)
+        for name, x, mine, ref in zip(NAMES, got, own, oracle):
+            ref_err = (mine.double() - ref).abs().max().item()
+            excess = ((x.double() - ref).abs() - (1e-5 + 1e-4 * ref.abs())).max().item()
+            assert excess <= 2 * ref_err, f"{name}: {excess:.3g} > 2 x {ref_err:.3g}"
+    return got
+
+
+EMU_SHAPES = [
+    (5, 40, 33, 6, 5),  # L > 32 (multi-pass warp loops), D_in > 32, K = 5 (two chunks, padded)
+    (4, 9, 3, 12, 3),  # D_out > D_in
+    (3, 1, 1, 1, 1),  # L = D = K = 1
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_smem", [BIG_SMEM, 0, 3000], ids=["smem", "global", "mixed"])
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_kernels_match_reference(emu, shape, over, max_smem):
+    # float64: the kernel's algorithm and indexing are exact up to float64 rounding; grid 2 < B
+    # exercises the grid-stride loop over users and the dS partial reduction over blocks.
+    check_emulated(emu, make_cpu_case(*shape, torch.float64), 3, over, grid=2, max_smem=max_smem)
+
+
+@pytest.mark.slow
+def test_emulated_staging_plans(emu):
+    # The budgets above do force the paths they are named after (shape 5x40x33x6x5).
+    assert emu.staging_plan(40, 33, 6, 5, BIG_SMEM) == [True] * 6
+    assert emu.staging_plan(40, 33, 6, 5, 0) == [False] * 6
+    assert emu.staging_plan(40, 33, 6, 5, 3000) == [False, True, False, False, True, True]
+    # the benchmark shape fits entirely in shared memory
+    assert emu.staging_plan(50, 64, 64, 4, BIG_SMEM) == [True] * 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_emulated_num_iters(emu, r):
+    check_emulated(emu, make_cpu_case(4, 10, 8, 7, 3, torch.float64, seed=r), r, False, grid=3, max_smem=BIG_SMEM)
+    check_emulated(emu, make_cpu_case(4, 10, 8, 7, 3, torch.float64, seed=r), r, True, grid=1, max_smem=BIG_SMEM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+def test_emulated_float32_and_half(emu, over):
+    check_emulated(emu, make_cpu_case(4, 21, 16, 10, 4, torch.float32), 3, over, grid=2, max_smem=BIG_SMEM)
+    got = check_emulated(emu, make_cpu_case(4, 21, 16, 10, 4, torch.float16, weight_dtype=torch.float32), 3, over,
+                         grid=2, max_smem=BIG_SMEM)
+    assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16 and got[3].dtype == torch.float32
+    check_emulated(emu, make_cpu_case(4, 21, 16, 10, 4, torch.bfloat16), 3, over, grid=2, max_smem=0)
+
+
+@pytest.mark.slow
+def test_emulated_broadcast_logits_without_masks(emu):
+    case = make_cpu_case(3, 6, 5, 4, 2, torch.float64, batched_logits=False, masks=False)
+    check_emulated(emu, case, 3, False, grid=2, max_smem=BIG_SMEM)
+    check_emulated(emu, case, 3, True, grid=2, max_smem=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_smem", [BIG_SMEM, 0], ids=["smem", "global"])
+def test_emulated_nan_padding_is_ignored_in_interests_mode(emu, max_smem):
+    E, S, b0, mask, imask, G = make_cpu_case(4, 12, 6, 5, 3, torch.float64, seed=11)
+    mask[:, -3:] = False
+    E_nan = E.clone()
+    E_nan[~mask] = float("nan")
+    E_nan[0, -1] = float("inf")
+    fn = emulated_fn(emu, 2, max_smem)
+    got = run_op(fn, E_nan, S, b0, mask, imask, G, 3, False)
+    want = run_op(fn, E, S, b0, mask, imask, G, 3, False)
+    for name, x, y in zip(NAMES, got, want):
+        assert torch.isfinite(x).all(), name
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.slow
+def test_emulated_empty_batch(emu):
+    E = torch.randn(0, 5, 8)
+    S = torch.randn(6, 8)
+    c, w, z = emu.forward(E, S, torch.randn(3, 5), None, None, 3, False, 4, BIG_SMEM)
+    assert c.shape == (0, 3, 6) and w.shape == (0, 3, 5) and z.shape == (0, 3, 6)
+    dE, dS = emu.backward(torch.zeros(0, 3, 6), E, S, w, z, 4, BIG_SMEM)
+    assert dE.shape == (0, 5, 8) and (dS == 0).all()
