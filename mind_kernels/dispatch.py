@@ -138,7 +138,7 @@ _logged_fallbacks: set = set()
 
 
 def _device_type(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" else "cpu" if device.type == "cpu" else device.type
+    return device.type
 
 
 def select(call: RoutingCall, requested: str = "auto") -> Backend:

@@ -20,6 +20,7 @@ CUDA; this module adds ``register_fake`` (shapes for torch.compile) and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -71,8 +72,14 @@ def extension_error() -> Optional[str]:
     return _LOAD_ERROR
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace the dispatcher query; the answer never changes
 def kernel_unavailable_reason(device_type: str) -> Optional[str]:
     """None when a compiled routing kernel exists for ``device_type`` ("cpu" or "cuda"), else why not."""
+    return _kernel_unavailable_reason(device_type)
+
+
+@functools.lru_cache(maxsize=None)  # asked on every call by the dispatcher; fixed once the extension loaded
+def _kernel_unavailable_reason(device_type: str) -> Optional[str]:
     if _LOAD_ERROR is not None:
         return _LOAD_ERROR
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
@@ -139,12 +146,17 @@ def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters
     the C++ side sees one layout; the kernels make inputs contiguous themselves.
     """
     acc = _acc_dtype(behaviors.dtype)
-    mask = None if mask is None else mask != 0
-    interest_mask = None if interest_mask is None else interest_mask != 0
+    # Conversions only where needed: at B = 1 each extra tensor op is a visible share of the call.
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask != 0
+    if interest_mask is not None and interest_mask.dtype != torch.bool:
+        interest_mask = interest_mask != 0
+    if init_logits.dtype != acc:
+        init_logits = init_logits.to(acc)
     capsules, coupling, _ = torch.ops.mind_kernels.routing_forward(
         behaviors,
         weight,
-        init_logits.detach().to(acc),
+        init_logits,  # no gradient flows to it: the registered backward returns None for it
         mask,
         interest_mask,
         num_iters,

@@ -278,19 +278,7 @@ class _Routing(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "direct",
-    [
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                raises=torch._dynamo.exc.Unsupported,
-                strict=False,
-                reason="b2i_routing's dispatcher calls torch._C._dispatch_has_kernel_for_dispatch_key "
-                "(ops.kernel_unavailable_reason), which dynamo cannot trace; wrapping it in "
-                "torch.compiler.assume_constant_result fixes it",
-            ),
-        ),
-        True,
-    ],
+    [False, True],
     ids=["b2i_routing", "torch.ops"],
 )
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
