@@ -114,6 +114,7 @@ class MIND(nn.Module):
         backend: routing backend for ``mind_kernels`` ("auto", "reference", "cpp", ...).
         routing_init_std: sigma of the routing logits b0 ~ N(0, sigma^2).
         softmax_over: coupling axis, "interests" (MIND, default) or "behaviors" (ComiRec).
+        routing_weight_scale: multiplies the initial bilinear map S.
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class MIND(nn.Module):
         backend: str = "auto",
         routing_init_std: float = 1.0,
         softmax_over: str = "interests",
+        routing_weight_scale: float = 1.0,
     ):
         super().__init__()
         if item_genres is None:
@@ -147,6 +149,7 @@ class MIND(nn.Module):
             num_interests=num_interests, num_iters=num_iters, user_feature_dim=user_feature_dim,
             hidden_mult=hidden_mult, dynamic_interests=bool(dynamic_interests), backend=backend,
             routing_init_std=float(routing_init_std), softmax_over=softmax_over,
+            routing_weight_scale=float(routing_weight_scale),
         )
         self.num_items, self.dim, self.num_interests = num_items, dim, num_interests
         self.dynamic_interests = bool(dynamic_interests)
@@ -167,6 +170,10 @@ class MIND(nn.Module):
         self.extractor = B2IRouting(dim, dim, num_interests, num_iters=num_iters, softmax_over=softmax_over,
                                     init_std=routing_init_std, dynamic_interests=self.dynamic_interests,
                                     backend=backend)
+        # S starts like nn.Linear (|S e| ~ |e| / sqrt(3)); a larger scale makes the agreement
+        # term c_j . u_i of the routing logits outweigh the random b0 from the first iteration.
+        with torch.no_grad():
+            self.extractor.weight.mul_(routing_weight_scale)
         profile_dim = user_feature_dim * len(self.user_feature_embeddings)
         hidden = hidden_mult * dim
         self.h_layers = nn.Sequential(

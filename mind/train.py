@@ -43,7 +43,7 @@ from .model import MIND, retrieval_vectors
 #: config fields that change the model or the optimisation; a resumed run must match them.
 _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr", "weight_decay", "batch_size",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
-                      "routing_init_std", "softmax_over")
+                      "routing_init_std", "softmax_over", "routing_weight_scale")
 
 
 @dataclasses.dataclass
@@ -69,6 +69,7 @@ class TrainConfig:
     hidden_mult: int = 4
     routing_init_std: float = 1.0
     softmax_over: str = "interests"  # routing coupling axis; "behaviors" = ComiRec's convention
+    routing_weight_scale: float = 1.0  # initial scale of the routing map S
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -108,7 +109,8 @@ def build_model(data, config: TrainConfig) -> MIND:
         dim=config.dim, num_interests=config.num_interests, num_iters=config.num_iters,
         user_feature_dim=config.user_feature_dim, hidden_mult=config.hidden_mult,
         dynamic_interests=config.dynamic_interests, backend=config.backend,
-        routing_init_std=config.routing_init_std, softmax_over=config.softmax_over)
+        routing_init_std=config.routing_init_std, softmax_over=config.softmax_over,
+        routing_weight_scale=config.routing_weight_scale)
 
 
 def _long(x) -> torch.Tensor:
