@@ -426,12 +426,22 @@ def test_emulated_kernels_match_reference(emu, shape, over, max_smem):
 
 @pytest.mark.slow
 def test_emulated_staging_plans(emu):
-    # The budgets above do force the paths they are named after (shape 5x40x33x6x5).
-    assert emu.staging_plan(40, 33, 6, 5, BIG_SMEM) == [True] * 6
-    assert emu.staging_plan(40, 33, 6, 5, 0) == [False] * 6
-    assert emu.staging_plan(40, 33, 6, 5, 3000) == [False, True, False, False, True, True]
-    # the benchmark shape fits entirely in shared memory
-    assert emu.staging_plan(50, 64, 64, 4, BIG_SMEM) == [True] * 6
+    # The budgets above force the paths they are named after (shape 5x40x33x6x5). Flags: forward
+    # (workspace, S, E), backward (workspace, dS accumulator, S, E) in shared memory.
+    for float64 in (False, True):
+        assert emu.staging_plan(40, 33, 6, 5, BIG_SMEM, float64) == [True] * 7
+        assert emu.staging_plan(40, 33, 6, 5, 0, float64) == [False] * 7
+    assert emu.staging_plan(40, 33, 6, 5, 3000, False) == [False, True, False, False, True, True, False]
+    assert emu.staging_plan(40, 33, 6, 5, 3000, True) == [False, True, False, False, False, True, False]
+    # the benchmark shape (L=50, D=64, K=4, float32) fits entirely in shared memory
+    assert emu.staging_plan(50, 64, 64, 4, BIG_SMEM, False) == [True] * 7
+
+
+@pytest.mark.slow
+def test_emulated_many_blocks_two_level_dS_reduction(emu):
+    # 70 blocks > 32 rows per slice: block partials -> 3 slice sums (32, 32, 6 rows) -> dS.
+    case = make_cpu_case(70, 6, 5, 4, 2, torch.float64, seed=3)
+    check_emulated(emu, case, 2, False, grid=70, max_smem=BIG_SMEM)
 
 
 @pytest.mark.slow

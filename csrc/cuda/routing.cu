@@ -30,6 +30,11 @@
 // from contiguous acc_t copies, the workspace from a per-block global scratch), so every size is
 // served by the same kernel; only the speed changes.
 //
+// Non-finite inputs (reference's contract): in "interests" mode masked rows take no part at all,
+// so they are staged as zeros (forward) and skipped when forming ebar (backward); NaN/Inf padding
+// then never reaches the outputs or dS.  In "behaviors" mode padding is in the softmax denominator
+// and propagates, as in the reference.
+//
 // Register blocking: K is processed in chunks of 4 interests (KP = K rounded up to 4); each
 // thread accumulates 4 interests at once and reads the interest-major operand as one 16-byte
 // broadcast load, so one shared-memory load of E / S feeds 4 FMAs.  K-major scratch arrays are
@@ -43,9 +48,14 @@
 //     ebar_j = sum_i w_ij e_i
 //     dS    += sum_j dz_j ebar_j^T                            (= sum_i du_i e_i^T)
 //
-// dS is accumulated per block (in shared memory, or in the block's global slice when it does not
-// fit), written to a (num_blocks, D_out, D_in) float buffer, and summed over blocks in a fixed
-// order by a second kernel: the result is deterministic (no atomics) for a given device.
+// dE needs no E; ebar reads the user's E rows that carry weight once (staged in shared memory when
+// they fit).  dS is accumulated per block (in shared memory, or in the block's global slice when it
+// does not fit), written to a (num_blocks, D_out, D_in) acc_t buffer, and summed over blocks in a
+// fixed order by one or two reduction passes: the result is deterministic (no atomics) for a given
+// device (the number of blocks comes from the device's SM count and occupancy).
+//
+// The device code lives in routing_kernels.cuh so that routing_emulation.cpp can compile the same
+// source for the CPU emulation tests (tests/test_cuda_kernel.py); this file holds the launchers.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -91,6 +101,28 @@ int64_t grid_for(Kernel kernel, int threads, size_t smem_bytes, int64_t B, int m
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
   per_sm = std::max(1, std::min(per_sm, max_blocks_per_sm));
   return std::max<int64_t>(1, std::min<int64_t>(B, static_cast<int64_t>(per_sm) * num_sms));
+}
+
+// dS = sum of the (rows, n) block partials, deterministically: one pass when there are few rows,
+// else block partials -> per-slice sums (kRowsPerSlice rows each, many blocks) -> dS.
+template <typename acc_t, typename out_t>
+void launch_reduce(const at::Tensor& partial, int64_t rows, int64_t n, out_t* out, cudaStream_t stream) {
+  const int threads = 256;
+  const unsigned blocks_x = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 4096));
+  if (rows <= kRowsPerSlice) {
+    reduce_partials_kernel<acc_t, out_t><<<dim3(blocks_x, 1), threads, 0, stream>>>(partial.data_ptr<acc_t>(), rows,
+                                                                                    rows, n, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t slices = (rows + kRowsPerSlice - 1) / kRowsPerSlice;
+  at::Tensor sums = at::empty({slices, n}, partial.options());
+  reduce_partials_kernel<acc_t, acc_t><<<dim3(blocks_x, static_cast<unsigned>(slices)), threads, 0, stream>>>(
+      partial.data_ptr<acc_t>(), rows, kRowsPerSlice, n, sums.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_partials_kernel<acc_t, out_t><<<dim3(blocks_x, 1), threads, 0, stream>>>(sums.data_ptr<acc_t>(), slices,
+                                                                                  slices, n, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
@@ -285,17 +317,11 @@ std::tuple<at::Tensor, at::Tensor> routing_backward_cuda(const at::Tensor& grad_
     kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const int64_t n = D_out * D_in;
-    const int rthreads = 256;
-    const int64_t rblocks = std::min<int64_t>((n + rthreads - 1) / rthreads, 4096);
     if (weight_dtype == dtype) {
-      reduce_partials_kernel<acc_t, scalar_t><<<static_cast<unsigned>(rblocks), rthreads, 0, stream>>>(
-          partial.data_ptr<acc_t>(), grid, n, grad_S.data_ptr<scalar_t>());
+      launch_reduce<acc_t, scalar_t>(partial, grid, D_out * D_in, grad_S.data_ptr<scalar_t>(), stream);
     } else {  // weight is float32 while E is half / bf16
-      reduce_partials_kernel<acc_t, float><<<static_cast<unsigned>(rblocks), rthreads, 0, stream>>>(
-          partial.data_ptr<acc_t>(), grid, n, grad_S.data_ptr<float>());
+      launch_reduce<acc_t, float>(partial, grid, D_out * D_in, grad_S.data_ptr<float>(), stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_E, grad_S};
 }

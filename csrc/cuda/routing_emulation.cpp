@@ -82,9 +82,10 @@ namespace {
 using namespace mind_kernels::cuda_routing;
 
 template <typename... Args>
-void emulate_launch(void (*kernel)(Args...), int64_t grid, int threads, size_t smem_bytes,
-                    std::type_identity_t<Args>... args) {
+void emulate_launch_2d(void (*kernel)(Args...), int64_t grid, int64_t grid_y, int threads, size_t smem_bytes,
+                       std::type_identity_t<Args>... args) {
   TORCH_CHECK(threads % 32 == 0 && threads > 0, "emulation: block size must be a positive multiple of 32");
+  for (int64_t by = 0; by < grid_y; ++by)
   for (int64_t blk = 0; blk < grid; ++blk) {
     MkEmuBlock block;
     block.block_barrier = std::make_unique<std::barrier<>>(threads);
@@ -98,15 +99,40 @@ void emulate_launch(void (*kernel)(Args...), int64_t grid, int threads, size_t s
     for (int t = 0; t < threads; ++t) {
       pool.emplace_back([&, t] {
         threadIdx = {static_cast<unsigned>(t), 0, 0};
-        blockIdx = {static_cast<unsigned>(blk), 0, 0};
+        blockIdx = {static_cast<unsigned>(blk), static_cast<unsigned>(by), 0};
         blockDim = {static_cast<unsigned>(threads), 1, 1};
-        gridDim = {static_cast<unsigned>(grid), 1, 1};
+        gridDim = {static_cast<unsigned>(grid), static_cast<unsigned>(grid_y), 1};
         mk_emu_block = &block;
         kernel(args...);
       });
     }
     for (auto& th : pool) th.join();
   }
+}
+
+template <typename... Args>
+void emulate_launch(void (*kernel)(Args...), int64_t grid, int threads, size_t smem_bytes,
+                    std::type_identity_t<Args>... args) {
+  emulate_launch_2d(kernel, grid, 1, threads, smem_bytes, args...);
+}
+
+// Mirrors launch_reduce in routing.cu.
+template <typename acc_t, typename out_t>
+void emulate_reduce(const at::Tensor& partial, int64_t rows, int64_t n, out_t* out) {
+  const int threads = 256;
+  const int64_t blocks_x = std::min<int64_t>((n + threads - 1) / threads, 4096);
+  if (rows <= kRowsPerSlice) {
+    emulate_launch(&reduce_partials_kernel<acc_t, out_t>, blocks_x, threads, 0,
+                   static_cast<const acc_t*>(partial.data_ptr<acc_t>()), rows, rows, n, out);
+    return;
+  }
+  const int64_t slices = (rows + kRowsPerSlice - 1) / kRowsPerSlice;
+  at::Tensor sums = at::full({slices, n}, std::numeric_limits<double>::quiet_NaN(), partial.options());
+  emulate_launch_2d(&reduce_partials_kernel<acc_t, acc_t>, blocks_x, slices, threads, 0,
+                    static_cast<const acc_t*>(partial.data_ptr<acc_t>()), rows, kRowsPerSlice, n,
+                    sums.data_ptr<acc_t>());
+  emulate_launch(&reduce_partials_kernel<acc_t, out_t>, blocks_x, threads, 0,
+                 static_cast<const acc_t*>(sums.data_ptr<acc_t>()), slices, slices, n, out);
 }
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -203,29 +229,31 @@ std::tuple<at::Tensor, at::Tensor> emulate_backward(const at::Tensor& grad_capsu
     p.partial = partial.data_ptr<acc_t>();
     p.scratch = p.ws_smem ? nullptr : scratch.data_ptr<acc_t>();
     emulate_launch(&routing_backward_kernel<scalar_t, acc_t>, grid, kBackwardThreads, smem_bytes, p);
-    const int64_t n = D_out * D_in;
-    const int64_t rblocks = (n + 255) / 256;
     if (weight_dtype == dtype) {
-      emulate_launch(&reduce_partials_kernel<acc_t, scalar_t>, rblocks, 256, 0,
-                     static_cast<const acc_t*>(partial.data_ptr<acc_t>()), grid, n, grad_S.data_ptr<scalar_t>());
+      emulate_reduce<acc_t, scalar_t>(partial, grid, D_out * D_in, grad_S.data_ptr<scalar_t>());
     } else {
-      emulate_launch(&reduce_partials_kernel<acc_t, float>, rblocks, 256, 0,
-                     static_cast<const acc_t*>(partial.data_ptr<acc_t>()), grid, n, grad_S.data_ptr<float>());
+      emulate_reduce<acc_t, float>(partial, grid, D_out * D_in, grad_S.data_ptr<float>());
     }
   });
   return {grad_E, grad_S};
 }
 
 // Staging plan for a shape and budget, for the tests to assert which path they exercise:
-// (fwd workspace, fwd S, fwd E, bwd workspace, bwd dS accumulator, bwd S) in shared memory?
-std::vector<bool> staging_plan(int64_t L, int64_t D_in, int64_t D_out, int64_t K, int64_t max_smem) {
-  FwdParams<float, float> f{};
+// (fwd workspace, fwd S, fwd E, bwd workspace, bwd dS accumulator, bwd S, bwd E) in shared memory?
+template <typename acc_t>
+std::vector<bool> staging_plan_t(int64_t L, int64_t D_in, int64_t D_out, int64_t K, int64_t max_smem) {
+  FwdParams<acc_t, acc_t> f{};
   init_forward(f, 1, L, D_in, D_out, K, 1, false);
   plan_forward_smem(f, static_cast<size_t>(max_smem));
-  BwdParams<float, float> b{};
+  BwdParams<acc_t, acc_t> b{};
   init_backward(b, 1, L, D_in, D_out, K);
   plan_backward_smem(b, static_cast<size_t>(max_smem));
-  return {f.ws_smem, f.S_smem, f.E_smem, b.ws_smem, b.dS_smem, b.S_smem};
+  return {f.ws_smem, f.S_smem, f.E_smem, b.ws_smem, b.dS_smem, b.S_smem, b.E_smem};
+}
+
+std::vector<bool> staging_plan(int64_t L, int64_t D_in, int64_t D_out, int64_t K, int64_t max_smem, bool float64) {
+  return float64 ? staging_plan_t<double>(L, D_in, D_out, K, max_smem)
+                 : staging_plan_t<float>(L, D_in, D_out, K, max_smem);
 }
 
 }  // namespace

@@ -347,11 +347,12 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
 
 // Workspace of the backward kernel, acc_t elements:
 //   zT [D_out][KP], dzT [D_out][KP] (holds G, then dz), wT [L][KP], gT [D_in][KP],
-//   ebarT [D_in][KP], coef [2][KP] (a(n2), 2 a'(n2) (z.G))
+//   ebarT [D_in][KP], coef [2][KP] (a(n2), 2 a'(n2) (z.G)), rows: L bytes (row i has weight)
 struct BwdLayout {
-  int64_t z, dz, w, g, ebar, coef, total;
+  int64_t z, dz, w, g, ebar, coef, rows, total;
 };
 
+template <typename acc_t>
 inline BwdLayout bwd_layout(int64_t L, int64_t D_in, int64_t D_out, int64_t KP) {
   BwdLayout l;
   l.z = 0;
@@ -360,7 +361,9 @@ inline BwdLayout bwd_layout(int64_t L, int64_t D_in, int64_t D_out, int64_t KP) 
   l.g = l.w + L * KP;
   l.ebar = l.g + D_in * KP;
   l.coef = l.ebar + D_in * KP;
-  l.total = l.coef + 2 * KP;
+  l.rows = l.coef + 2 * KP;
+  const int64_t row_elems = (L + static_cast<int64_t>(sizeof(acc_t)) - 1) / static_cast<int64_t>(sizeof(acc_t));
+  l.total = l.rows + round4(row_elems);
   return l;
 }
 
@@ -376,7 +379,7 @@ struct BwdParams {
   acc_t* scratch;        // gridDim.x * ws_elems when the workspace is not in shared memory
   int64_t B;
   int L, D_in, D_out, K, KP;
-  bool ws_smem, dS_smem, S_smem;
+  bool ws_smem, dS_smem, S_smem, E_smem;
   BwdLayout lay;
   int64_t dS_elems, S_elems;
 };
@@ -430,6 +433,9 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
     Sp = p.S;
     pS = D_in;
   }
+  // E rows with weight, staged (as acc_t, pitch D_in + 1) for the ebar pass when they fit.
+  acc_t* Es = p.E_smem ? next : nullptr;
+  const int pE = D_in + 1;
 
   acc_t* zT = ws + p.lay.z;
   acc_t* dzT = ws + p.lay.dz;
@@ -438,6 +444,7 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
   acc_t* ebarT = ws + p.lay.ebar;
   acc_t* coefA = ws + p.lay.coef;
   acc_t* coefB = coefA + KP;
+  unsigned char* has_weight = reinterpret_cast<unsigned char*>(ws + p.lay.rows);
 
   for (int64_t idx = tid; idx < p.lay.total; idx += T) ws[idx] = acc_t(0);
   __syncthreads();
@@ -474,6 +481,15 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
         coefB[j] = acc_t(2) * squash_scale_derivative<acc_t>(n2) * zg;
       }
     }
+    // Rows with no weight (masked rows; every row of a user without active interests) add nothing
+    // to ebar: they are neither loaded nor multiplied, which also keeps NaN/Inf padding out of dS in
+    // "interests" mode (0 * NaN).  In "behaviors" mode a non-finite padded row already made this
+    // user's w non-finite, so it is not skipped and propagates as the reference's does.
+    for (int i = tid; i < L; i += T) {
+      bool any = false;
+      for (int j = 0; j < K; ++j) any = any || (wT[i * KP + j] != acc_t(0));
+      has_weight[i] = any ? 1 : 0;
+    }
     __syncthreads();
 
     // ---- dz_j = a G_j + 2 a' (z_j . G_j) z_j  (in place over G)
@@ -482,24 +498,33 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
       const int j = idx - o * K;
       dzT[o * KP + j] = coefA[j] * dzT[o * KP + j] + coefB[j] * zT[o * KP + j];
     }
+    // ---- stage this user's E rows that carry weight (coalesced, many loads in flight)
+    const scalar_t* Eu = p.E + u * static_cast<int64_t>(L) * D_in;
+    if (p.E_smem) {
+      for (int idx = tid; idx < L * D_in; idx += T) {
+        const int i = idx / D_in;
+        const int d = idx - i * D_in;
+        Es[i * pE + d] = has_weight[i] ? to_acc<acc_t>(Eu[idx]) : acc_t(0);
+      }
+    }
     __syncthreads();
 
-    // ---- g_j = S^T dz_j and ebar_j = sum_i w_ij e_i   (lanes walk d; E read straight from global,
-    //      coalesced along d, once per chunk of 4 interests)
-    const scalar_t* Eu = p.E + u * static_cast<int64_t>(L) * D_in;
+    // ---- g_j = S^T dz_j and ebar_j = sum_i w_ij e_i   (lanes walk d; E from shared memory, or
+    //      straight from global memory, coalesced along d, when it does not fit)
     for (int item = tid; item < n_chunks * D_in; item += T) {
       const int jc = item / D_in;
       const int d = item - jc * D_in;
       const int j0 = jc * kChunk;
       store4(gT + d * KP + j0, chunk_dot(Sp + d, pS, dzT, KP, j0, D_out));
+      if (p.E_smem) {
+        store4(ebarT + d * KP + j0, chunk_dot(Es + d, pE, wT, KP, j0, L));
+        continue;
+      }
       Vec4<acc_t> eb = {{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
 #pragma unroll 4
       for (int i = 0; i < L; ++i) {
+        if (!has_weight[i]) continue;
         const Vec4<acc_t> wv = load4(wT + i * KP + j0);
-        // Rows with no weight in this chunk (masked rows, inactive interests) add nothing: skipping
-        // them saves the load and keeps NaN/Inf padding out of dS in "interests" mode (0 * NaN).
-        // In "behaviors" mode a non-finite padded row already made this user's w non-finite.
-        if (wv.v[0] == acc_t(0) && wv.v[1] == acc_t(0) && wv.v[2] == acc_t(0) && wv.v[3] == acc_t(0)) continue;
         const acc_t e = to_acc<acc_t>(Eu[static_cast<int64_t>(i) * D_in + d]);
 #pragma unroll
         for (int q = 0; q < kChunk; ++q) eb.v[q] += wv.v[q] * e;
@@ -543,17 +568,36 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
   }
 }
 
-// dS[idx] = sum over blocks, in block order (deterministic), cast to S's dtype.
+// out[y][idx] = sum of partial[r][idx] over the rows r of slice y = blockIdx.y (rows
+// [y * rows_per_slice, min(rows, (y + 1) * rows_per_slice))), added in row order: deterministic.
+// Run twice (block partials -> slice sums -> dS) so that many blocks share the reading and each
+// thread keeps 8 independent loads in flight instead of one dependent load per row.
+constexpr int kReduceUnroll = 8;
+
 template <typename acc_t, typename out_t>
-__global__ void reduce_partials_kernel(const acc_t* __restrict__ partial, int64_t num_blocks, int64_t n,
-                                       out_t* __restrict__ out) {
+__global__ void reduce_partials_kernel(const acc_t* __restrict__ partial, int64_t rows, int64_t rows_per_slice,
+                                       int64_t n, out_t* __restrict__ out) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
+  const int64_t r1 = std::min(rows, r0 + rows_per_slice);
+  out_t* out_y = out + static_cast<int64_t>(blockIdx.y) * n;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     acc_t s = acc_t(0);
-    for (int64_t b = 0; b < num_blocks; ++b) s += partial[b * n + idx];
-    out[idx] = static_cast<out_t>(s);
+    int64_t r = r0;
+    for (; r + kReduceUnroll <= r1; r += kReduceUnroll) {
+      acc_t v[kReduceUnroll];
+#pragma unroll
+      for (int q = 0; q < kReduceUnroll; ++q) v[q] = partial[(r + q) * n + idx];
+#pragma unroll
+      for (int q = 0; q < kReduceUnroll; ++q) s += v[q];
+    }
+    for (; r < r1; ++r) s += partial[r * n + idx];
+    out_y[idx] = static_cast<out_t>(s);
   }
 }
+
+// Rows of block partials summed per slice in the first reduction pass.
+constexpr int64_t kRowsPerSlice = 32;
 
 // ------------------------------------------------------------------ host-side planning
 // Shared by the CUDA launcher (routing.cu) and the emulation harness, so both run the same plans.
@@ -623,24 +667,27 @@ inline void init_backward(BwdParams<scalar_t, acc_t>& p, int64_t B, int64_t L, i
   p.D_out = static_cast<int>(D_out);
   p.K = static_cast<int>(K);
   p.KP = static_cast<int>(KP);
-  p.lay = bwd_layout(L, D_in, D_out, KP);
+  p.lay = bwd_layout<acc_t>(L, D_in, D_out, KP);
   p.dS_elems = round4(D_out * D_in);
   p.S_elems = round4(D_out * (D_in + 1));
 }
 
-// Same for the backward kernel: workspace, dS accumulator, S.
+// Same for the backward kernel: workspace, dS accumulator, S, E rows.
 template <typename scalar_t, typename acc_t>
 inline size_t plan_backward_smem(BwdParams<scalar_t, acc_t>& p, size_t max_smem) {
-  const bool options[8][3] = {{true, true, true},   {true, false, true},  {true, true, false},
-                              {true, false, false}, {false, true, true},  {false, false, true},
-                              {false, true, false}, {false, false, false}};
+  const int64_t E_elems = round4(static_cast<int64_t>(p.L) * (p.D_in + 1));
+  const bool options[9][4] = {{true, true, true, true},    {true, true, true, false},   {true, false, true, false},
+                              {true, true, false, false},  {true, false, false, false}, {false, true, true, false},
+                              {false, false, true, false}, {false, true, false, false}, {false, false, false, false}};
   size_t bytes = 0;
   for (const auto& o : options) {
-    const int64_t elems = (o[0] ? p.lay.total : 0) + (o[1] ? p.dS_elems : 0) + (o[2] ? p.S_elems : 0);
+    const int64_t elems =
+        (o[0] ? p.lay.total : 0) + (o[1] ? p.dS_elems : 0) + (o[2] ? p.S_elems : 0) + (o[3] ? E_elems : 0);
     bytes = static_cast<size_t>(elems) * sizeof(acc_t);
     p.ws_smem = o[0];
     p.dS_smem = o[1];
     p.S_smem = o[2];
+    p.E_smem = o[3];
     if (bytes <= max_smem) break;
   }
   return bytes;
