@@ -38,7 +38,7 @@ MK_HD acc_t squash_scale_derivative(acc_t n2) {
 }
 
 // w[k * w_stride] = softmax over the active k of x[k * x_stride], for k in [0, n).
-// Inactive entries get 0; with no active entry every w is 0 (never NaN).
+// Inactive entries get 0; with no active entry every w is 0 (never NaN); a NaN/+Inf input gives NaN.
 // `active` may be nullptr (all active).
 template <typename acc_t, typename mask_t>
 MK_HD void masked_softmax(const acc_t* x, int x_stride, const mask_t* active, int active_stride, acc_t* w,
@@ -58,7 +58,8 @@ MK_HD void masked_softmax(const acc_t* x, int x_stride, const mask_t* active, in
     w[k * w_stride] = e;
     total += e;
   }
-  const acc_t inv = total > acc_t(0) ? acc_t(1) / total : acc_t(0);
+  // total == 0 only when nothing is active; a NaN total (NaN or +Inf logit) must propagate, not become 0.
+  const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
   for (int k = 0; k < n; ++k) w[k * w_stride] *= inv;
 }
 

@@ -57,14 +57,14 @@ def b2i_routing(
     shape = check_routing_inputs(
         behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, backend
     )
+    call = _call_of(behaviors, weight, shape, softmax_over, detach_routing)
+    chosen = dispatch.select(call, backend)  # before the B = 0 shortcut: a refused backend raises either way
     if shape.batch == 0:
         capsules = behaviors.new_zeros((0, shape.interests, shape.out_dim))
         if return_weights:
             acc = compute_dtype(behaviors.dtype)
             return capsules, behaviors.new_zeros((0, shape.interests, shape.length), dtype=acc)
         return capsules
-    call = _call_of(behaviors, weight, shape, softmax_over, detach_routing)
-    chosen = dispatch.select(call, backend)
     capsules, weights = chosen.run(
         behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing
     )

@@ -93,10 +93,12 @@ def coupling(
         b = logits
         axis = 2
     peak = b.amax(dim=axis, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # all -inf: avoid inf - inf
+    # Nothing to normalise over (all -inf): avoid -inf - -inf.  A NaN or +Inf logit must still poison its
+    # softmax (the non-finite contract), so only -inf peaks and exactly-zero totals are special-cased.
+    peak = torch.where(peak == float("-inf"), torch.zeros_like(peak), peak)
     e = torch.exp(b - peak)
     total = e.sum(dim=axis, keepdim=True)
-    w = e / torch.where(total > 0, total, torch.ones_like(total))
+    w = e / torch.where(total == 0, torch.ones_like(total), total)
     return torch.where(valid, w, torch.zeros_like(w))
 
 

@@ -113,3 +113,9 @@ def test_info_module_prints_table(capsys):
     info.main()
     out = capsys.readouterr().out
     assert "torch" in out and "reference" in out and "cpp" in out
+
+
+def test_empty_batch_still_checks_an_explicit_backend():
+    E, S, b = _ok(B=0)
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve"):
+        b2i_routing(E, S, b, backend="cuda")

@@ -107,7 +107,7 @@ def routing_cases(draw, nonfinite: str = "any", padding_in_interests: bool = Tru
             kind, value = draw(st.sampled_from(targets)), draw(st.sampled_from(NONFINITE))
             if (kind == "logits_pad" and c["softmax_over"] == "behaviors" and value != float("-inf")
                     and not padded_logits_in_behaviors):
-                value = float("-inf")  # that sub-case has its own (xfail) test
+                value = float("-inf")  # that sub-case has its own test below
             if (kind.startswith("logits") and c["softmax_over"] == "behaviors" and value != float("-inf")
                     and not padded_logits_in_behaviors):
                 c["logits3d"] = True  # (K, L) logits would put it in other users' padding: that sub-case
@@ -314,18 +314,9 @@ def test_fuzz_nonfinite_padding_ignored_in_interests_mode(backend, c):
     _check_case(backend, c)
 
 
-PADDED_LOGITS_SWALLOWED = (
-    "softmax_over='behaviors': a NaN/+Inf logit at a padded position sits in the softmax denominator, so by "
-    "reference.py's contract it must make that interest (and user) non-finite; the reference's coupling() "
-    "swallows it (NaN total fails `total > 0` and is replaced by 1, giving w = exp(b) un-normalised, > 1; an "
-    "+Inf total gives w = 0), and the cpp kernel returns a zero capsule for that interest. "
-    "Owners: mind_kernels/reference.py and csrc/routing_cpu.cpp"
-)
-
-
 @pytest.mark.parametrize("backend", [
-    pytest.param("reference", marks=pytest.mark.xfail(strict=True, reason=PADDED_LOGITS_SWALLOWED)),
-    pytest.param("cpp", marks=[needs_cpp, pytest.mark.xfail(strict=True, reason=PADDED_LOGITS_SWALLOWED)]),
+    "reference",
+    pytest.param("cpp", marks=needs_cpp),
 ])
 @settings(max_examples=40, deadline=None, print_blob=True)
 @given(c=routing_cases(nonfinite="padded_logits_behaviors"))

@@ -56,7 +56,7 @@ def _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS: tl.constexpr):
         peak = tl.where(peak == float("-inf"), 0.0, peak)  # avoid -inf - (-inf) = NaN
         e = tl.exp(b - peak[None, :])
         total = tl.sum(e, axis=0)
-        w = e / tl.where(total > 0, total, 1.0)[None, :]
+        w = e / tl.where(total == 0, 1.0, total)[None, :]  # a NaN total (NaN/+Inf logit) propagates
     keep = valid_l[None, :] & active_k[:, None]
     return tl.where(keep, w, 0.0)
 
