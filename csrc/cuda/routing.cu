@@ -169,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
   TORCH_CHECK(init_logits.dim() == 2 || init_logits.size(0) == B || init_logits.size(0) == 1,
               "routing_forward: `init_logits` has batch ", init_logits.size(0), " but `behaviors` has B = ", B);
   TORCH_CHECK(num_iters >= 1, "routing_forward: `num_iters` must be >= 1, got ", num_iters);
-  check_int32(L * D_in, "L * D_in");
-  check_int32(D_out * D_in, "D_out * D_in");
+  check_int32(L * (D_in + 1), "L * (D_in + 1)");      // staged E rows (pitch D_in + 1)
+  check_int32(D_out * (D_in + 1), "D_out * (D_in + 1)");  // staged S rows
   check_int32(K * std::max(L, std::max(D_in, D_out)) + 8, "K * max(L, D)");
   check_int32(num_iters, "num_iters");
 
@@ -269,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor> routing_backward_cuda(const at::Tensor& grad_
                   grad_capsules.size(2) == D_out,
               "routing_backward: `grad_capsules` must be (B, K, D_out) = (", B, ", ", K, ", ", D_out, "), got ",
               grad_capsules.sizes());
-  check_int32(L * D_in, "L * D_in");
-  check_int32(D_out * D_in, "D_out * D_in");
+  check_int32(L * (D_in + 1), "L * (D_in + 1)");      // staged E rows (pitch D_in + 1)
+  check_int32(D_out * (D_in + 1), "D_out * (D_in + 1)");  // staged S rows
   check_int32(K * std::max(L, std::max(D_in, D_out)) + 8, "K * max(L, D)");
 
   const c10::cuda::CUDAGuard guard(device);
