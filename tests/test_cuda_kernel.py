@@ -485,6 +485,20 @@ def test_emulated_nan_padding_is_ignored_in_interests_mode(emu, max_smem):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_emulated_non_finite_logits_propagate_like_the_reference(emu, over, bad):
+    # The reference's non-finite contract: a NaN / +Inf logit inside a softmax poisons that softmax.
+    E, S, b0, mask, imask, _ = make_cpu_case(4, 9, 5, 6, 3, torch.float64, masks=False, seed=5)
+    b0[2, 1, 4] = bad
+    c, w = emulated_fn(emu, 2, BIG_SMEM)(E, S, b0, mask, imask, 3, over)
+    c_ref, w_ref = reference_fn(E, S, b0, mask, imask, 3, over)
+    assert not torch.isfinite(c_ref[2]).all()  # the case does exercise the contract
+    torch.testing.assert_close(c, c_ref, atol=1e-10, rtol=1e-10, equal_nan=True)
+    torch.testing.assert_close(w, w_ref, atol=1e-10, rtol=1e-10, equal_nan=True)
+
+
+@pytest.mark.slow
 def test_emulated_empty_batch(emu):
     E = torch.randn(0, 5, 8)
     S = torch.randn(6, 8)

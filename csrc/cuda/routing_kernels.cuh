@@ -257,11 +257,13 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
             peak = v > peak ? v : peak;
           }
           peak = warp_max(peak);
-          if (!(peak > -inf && peak < inf)) peak = acc_t(0);  // all -inf (or NaN): avoid inf - inf
+          // As the reference: only an all -inf row is special-cased (avoid -inf - -inf); a NaN / +Inf
+          // logit poisons the total (exp(NaN) or exp(inf - inf)), so this interest's w is NaN.
+          if (peak == -inf) peak = acc_t(0);
           acc_t total = acc_t(0);
           for (int i = lane; i < L; i += 32) total += exp(bT[i * KP + j] - peak);
           total = warp_sum(total);
-          const acc_t inv = total > acc_t(0) ? acc_t(1) / total : acc_t(0);
+          const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
           for (int i = lane; i < L; i += 32)
             wT[i * KP + j] = valid[i] ? exp(bT[i * KP + j] - peak) * inv : acc_t(0);
         }
