@@ -53,6 +53,10 @@ def label_aware_attention(
     * ``p = inf``: hard attention, a one-hot on argmax_k V_k . e over active interests
       (ties go to the lowest k); the gradient flows through the selected V_k only.
 
+    For 0 < p < 1 the derivative p|x|^(p-1) is unbounded near x = 0 (clamped at |x| = 1e-12,
+    i.e. gradients up to ~1e6 p); on MovieLens-100k p = 0.5 trained far worse than p = 0 or
+    p >= 1, so use p = 0, p >= 1 or inf.
+
     Returns:
         v_u (B, d).
     """
