@@ -506,6 +506,23 @@ def test_emulated_non_finite_logits_propagate_like_the_reference(emu, over, bad)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("max_smem", [BIG_SMEM, 0], ids=["packed", "global"])
+def test_emulated_packed_rows_interests_mode(emu, max_smem):
+    # "interests" mode with a mask and E in shared memory routes only the valid rows, packed (ballot
+    # over L = 70 > 2 warps' worth): scattered masks, a user with one valid row, an empty user.
+    E, S, b0, mask, imask, G = make_cpu_case(5, 70, 7, 9, 3, torch.float64, seed=8)
+    mask = torch.rand(5, 70, generator=torch.Generator().manual_seed(1)) > 0.6
+    mask[0] = False
+    mask[2] = False
+    mask[2, 37] = True
+    assert emu.staging_plan(70, 7, 9, 3, max_smem, True)[2] == (max_smem > 0)  # E staged -> packed
+    E_nan = E.clone()
+    E_nan[~mask] = float("nan")
+    got = check_emulated(emu, (E_nan, S, b0, mask, imask, G), 3, False, grid=2, max_smem=max_smem)
+    assert (got[1][~mask[:, None, :].expand_as(got[1])] == 0).all()  # masked positions: w = 0
+
+
+@pytest.mark.slow
 def test_emulated_empty_batch(emu):
     E = torch.randn(0, 5, 8)
     S = torch.randn(6, 8)

@@ -6,8 +6,8 @@
 // provided here:
 //
 //   * every thread of a block is a std::thread; __syncthreads() is a std::barrier over the block and
-//     __shfl_xor_sync a per-warp exchange between two warp barriers, so a missing or divergent
-//     barrier / shuffle deadlocks or reads stale data here as it would on the GPU;
+//     __shfl_xor_sync / __ballot_sync a per-warp exchange between two warp barriers, so a missing or
+//     divergent barrier / shuffle deadlocks or reads stale data here as it would on the GPU;
 //   * blocks run one after another (they are independent), with gridDim.x chosen by the caller so the
 //     grid-stride loops over users are exercised;
 //   * dynamic shared memory, the global scratch, the dS partials and the outputs are filled with NaN
@@ -59,6 +59,20 @@ T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
   b->warp_barriers[warp]->arrive_and_wait();
   return static_cast<T>(r);
 }
+
+// Every lane of the warp must call it (full mask), as the kernels do.
+inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) {
+  const unsigned tid = threadIdx.x, warp = tid >> 5;
+  MkEmuBlock* b = mk_emu_block;
+  b->shuffle_slots[tid] = predicate ? 1.0 : 0.0;
+  b->warp_barriers[warp]->arrive_and_wait();
+  unsigned bits = 0;
+  for (unsigned l = 0; l < 32; ++l) bits |= (b->shuffle_slots[(warp << 5) | l] != 0.0 ? 1u : 0u) << l;
+  b->warp_barriers[warp]->arrive_and_wait();
+  return bits;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 struct alignas(16) float4 {
   float x, y, z, w;

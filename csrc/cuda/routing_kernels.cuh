@@ -104,8 +104,9 @@ __device__ __forceinline__ Vec4<acc_t> chunk_dot(const acc_t* A, int a_step, con
 //   zT    [D_out][KP]  z_j = S ebar_j
 //   scale [KP]         a(|z_j|^2)
 //   flags              valid[L], active[K] as bytes, rounded up to 4 acc_t
+//   rows               int rows[L + 1] (packed row -> position, count last), int row_of[L]
 struct FwdLayout {
-  int64_t b, w, ebar, v, z, scale, flags, total;
+  int64_t b, w, ebar, v, z, scale, flags, rows, total;
 };
 
 inline int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
@@ -120,8 +121,11 @@ inline FwdLayout fwd_layout(int64_t L, int64_t D_in, int64_t D_out, int64_t K, i
   l.z = l.v + D_in * KP;
   l.scale = l.z + D_out * KP;
   l.flags = l.scale + KP;
-  const int64_t flag_elems = (L + K + static_cast<int64_t>(sizeof(acc_t)) - 1) / static_cast<int64_t>(sizeof(acc_t));
-  l.total = l.flags + round4(flag_elems);
+  const int64_t acc_size = static_cast<int64_t>(sizeof(acc_t));
+  const int64_t flag_elems = (L + K + acc_size - 1) / acc_size;
+  l.rows = l.flags + round4(flag_elems);
+  const int64_t row_elems = ((2 * L + 1) * static_cast<int64_t>(sizeof(int)) + acc_size - 1) / acc_size;
+  l.total = l.rows + round4(row_elems);
   return l;
 }
 
@@ -196,6 +200,14 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
   acc_t* scale = ws + p.lay.scale;
   unsigned char* valid = reinterpret_cast<unsigned char*>(ws + p.lay.flags);
   unsigned char* active = valid + L;
+  int* rows = reinterpret_cast<int*>(ws + p.lay.rows);  // rows[r] = position of routing row r; rows[L] = count
+  int* row_of = rows + L + 1;                           // row_of[i] = r, or -1 for a dropped position
+  // In "interests" mode masked positions take no part at all (w = 0, logits never read, E ignored by
+  // the reference's non-finite contract), so when E is staged the block routes only the valid rows,
+  // packed: every stage below then runs over Lc <= L rows (about half of L for typical padding),
+  // and padded rows are never even loaded.  In "behaviors" mode padding is in the softmax
+  // denominator, so all L rows stay (rows = identity).
+  const bool pack = !p.over_behaviors && p.mask != nullptr && p.E_smem;
 
   // Zero the whole workspace once: padding columns j in [K, KP) are never written with non-zero
   // values afterwards, so the 4-wide chunks can read them unconditionally.
@@ -205,30 +217,51 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
 
   for (int64_t u = blockIdx.x; u < p.B; u += gridDim.x) {
-    // ---- load this user's inputs
+    // ---- row map: warp 0 packs the valid positions in order (ballot + popcount)
+    if (pack) {
+      if (warp == 0) {
+        const bool* mu = p.mask + u * L;
+        int count = 0;
+        for (int base = 0; base < L; base += 32) {  // warp-uniform loop
+          const int i = base + lane;
+          const bool keep = i < L && mu[i];
+          const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+          const int r = count + __popc(ballot & ((1u << lane) - 1u));
+          if (i < L) row_of[i] = keep ? r : -1;
+          if (keep) rows[r] = i;
+          count += __popc(ballot);
+        }
+        if (lane == 0) rows[L] = count;
+      }
+      __syncthreads();
+    }
+    const int Lc = pack ? rows[L] : L;  // routing rows of this user
+
+    // ---- load this user's inputs (row r of the routing is position rows[r] when packed)
     const int64_t e_off = u * static_cast<int64_t>(L) * D_in;
     const acc_t* Ep;
     if (p.E_smem) {
-      // In "interests" mode masked rows take no part in the routing (reference's non-finite
-      // contract): they are stored as zeros so NaN/Inf padding cannot leak through 0 * NaN.
       const scalar_t* Eu = p.E + e_off;
-      const bool* mu = (p.mask && !p.over_behaviors) ? p.mask + u * L : nullptr;
-      for (int idx = tid; idx < L * D_in; idx += T) {
-        const int i = idx / D_in;
-        const int d = idx - i * D_in;
-        Es[i * pE + d] = (mu && !mu[i]) ? acc_t(0) : to_acc<acc_t>(Eu[idx]);
+      for (int idx = tid; idx < Lc * D_in; idx += T) {
+        const int r = idx / D_in;
+        const int d = idx - r * D_in;
+        const int i = pack ? rows[r] : r;
+        Es[r * pE + d] = to_acc<acc_t>(Eu[static_cast<int64_t>(i) * D_in + d]);
       }
       Ep = Es;
     } else {
+      // acc_t copy from the host; in "interests" mode its masked rows are zeroed there, so NaN/Inf
+      // padding cannot leak through 0 * NaN.
       Ep = p.E_acc + e_off;
     }
     const acc_t* b0 = p.init + u * p.init_stride;
-    for (int idx = tid; idx < K * L; idx += T) {
-      const int j = idx / L;
-      const int i = idx - j * L;
-      bT[i * KP + j] = b0[idx];
+    for (int idx = tid; idx < K * Lc; idx += T) {
+      const int j = idx / Lc;
+      const int r = idx - j * Lc;
+      const int i = pack ? rows[r] : r;
+      bT[r * KP + j] = b0[j * L + i];
     }
-    for (int i = tid; i < L; i += T) valid[i] = p.mask ? (p.mask[u * L + i] ? 1 : 0) : 1;
+    for (int r = tid; r < Lc; r += T) valid[r] = (pack || !p.mask) ? 1 : (p.mask[u * L + r] ? 1 : 0);
     for (int j = tid; j < K; j += T) active[j] = p.imask ? (p.imask[u * K + j] ? 1 : 0) : 1;
     __syncthreads();
 
@@ -236,7 +269,7 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
       // ---- coupling w from logits b
       if (!p.over_behaviors) {
         // softmax over the active interests of each valid position; masked positions get 0
-        for (int i = tid; i < L; i += T) {
+        for (int i = tid; i < Lc; i += T) {
           if (valid[i]) {
             masked_softmax<acc_t, unsigned char>(bT + i * KP, 1, active, 1, wT + i * KP, 1, K);
           } else {
@@ -248,11 +281,11 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
         // interest; then 0 at masked positions and for inactive interests.
         for (int j = warp; j < K; j += nwarps) {  // warp-uniform loop
           if (!active[j]) {
-            for (int i = lane; i < L; i += 32) wT[i * KP + j] = acc_t(0);
+            for (int i = lane; i < Lc; i += 32) wT[i * KP + j] = acc_t(0);
             continue;
           }
           acc_t peak = -inf;
-          for (int i = lane; i < L; i += 32) {
+          for (int i = lane; i < Lc; i += 32) {
             const acc_t v = bT[i * KP + j];
             peak = v > peak ? v : peak;
           }
@@ -261,10 +294,10 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
           // logit poisons the total (exp(NaN) or exp(inf - inf)), so this interest's w is NaN.
           if (peak == -inf) peak = acc_t(0);
           acc_t total = acc_t(0);
-          for (int i = lane; i < L; i += 32) total += exp(bT[i * KP + j] - peak);
+          for (int i = lane; i < Lc; i += 32) total += exp(bT[i * KP + j] - peak);
           total = warp_sum(total);
           const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
-          for (int i = lane; i < L; i += 32)
+          for (int i = lane; i < Lc; i += 32)
             wT[i * KP + j] = valid[i] ? exp(bT[i * KP + j] - peak) * inv : acc_t(0);
         }
       }
@@ -274,7 +307,7 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
       for (int item = tid; item < n_chunks * D_in; item += T) {
         const int jc = item / D_in;
         const int d = item - jc * D_in;
-        store4(ebarT + d * KP + jc * kChunk, chunk_dot(Ep + d, pE, wT, KP, jc * kChunk, L));
+        store4(ebarT + d * KP + jc * kChunk, chunk_dot(Ep + d, pE, wT, KP, jc * kChunk, Lc));
       }
       __syncthreads();
 
@@ -312,9 +345,9 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
         __syncthreads();
 
         // ---- b_ij += E[i] . v_j   (all positions; lanes walk i)
-        for (int item = tid; item < n_chunks * L; item += T) {
-          const int jc = item / L;
-          const int i = item - jc * L;
+        for (int item = tid; item < n_chunks * Lc; item += T) {
+          const int jc = item / Lc;
+          const int i = item - jc * Lc;
           const Vec4<acc_t> db = chunk_dot(Ep + static_cast<int64_t>(i) * pE, 1, vT, KP, jc * kChunk, D_in);
           acc_t* bp = bT + i * KP + jc * kChunk;
           Vec4<acc_t> b = load4(bp);
@@ -339,7 +372,8 @@ __global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdP
     for (int idx = tid; idx < K * L; idx += T) {
       const int j = idx / L;
       const int i = idx - j * L;
-      p.coupling[kl_off + idx] = wT[i * KP + j];
+      const int r = pack ? row_of[i] : i;
+      p.coupling[kl_off + idx] = r >= 0 ? wT[r * KP + j] : acc_t(0);
     }
     __syncthreads();  // the next user overwrites the workspace and E
   }
