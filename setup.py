@@ -25,10 +25,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cuda_home():
-    home = cpp_extension.CUDA_HOME
-    if home is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        home = "/usr/local/cuda"
-    return home
+    """A toolkit root with both nvcc and libcudart: $CUDA_HOME, torch's guess, then /usr/local/cuda.
+
+    torch's guess follows `which nvcc`, which can be a wrapper script (e.g. /usr/local/bin/nvcc), giving a
+    root without lib64/ and a link error; so each candidate must hold the runtime library too.
+    """
+    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if (
+            home
+            and os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and glob.glob(os.path.join(home, "lib*", "libcudart.so*"))
+        ):
+            return home
+    return None
 
 
 def _want_cuda():
