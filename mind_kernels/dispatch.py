@@ -95,7 +95,10 @@ def _fused_refuses(call: RoutingCall) -> List[str]:
 def _compiled_unavailable(device_type: str) -> Optional[str]:
     from . import ops
 
-    return ops.kernel_unavailable_reason(device_type)
+    why = ops.kernel_unavailable_reason(device_type)
+    if why is None and device_type == "cuda" and not torch.cuda.is_available():
+        return "the CUDA kernels are built, but CUDA is not available here (no GPU or driver)"
+    return why
 
 
 def _compiled_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
