@@ -132,4 +132,5 @@ def test_cli_module_entry_point_and_recommend(trained, capsys):
     assert main(["recommend", "--model", str(out / "model"), "--history", history, "-n", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("1. [") and lines[2].strip().startswith("3. [")
-    assert main(["recommend", "--model", str(out / "model"), "--history", "999999999"]) == 2
+    with pytest.warns(UserWarning, match="unknown item id"):
+        assert main(["recommend", "--model", str(out / "model"), "--history", "999999999"]) == 2
