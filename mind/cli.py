@@ -7,6 +7,14 @@ Typical session::
     python -m mind recommend --model runs/ml100k/model --history 50,172,181 -n 10
     python -m mind explain --model runs/ml100k/model --history 50,172,181,1,121,9
     python -m mind quality --out runs/quality                      # the MostPopular / K=1 / K=4 table
+
+Multi-process training: run ``train`` under torchrun, e.g.
+``torchrun --nproc_per_node 4 -m mind train --data ml-100k --out runs/ddp`` (gloo on CPUs, NCCL
+on GPUs; ``--batch-size`` is the global batch, split evenly over the processes; rank 0 writes
+every file and prints; see mind/train.py).
+
+Errors: a missing, truncated or corrupt checkpoint, or a malformed data file, prints
+``error: <message naming the file>`` on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -65,18 +73,36 @@ def _fmt_metrics(rows: list[tuple[str, dict]], ns=(20, 50)) -> str:
 
 
 def cmd_train(args) -> int:
+    from . import distributed as D
+
+    info = D.setup()
+    try:
+        return _train(args, info)
+    finally:
+        D.teardown(info)
+
+
+def _train(args, info) -> int:
+    from . import distributed as D
     from .train import TrainConfig, train
 
     _threads(args.threads)
+    if not info.is_main:
+        D.barrier(info)        # rank 0 loads first (it may download and cache the dataset)
     data = load_data(args)
-    print(f"data: {json.dumps(data.summary())}")
+    if info.is_main:
+        D.barrier(info)
+    say = print if info.is_main else (lambda *a, **k: None)
+    say(f"data: {json.dumps(data.summary())}")
     cfg = TrainConfig(dim=args.dim, num_interests=args.interests, max_len=args.max_len, p=args.p, lr=args.lr,
                       weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
                       num_negatives=args.negatives, loss=args.loss, patience=args.patience, seed=args.seed,
                       dynamic_interests=args.dynamic_interests, backend=args.backend, out_dir=args.out,
                       softmax_over=args.routing_axis, routing_init_std=args.routing_init_std,
                       progress=not args.no_progress)
-    result = train(data, cfg, resume=args.resume)
+    result = train(data, cfg, resume=args.resume, dist=info)
+    if not info.is_main:
+        return 0
     print(f"\nbest epoch {result.best_epoch} (valid recall@50 {result.best_metric:.4f}); mean ± s.e. over users:")
     print(_fmt_metrics([("valid", result.valid_metrics), ("test", result.test_metrics)]))
     out = result.out_dir
@@ -252,7 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataFormatError
+
     args = build_parser().parse_args(argv)
     if getattr(args, "p", None) is not None and math.isnan(args.p):
         raise SystemExit("--p must be a number or inf")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, DataFormatError) as e:
+        # never a traceback (nor a silent fresh start) for a bad file: say which file and why
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -20,6 +20,28 @@ Files in ``out_dir``:
 Reproducibility: everything is seeded from ``config.seed``; the epoch order comes from a
 generator seeded by (seed, epoch), and the global RNG states are saved in each checkpoint,
 so ``resume`` from epoch e continues exactly as the uninterrupted run would have.
+
+Multi-process (``torchrun --nproc_per_node W python -m mind train ...``, see mind/distributed.py):
+
+* The model is wrapped in DistributedDataParallel (gloo on CPUs, NCCL on GPUs); DDP averages
+  the gradients and broadcasts buffers (the routing layer's fixed eval logits) from rank 0.
+* Data: every rank draws the same (seed, epoch) permutation and takes its own strided shard
+  of it (``mind.distributed.shard``), so an epoch is still one pass over all samples.
+* Batch: ``batch_size`` is the *global* batch; each rank takes ``batch_size // W`` samples
+  per step, so one optimizer step sees the same number of samples as a single-process run
+  with the same ``--batch-size`` and the hyper-parameters carry over.
+* Randomness: the sampled-softmax negatives and the training routing logits b0 come from the
+  global torch RNG, which in a multi-process run is re-seeded at the start of every epoch
+  from (seed, epoch, rank).  So each rank draws its *own* S negatives for its sub-batch (W*S
+  distinct draws per global step rather than S shared by all rows; each row still sees S,
+  the estimator is unchanged), and a resumed run draws exactly what the uninterrupted one
+  would have, whatever the checkpoint's RNG state.
+* Rank 0 alone evaluates, writes metrics, plots, the split and the checkpoints; it
+  broadcasts each epoch's row so every rank takes the same early-stopping decision, and the
+  other ranks wait at a barrier meanwhile.  ``resume`` makes every rank load the same
+  ``last.pt``.  At the end the ranks check that their parameters agree (a checksum) and
+  raise if they do not.
+* The single-process path (no torchrun) is untouched: bit-identical to before.
 """
 
 from __future__ import annotations
@@ -35,6 +57,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from .checkpoint import (CheckpointError, get_rng_state, load_checkpoint, save_checkpoint,
                          seed_everything, set_rng_state)
 from .loss import SoftmaxLoss
@@ -125,10 +148,11 @@ def user_vectors(model: MIND, histories, user_features, batch_size: int = 1024) 
     was_training = model.training
     model.eval()
     histories, user_features = _long(histories), _long(user_features)
+    device = model.item_genres.device
     out = []
     for s in range(0, histories.shape[0], batch_size):
-        v, imask = model.interests(histories[s:s + batch_size], user_features[s:s + batch_size])
-        out.append(retrieval_vectors(v, imask))
+        v, imask = model.interests(histories[s:s + batch_size].to(device), user_features[s:s + batch_size].to(device))
+        out.append(retrieval_vectors(v, imask).cpu())
     model.train(was_training)
     if not out:
         return torch.zeros(0, model.num_interests, model.dim)
@@ -146,7 +170,7 @@ def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024
     model.eval()
     table = model.item_embeddings()
     model.train(was_training)
-    ranked, _ = retrieve_topk(vectors.numpy(), table.numpy(), max(ns), exclude=split.full_histories)
+    ranked, _ = retrieve_topk(vectors.numpy(), table.cpu().numpy(), max(ns), exclude=split.full_histories)
     return evaluate_rankings(ranked, split.targets, ns=tuple(ns))
 
 
@@ -168,20 +192,33 @@ def _write_run_files(out_dir: pathlib.Path, history: list) -> None:
         plot_learning_curves(history, out_dir / "learning_curves.png")
 
 
-def train(data, config: TrainConfig, resume: bool = False, log=print) -> TrainResult:
+def train(data, config: TrainConfig, resume: bool = False, log=print,
+          dist: Optional[D.DistInfo] = None) -> TrainResult:
     """Train (or resume) a MIND model on ``data``; return the best model and its valid/test metrics.
 
     ``resume=True`` continues from ``out_dir/last.pt`` and raises CheckpointError if that
     file is missing, corrupt, or was written with a different model/optimisation config.
+
+    ``dist``: the process group from :func:`mind.distributed.setup` for a multi-process run
+    (see the module docstring); None = single process.  Every rank returns the same
+    TrainResult (metrics broadcast from rank 0); ``log`` is called on rank 0 only.
     """
+    info = dist or D.SINGLE
+    main = info.is_main
+    if not main:
+        log = lambda *_a, **_k: None  # noqa: E731
     out_dir = pathlib.Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier(info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     ns = tuple(config.eval_ns)
     key = f"valid_recall@{max(ns)}"
 
     seed_everything(config.seed)
     model = build_model(data, config)
+    if info.enabled:
+        model = model.to(info.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = SoftmaxLoss(config.loss, np.asarray(data.item_counts), config.num_negatives)
 
@@ -199,9 +236,19 @@ def train(data, config: TrainConfig, resume: bool = False, log=print) -> TrainRe
         bad_epochs, history = int(state["bad_epochs"]), list(state["history"])
         log(f"resumed from {last_path} after epoch {start_epoch - 1} (best {key} {best_metric:.4f} "
             f"at epoch {best_epoch})")
-    elif config.write_files:
+    elif config.write_files and main:
         from .data import save_split
         save_split(data, str(out_dir / "split.json"))
+
+    # DDP after loading: its constructor broadcasts rank 0's parameters and buffers.
+    net = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[info.local_rank] if info.backend == "nccl" else None)
+        log(f"distributed: {info.world_size} processes ({info.backend}), global batch {config.batch_size} = "
+            f"{info.world_size} x {D.per_rank_batch(config.batch_size, info)} per rank")
+    dev = info.device if info.enabled else None
+    step_batch = D.per_rank_batch(config.batch_size, info)
 
     users = _long(data.train_users)
     hists = _long(data.train_histories)[:, -config.max_len:]
@@ -215,13 +262,19 @@ def train(data, config: TrainConfig, resume: bool = False, log=print) -> TrainRe
         t0 = time.time()
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        if info.enabled:
+            order = D.shard(order, info)
+            # per-rank negatives and b0, reproducible from (seed, epoch, rank) alone (see module doc)
+            torch.manual_seed((config.seed * 100_003 + epoch) * 1_009 + info.rank)
         total, batches = 0.0, 0
-        bar = tqdm(range(0, n, config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
-                   disable=not config.progress, leave=False)
+        bar = tqdm(range(0, order.shape[0], step_batch), desc=f"epoch {epoch}/{config.epochs}",
+                   disable=not (config.progress and main), leave=False)
         for s in bar:
-            idx = order[s:s + config.batch_size]
-            hist, tgt = hists[idx], targets[idx]
-            user = model(hist, feats_table[users[idx]], tgt, p=config.p)
+            idx = order[s:s + step_batch]
+            hist, tgt, feats = hists[idx], targets[idx], feats_table[users[idx]]
+            if dev is not None:
+                hist, tgt, feats = hist.to(dev), tgt.to(dev), feats.to(dev)
+            user = net(hist, feats, tgt, p=config.p)
             loss = loss_fn(user, model, tgt)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,36 +283,56 @@ def train(data, config: TrainConfig, resume: bool = False, log=print) -> TrainRe
             batches += 1
             if batches % 20 == 0:
                 bar.set_postfix(loss=f"{total / batches:.4f}")
-        valid = evaluate_model(model, data, data.valid, ns, config.eval_batch_size)
-        row = {"epoch": epoch, "train_loss": total / max(batches, 1),
-               **{f"valid_{k}": v for k, v in valid.items()}, "seconds": time.time() - t0}
+        train_loss = total / max(batches, 1)
+        if info.enabled:  # the epoch's loss averaged over ranks (equal batch counts)
+            t = torch.tensor([train_loss], dtype=torch.float64, device=dev)
+            torch.distributed.all_reduce(t)
+            train_loss = float(t) / info.world_size
+        row = improved = None
+        if main:
+            valid = evaluate_model(model, data, data.valid, ns, config.eval_batch_size)
+            row = {"epoch": epoch, "train_loss": train_loss,
+                   **{f"valid_{k}": v for k, v in valid.items()}, "seconds": time.time() - t0}
+            improved = row[key] > best_metric
+        row, improved = D.broadcast_object((row, improved), info)
         history.append(row)
-        improved = row[key] > best_metric
         if improved:
             best_metric, best_epoch, bad_epochs = row[key], epoch, 0
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "model_config": model.config,
-                             "config": config.to_dict(), "metric": best_metric}, best_path)
+            if main:
+                save_checkpoint({"model": model.state_dict(), "epoch": epoch, "model_config": model.config,
+                                 "config": config.to_dict(), "metric": best_metric}, best_path)
         else:
             bad_epochs += 1
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "rng": get_rng_state(), "config": config.to_dict(), "model_config": model.config,
-                         "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                         "history": history}, last_path)
-        if config.write_files:
-            _write_run_files(out_dir, history)
+        if main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                             "rng": get_rng_state(), "config": config.to_dict(), "model_config": model.config,
+                             "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                             "history": history}, last_path)
+            if config.write_files:
+                _write_run_files(out_dir, history)
         log(f"epoch {epoch}: loss {row['train_loss']:.4f}  {key} {row[key]:.4f}"
             f"{'  (best)' if improved else ''}  [{row['seconds']:.1f}s]")
+        D.barrier(info)  # checkpoints are on disk before any rank moves on
 
+    if info.enabled:
+        sums = D.all_gather_object(D.params_checksum(model), info)
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"distributed replicas disagree after training: parameter checksums {sums}")
+        log(f"distributed: the {info.world_size} replicas agree (parameter checksum {sums[0]:.6f})")
+        model = model.cpu()
     if best_epoch > 0:
         model.load_state_dict(load_checkpoint(best_path, required=("model",))["model"])
     model.eval()
-    valid = evaluate_model(model, data, data.valid, ns, config.eval_batch_size)
-    test = evaluate_model(model, data, data.test, ns, config.eval_batch_size)
-    if config.write_files:
-        from .evaluate import write_metrics
-        rows = [{"split": "valid", "epoch": best_epoch, **valid}, {"split": "test", "epoch": best_epoch, **test}]
-        write_metrics(rows, str(out_dir / "final_metrics"))
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    valid = test = None
+    if main:
+        valid = evaluate_model(model, data, data.valid, ns, config.eval_batch_size)
+        test = evaluate_model(model, data, data.test, ns, config.eval_batch_size)
+        if config.write_files:
+            from .evaluate import write_metrics
+            rows = [{"split": "valid", "epoch": best_epoch, **valid}, {"split": "test", "epoch": best_epoch, **test}]
+            write_metrics(rows, str(out_dir / "final_metrics"))
+            (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    valid, test = D.broadcast_object((valid, test), info)
     return TrainResult(model, history, best_epoch, best_metric, valid, test, out_dir)
 
 
