@@ -39,6 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "(u.data / ratings.dat), or a ComiRec csv (user,item,category,timestamp)")
     g.add_argument("--max-len", type=int, default=20, help="history length fed to the model (default 20)")
     g.add_argument("--split-seed", type=int, default=2020, help="seed of the 8:1:1 user split (default 2020)")
+    g.add_argument("--synthetic-users", type=int, default=300, help="users of --data synthetic (default 300)")
+    g.add_argument("--synthetic-items", type=int, default=400, help="items of --data synthetic (default 400)")
 
 
 def load_data(args):
@@ -49,7 +51,8 @@ def load_data(args):
     if kind == "ml-100k":
         raw = D.load_recbole(D.fetch_movielens_100k())
     elif kind == "synthetic":
-        raw, _ = D.make_synthetic()
+        raw, _ = D.make_synthetic(num_users=getattr(args, "synthetic_users", 300),
+                                  num_items=getattr(args, "synthetic_items", 400))
     else:
         if not args.data_dir:
             raise SystemExit("--data dir needs --data-dir PATH")
