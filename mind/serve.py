@@ -12,11 +12,28 @@ Serving (``load(path) -> Recommender``) is deterministic: the model runs in eval
 whose routing logits are a fixed buffer, so the same history always gives the same
 interests and the same list.
 
-Raw ids and unknown items: a history is a list of raw item ids (ints or their string
-form).  Ids not in the exported catalogue are dropped with a ``UserWarning`` naming them;
-if nothing is left a ``ValueError`` is raised.  Histories longer than ``max_len`` keep the
-most recent ``max_len`` items (the last ones in the list); exclusion of seen items uses
-the whole history.
+Bad input, and what serving does with it (each case has a test in tests/test_serve.py):
+
+* Raw ids: a history is a list of raw item ids, oldest first (ints or their string form;
+  ``"42"`` and ``42`` are the same item).
+* Unknown ids (not in the exported catalogue) are dropped with one ``UserWarning`` per call
+  naming them (the first 10) and, in a batch, the users they came from; the rest of the
+  history is used as is.
+* A history whose ids are *all* unknown raises ``ValueError("... has no known item ...")``;
+  in a batch the message names the user's position.  The whole call fails rather than
+  silently returning a popular-items list for that user.
+* An empty history raises ``ValueError("... is empty ...")`` (MIND has nothing to route).
+* Histories longer than ``max_len`` keep the most recent ``max_len`` items (the last ones
+  in the list), exactly as training did, so the interests and the list equal those of the
+  truncated history; exclusion of seen items still uses the whole history.
+* ``n < 1`` raises ValueError; when fewer than ``n`` items are eligible the list is shorter.
+
+Batches: :meth:`Recommender.recommend_batch` serves many users with one model call per
+batch and one retrieval over the batch (``recommend`` is the batch of one), so throughput
+scales with the batch (see bench/bench_serving.py).  A user's list equals the one
+``recommend`` gives for that user alone up to float rounding: the batched matmuls of the
+model round differently for another batch composition (scores agree to ~1e-6 relative), so
+only items whose scores tie to that precision could swap places.
 
 Scores: score(i) = max_k V_k . e_i over the user's active interests (the K per-interest
 top-n lists merged by score, duplicates removed), via ``mind.evaluate.retrieve_topk``.
@@ -79,22 +96,56 @@ class Recommender:
     def num_items(self) -> int:
         return len(self.raw_ids) - 1
 
-    def map_history(self, history: Sequence) -> np.ndarray:
-        """Raw ids -> item indices (all of them, in order); unknown ids dropped with a warning."""
+    def _map(self, history: Sequence, who: str) -> tuple[np.ndarray, list]:
+        """(known item indices in order, unknown raw ids); ValueError for an empty history."""
+        if isinstance(history, (str, bytes)):
+            raise ValueError(f"{who} must be a list of raw item ids, got a string {history!r}")
+        if len(history) == 0:
+            raise ValueError(f"{who} is empty (no known item): need at least one item id")
+        index = self._index
         known, unknown = [], []
         for r in history:
-            i = self._index.get(str(r).strip())
-            (known if i is not None else unknown).append(i if i is not None else r)
+            i = index.get(str(r).strip())
+            if i is None:
+                unknown.append(r)
+            else:
+                known.append(i)
+        return np.asarray(known, dtype=np.int64), unknown
+
+    def _none_known(self, history: Sequence, who: str) -> ValueError:
+        return ValueError(f"{who} has no known item (got {len(history)} id(s), none in the "
+                          f"{self.num_items}-item catalogue: {list(history)[:10]})")
+
+    @staticmethod
+    def _warn_unknown(unknown: list, users: Optional[list] = None) -> None:
         if unknown:
-            warnings.warn(f"dropping {len(unknown)} unknown item id(s) not in the catalogue: {unknown[:10]}"
-                          f"{' ...' if len(unknown) > 10 else ''}", UserWarning, stacklevel=3)
-        if not known:
-            raise ValueError(f"history has no known item (got {len(history)} id(s), none in the "
-                             f"{self.num_items}-item catalogue)")
-        return np.asarray(known, dtype=np.int64)
+            where = f" in the histories of users at positions {users[:10]}" if users is not None else ""
+            warnings.warn(f"dropping {len(unknown)} unknown item id(s) not in the catalogue{where}: "
+                          f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}", UserWarning, stacklevel=4)
+
+    def map_history(self, history: Sequence) -> np.ndarray:
+        """Raw ids -> item indices (all of them, in order); unknown ids dropped with a warning."""
+        known, unknown = self._map(history, "history")
+        self._warn_unknown(unknown)
+        if not len(known):
+            raise self._none_known(history, "history")
+        return known
 
     def _batch(self, histories: Sequence[Sequence]) -> tuple[torch.Tensor, list]:
-        mapped = [self.map_history(h) for h in histories]
+        if len(histories) == 1:
+            mapped = [self.map_history(histories[0])]
+        else:
+            mapped, unknown, users = [], [], []
+            for u, h in enumerate(histories):
+                known, unk = self._map(h, f"history {u}")
+                mapped.append(known)
+                if unk:
+                    unknown += unk
+                    users.append(u)
+            self._warn_unknown(unknown, users)
+            for u, (h, known) in enumerate(zip(histories, mapped)):
+                if not len(known):
+                    raise self._none_known(h, f"history {u}")
         L = self.max_len
         out = np.zeros((len(mapped), L), dtype=np.int64)
         for r, s in enumerate(mapped):
@@ -124,20 +175,39 @@ class Recommender:
     def recommend(self, history: Sequence, n: int = 50, exclude_history: bool = True,
                   user_features=None) -> list[tuple]:
         """Top-n items for one raw-id history: a list of (raw item id, title, score), best first."""
+        feats = None if user_features is None else np.asarray(user_features).reshape(1, -1)
+        return self.recommend_batch([history], n, exclude_history, feats)[0]
+
+    @torch.no_grad()
+    def recommend_batch(self, histories: Sequence[Sequence], n: int = 50, exclude_history: bool = True,
+                        user_features=None, batch_size: int = 4096) -> list[list[tuple]]:
+        """Top-n items for each of many raw-id histories: one list of (raw id, title, score) per user.
+
+        One model call and one retrieval per ``batch_size`` users (no per-user Python model
+        loop).  ``user_features``: (U, F) or None.  Bad input as in the module docstring; a
+        ValueError names the position of the offending history.
+        """
         from .evaluate import retrieve_topk
 
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        hist, mapped = self._batch([history])
-        v, imask = self.model.interests(hist, self._features(user_features, 1))
-        vectors = retrieval_vectors(v, imask).float().numpy()
-        n = min(n, self.num_items - (len(set(mapped[0].tolist())) if exclude_history else 0))
-        if n < 1:
-            return []
-        exclude = [mapped[0]] if exclude_history else None
-        items, scores = retrieve_topk(vectors, self.item_table, n, exclude=exclude, use_faiss=False)
-        items, scores = np.asarray(items)[0], np.asarray(scores)[0]
-        return [(self.raw_ids[i], self.titles[i], float(s)) for i, s in zip(items.tolist(), scores.tolist()) if i > 0]
+        U = len(histories)
+        feats = None if user_features is None else np.asarray(user_features).reshape(U, -1)
+        out: list[list[tuple]] = []
+        n_ret = min(n, self.num_items)
+        for s in range(0, U, batch_size):
+            chunk = histories[s:s + batch_size]
+            hist, mapped = self._batch(chunk)
+            f = None if feats is None else feats[s:s + len(chunk)]
+            v, imask = self.model.interests(hist, self._features(f, len(chunk)))
+            vectors = retrieval_vectors(v, imask).float().numpy()
+            exclude = mapped if exclude_history else None
+            # retrieve_topk pads with -1 when fewer than n items are eligible (those are dropped below)
+            items, scores = retrieve_topk(vectors, self.item_table, n_ret, exclude=exclude, use_faiss=False)
+            raw_ids, titles = self.raw_ids, self.titles
+            for row_i, row_s in zip(np.asarray(items).tolist(), np.asarray(scores).tolist()):
+                out.append([(raw_ids[i], titles[i], float(sc)) for i, sc in zip(row_i, row_s) if i > 0])
+        return out
 
 
 def load(path) -> Recommender:

@@ -134,3 +134,52 @@ def test_cli_module_entry_point_and_recommend(trained, capsys):
     assert len(lines) == 3 and lines[0].startswith("1. [") and lines[2].strip().startswith("3. [")
     with pytest.warns(UserWarning, match="unknown item id"):
         assert main(["recommend", "--model", str(out / "model"), "--history", "999999999"]) == 2
+
+
+def test_recommend_batch_equals_per_user_recommend(trained):
+    data, _, out = trained
+    rec = load(out / "model")
+    ids = [int(r) for r in data.item_raw_ids[1:]]
+    rng = np.random.default_rng(0)
+    histories = [[ids[i] for i in rng.choice(len(ids), size=rng.integers(1, 30))] for _ in range(40)]
+    histories.append(ids[:-3])                     # only 3 items eligible: a short list, not padding
+    for excl in (True, False):
+        batch = rec.recommend_batch(histories, n=7, exclude_history=excl, batch_size=16)
+        assert len(batch) == len(histories)
+        for h, got in zip(histories, batch):
+            one = rec.recommend(h, n=7, exclude_history=excl)
+            # same items and titles; scores equal up to the batched matmuls' rounding (module doc)
+            assert [(r, t) for r, t, _ in got] == [(r, t) for r, t, _ in one]
+            np.testing.assert_allclose([x for *_, x in got], [x for *_, x in one], rtol=1e-5, atol=1e-6)
+    assert len(rec.recommend_batch([ids[:-3]], n=7)[0]) == 3
+    assert rec.recommend_batch([], n=5) == []
+
+
+def test_batch_bad_input_names_the_user(trained):
+    data, _, out = trained
+    rec = load(out / "model")
+    good = [int(r) for r in data.item_raw_ids[1:5]]
+    with pytest.warns(UserWarning, match=r"unknown item id.*positions \[1\].*nope"):
+        got = rec.recommend_batch([good, good + ["nope"]], n=5)
+    assert got[0] == got[1]                                              # "nope" dropped, same history
+    assert [r for r, *_ in got[0]] == [r for r, *_ in rec.recommend(good, n=5)]
+    with pytest.raises(ValueError, match="history 1 has no known item"), pytest.warns(UserWarning):
+        rec.recommend_batch([good, [10**9, "x"]], n=5)
+    with pytest.raises(ValueError, match="history 2 is empty"):
+        rec.recommend_batch([good, good, []], n=5)
+    with pytest.raises(ValueError, match="must be a list of raw item ids"):
+        rec.recommend("1,2,3", n=5)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        rec.recommend_batch([good], n=0)
+
+
+def test_long_history_recommendations_equal_truncated(trained):
+    data, _, out = trained
+    rec = load(out / "model")
+    ids = [int(r) for r in data.item_raw_ids[1:]]
+    long_history = ids[5:40]                                            # 35 items, max_len is 10
+    short = long_history[-rec.max_len:]
+    assert rec.recommend(long_history, n=10, exclude_history=False) == rec.recommend(short, n=10,
+                                                                                      exclude_history=False)
+    a, b = rec.recommend_batch([long_history, short], n=10, exclude_history=False)
+    assert a == b                                     # same batch, identical rows: bit-identical
