@@ -36,6 +36,8 @@ Multi-process (``torchrun --nproc_per_node W python -m mind train ...``, see min
   distinct draws per global step rather than S shared by all rows; each row still sees S,
   the estimator is unchanged), and a resumed run draws exactly what the uninterrupted one
   would have, whatever the checkpoint's RNG state.
+* ``loss="in_batch"`` takes its negatives from the rank's own sub-batch (``batch_size // W``
+  rows), not from the global batch; ``"full"`` and ``"sampled"`` do not depend on the split.
 * Rank 0 alone evaluates, writes metrics, plots, the split and the checkpoints; it
   broadcasts each epoch's row so every rank takes the same early-stopping decision, and the
   other ranks wait at a barrier meanwhile.  ``resume`` makes every rank load the same
