@@ -164,17 +164,86 @@ struct ForwardArgs {
   bool over_behaviors;
 };
 
+// exp(x) for x <= 0 (softmax arguments x - peak), 8 lanes at a time: Cephes' expf polynomial
+// (about 1 ulp). x below -87.3 (where expf goes subnormal) and -Inf give exactly 0; NaN stays NaN.
+template <typename V>
+MK_ALWAYS_INLINE V vexp_nonpos(V x) {
+  typedef int I __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} - 87.3365478515625f, hi = V{} + 88.0f;
+  const I under = x < lo;          // all-ones lanes where the result is 0 (never for NaN)
+  x = x < lo ? lo : x;             // NaN compares false and stays NaN
+  x = x > hi ? hi : x;
+  const V fx = x * 1.44269504088896341f;
+  const V n = (fx + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const I ni = __builtin_convertvector(n, I);
+  V two_n;
+  const I bits = (ni + 127) << 23;
+  __builtin_memcpy(&two_n, &bits, sizeof(V));
+  const V y = p * two_n;
+  V out;
+  I yb;
+  __builtin_memcpy(&yb, &y, sizeof(V));
+  yb &= ~under;
+  __builtin_memcpy(&out, &yb, sizeof(V));
+  return out;
+}
+
+// Coupling of "interests" mode over n positions that are all valid (the rows were compacted), row
+// stride ld: for each i, w_ji = softmax over the active j of b_ji. Same arithmetic as
+// masked_softmax (peak of the active logits, exp(x - peak), times 1 / total; 0 when nothing is
+// active; NaN/+Inf propagates), with the exp vectorised over positions for float.
+template <typename acc_t>
+MK_ALWAYS_INLINE void coupling_over_interests(const acc_t* __restrict__ b, const bool* active, acc_t* __restrict__ w,
+                                              int64_t K, int64_t n, int64_t ld) {
+  int64_t i0 = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = typename VecOf<float>::type;
+    constexpr int W = 8;
+    for (; i0 + W <= n; i0 += W) {
+      V peak{}, total{};
+      bool any = false;
+      for (int64_t j = 0; j < K; ++j) {
+        if (active && !active[j]) continue;
+        const V v = vload<V>(b + j * ld + i0);
+        peak = any ? (v > peak ? v : peak) : v;
+        any = true;
+      }
+      for (int64_t j = 0; j < K; ++j) {
+        V e{};
+        if (!active || active[j]) e = vexp_nonpos(vload<V>(b + j * ld + i0) - peak);
+        vstore(w + j * ld + i0, e);
+        total += e;
+      }
+      const V inv = total == V{} ? V{} : 1.0f / total;
+      for (int64_t j = 0; j < K; ++j) vstore(w + j * ld + i0, vload<V>(w + j * ld + i0) * inv);
+    }
+  }
+  for (int64_t i = i0; i < n; ++i)
+    masked_softmax(b + i, static_cast<int>(ld), active, 1, w + i, static_cast<int>(ld), static_cast<int>(K));
+}
+
 // Per-thread scratch of the forward: a handful of (K, L)/(K, D) rows, reused across users.
 template <typename acc_t>
 struct ForwardScratch {
   std::vector<acc_t> buf;
-  acc_t *e, *et, *b, *ebar, *z, *c, *h;
+  std::vector<int64_t> idx;
+  acc_t *e, *et, *b, *w, *ebar, *z, *c, *h;
   ForwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
-      : buf(L * D_in + D_in * L + K * L + 2 * K * D_in + 2 * K * D_out) {
+      : buf(L * D_in + D_in * L + 2 * K * L + 2 * K * D_in + 2 * K * D_out), idx(L) {
     acc_t* p = buf.data();
     e = p; p += L * D_in;
     et = p; p += D_in * L;
     b = p; p += K * L;
+    w = p; p += K * L;
     ebar = p; p += K * D_in;
     z = p; p += K * D_out;
     c = p; p += K * D_out;
@@ -182,26 +251,21 @@ struct ForwardScratch {
   }
 };
 
+// The routing iterations of one user over n positions (rows e (n, D_in), logits b (K, n), both with
+// row stride n / D_in). valid == nullptr means every position is valid; w (K, n) receives the last
+// iteration's coupling; z and c the last pre-activation and capsules.
 template <typename scalar_t, typename acc_t>
-MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, int64_t u) {
-  const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
-  const bool* valid = a.mask ? a.mask + u * L : nullptr;
-  const bool* active = a.imask ? a.imask + u * K : nullptr;
-  // "interests" mode ignores masked positions entirely (their rows may hold anything, even NaN).
-  bool any_masked = false;
-  if (valid && !a.over_behaviors)
-    for (int64_t i = 0; i < L; ++i) any_masked |= !valid[i];
-  const acc_t* e =
-      user_rows(a.E + u * L * D_in, s.e, L, D_in, any_masked, [valid](int64_t i) { return !valid[i]; });
-  const acc_t* b0u = a.b0 + u * a.b0_user_stride;
-  for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
-  acc_t* w = a.coupling + u * K * L;  // the last iteration's w is the output
-
+MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, const acc_t* e,
+                                 int64_t n, const bool* valid, const bool* active, acc_t* w) {
+  const int64_t D_in = a.D_in, D_out = a.D_out, K = a.K;
   for (int64_t t = 1; t <= a.r; ++t) {
-    user_coupling(s.b, valid, active, a.over_behaviors, w, static_cast<int>(K), static_cast<int>(L));
+    if (a.over_behaviors || valid)
+      user_coupling(s.b, valid, active, a.over_behaviors, w, static_cast<int>(K), static_cast<int>(n));
+    else
+      coupling_over_interests(s.b, active, w, K, n, n);
     // Inactive interests have w_j = 0, hence ebar_j = z_j = c_j = h_j = 0 and unchanged logits.
     fill_zero(s.ebar, K * D_in);
-    gemm_acc(s.ebar, D_in, w, L, e, D_in, K, L, D_in);      // ebar = w e
+    gemm_acc(s.ebar, D_in, w, n, e, D_in, K, n, D_in);      // ebar = w e
     fill_zero(s.z, K * D_out);
     gemm_acc(s.z, D_out, s.ebar, D_in, a.St, D_out, K, D_in, D_out);  // z = ebar S^T
     for (int64_t j = 0; j < K; ++j) {
@@ -214,14 +278,69 @@ MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, Forwar
     }
     if (t < a.r) {
       if (t == 1) {
-        // e^T (D_in, L), built after the first pass over e has brought the rows into cache: the
+        // e^T (D_in, n), built after the first pass over e has brought the rows into cache: the
         // logit update b += h e^T is then a product with a contiguous inner axis over positions.
         for (int64_t d = 0; d < D_in; ++d)
-          for (int64_t i = 0; i < L; ++i) s.et[d * L + i] = e[i * D_in + d];
+          for (int64_t i = 0; i < n; ++i) s.et[d * n + i] = e[i * D_in + d];
       }
       fill_zero(s.h, K * D_in);
       gemm_acc(s.h, D_in, s.c, D_out, a.S, D_in, K, D_out, D_in);  // h = c S
-      gemm_acc(s.b, L, s.h, D_in, s.et, L, K, D_in, L);             // b += h e^T
+      gemm_acc(s.b, n, s.h, D_in, s.et, n, K, D_in, n);             // b += h e^T
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, int64_t u) {
+  const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
+  const bool* valid = a.mask ? a.mask + u * L : nullptr;
+  const bool* active = a.imask ? a.imask + u * K : nullptr;
+  const scalar_t* Eu = a.E + u * L * D_in;
+  const acc_t* b0u = a.b0 + u * a.b0_user_stride;
+  acc_t* w = a.coupling + u * K * L;  // the last iteration's w is the output
+
+  if (a.over_behaviors) {
+    // Padded positions sit in the softmax denominator: every position takes part.
+    const acc_t* e = user_rows(Eu, s.e, L, D_in, false, [](int64_t) { return false; });
+    for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
+    route_user(a, s, e, L, valid, active, w);
+  } else {
+    // "interests" mode: a masked position has w = 0 in every iteration and never influences a
+    // valid one, so the routing runs on the valid positions only (their rows may hold anything,
+    // even NaN, and are never read). w is scattered back with 0 at masked positions.
+    int64_t n = 0;
+    bool prefix = true;
+    if (valid) {
+      for (int64_t i = 0; i < L; ++i)
+        if (valid[i]) {
+          prefix &= (n == i);
+          s.idx[n++] = i;
+        }
+    } else {
+      n = L;
+    }
+    const acc_t* e;
+    if (prefix) {
+      e = user_rows(Eu, s.e, n, D_in, false, [](int64_t) { return false; });
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t i = 0; i < n; ++i) s.b[j * n + i] = b0u[j * L + i];
+    } else {
+      for (int64_t k = 0; k < n; ++k) convert_row(s.e + k * D_in, Eu + s.idx[k] * D_in, D_in);
+      e = s.e;
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t k = 0; k < n; ++k) s.b[j * n + k] = b0u[j * L + s.idx[k]];
+    }
+    if (n == L) {
+      route_user(a, s, e, n, nullptr, active, w);
+    } else {
+      route_user(a, s, e, n, nullptr, active, s.w);
+      fill_zero(w, K * L);
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t k = 0; k < n; ++k) w[j * L + (prefix ? k : s.idx[k])] = s.w[j * n + k];
+      if (n == 0) {  // no valid behaviour: zero capsules (the iterations above did nothing)
+        fill_zero(s.z, K * D_out);
+        fill_zero(s.c, K * D_out);
+      }
     }
   }
   convert_row(a.preact + u * K * D_out, s.z, K * D_out);
@@ -264,6 +383,14 @@ void forward_range(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t
 // than it saved once the cores were contended (the idle worker spins, competing with the caller).
 int64_t users_per_task(int64_t flops_per_user) {
   constexpr int64_t kMinTaskFlops = int64_t(8) << 20;
+  return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_user));
+}
+
+// The forward's grain: tasks of at least ~2 MFLOP (~50 us), so B = 16 at L = 50, D = 64 splits over
+// two threads. Measured on the shared 2-core machine (load ~2.5): B = 16 took 0.104 ms on one thread
+// and 0.067 ms on two, end to end through b2i_routing; B = 1 stays on the calling thread.
+int64_t forward_users_per_task(int64_t flops_per_user) {
+  constexpr int64_t kMinTaskFlops = int64_t(2) << 20;
   return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_user));
 }
 
@@ -452,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
                                    preact.mutable_data_ptr<acc_t>(),
                                    L, D_in, D_out, K, num_iters, over_behaviors};
     const int64_t flops = 4 * num_iters * K * (L + D_out) * D_in;
-    at::parallel_for(0, B, users_per_task(flops), [&](int64_t begin, int64_t end) { forward_range(a, begin, end); });
+    at::parallel_for(0, B, forward_users_per_task(flops), [&](int64_t begin, int64_t end) { forward_range(a, begin, end); });
   });
   return {capsules, coupling, preact};
 }
