@@ -90,7 +90,20 @@ class Recommender:
         self.max_len = int(max_len)
         self.meta = meta or {}
         # keyed by str so "42" from a command line and 42 from python find the same item
-        self._index = {str(r): i for i, r in enumerate(raw_ids) if i > 0}
+        self._row_of_raw_id = {str(r): i for i, r in enumerate(raw_ids) if i > 0}
+        self.index = None  # None: exact retrieval (retrieve_topk); else a faiss index from mind.ann
+
+    def use_index(self, kind: str = "exact", **params) -> "Recommender":
+        """Retrieve through a faiss index from :mod:`mind.ann` for large catalogues.
+
+        ``kind``: "exact" (IndexFlatIP), "ivf" (nlist, nprobe) or "hnsw" (M, efConstruction, efSearch);
+        approximate kinds may miss items (their recall against the exact index is measured by
+        ``bench/bench_ann.py``) but never mis-score or mis-order what they return.
+        """
+        from . import ann  # faiss is needed only when an index is asked for
+
+        self.index = ann.build_index(self.item_table, kind=kind, **params)
+        return self
 
     @property
     def num_items(self) -> int:
@@ -102,7 +115,7 @@ class Recommender:
             raise ValueError(f"{who} must be a list of raw item ids, got a string {history!r}")
         if len(history) == 0:
             raise ValueError(f"{who} is empty (no known item): need at least one item id")
-        index = self._index
+        index = self._row_of_raw_id
         known, unknown = [], []
         for r in history:
             i = index.get(str(r).strip())
@@ -202,16 +215,22 @@ class Recommender:
             v, imask = self.model.interests(hist, self._features(f, len(chunk)))
             vectors = retrieval_vectors(v, imask).float().numpy()
             exclude = mapped if exclude_history else None
-            # retrieve_topk pads with -1 when fewer than n items are eligible (those are dropped below)
-            items, scores = retrieve_topk(vectors, self.item_table, n_ret, exclude=exclude, use_faiss=False)
+            # both paths pad with -1 when fewer than n items are eligible (those are dropped below)
+            if self.index is None:
+                items, scores = retrieve_topk(vectors, self.item_table, n_ret, exclude=exclude, use_faiss=False)
+            else:
+                from . import ann
+
+                items, scores = ann.search(self.index, vectors, n_ret, exclude=exclude)
             raw_ids, titles = self.raw_ids, self.titles
             for row_i, row_s in zip(np.asarray(items).tolist(), np.asarray(scores).tolist()):
                 out.append([(raw_ids[i], titles[i], float(sc)) for i, sc in zip(row_i, row_s) if i > 0])
         return out
 
 
-def load(path) -> Recommender:
-    """Load a directory written by :func:`export`."""
+def load(path, index: Optional[str] = None, **index_params) -> Recommender:
+    """Load a directory written by :func:`export`; ``index`` ("exact", "ivf", "hnsw") builds a faiss index
+    (see :meth:`Recommender.use_index`), None keeps the exact brute-force retrieval."""
     path = pathlib.Path(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
@@ -224,4 +243,5 @@ def load(path) -> Recommender:
     model.load_state_dict(state["model"])
     items = json.loads((path / "items.json").read_text())
     table = np.load(path / "item_embeddings.npy")
-    return Recommender(model, table, items["raw_ids"], items["titles"], items["genres"], meta["max_len"], meta)
+    rec = Recommender(model, table, items["raw_ids"], items["titles"], items["genres"], meta["max_len"], meta)
+    return rec if index is None else rec.use_index(index, **index_params)

@@ -183,3 +183,15 @@ def test_long_history_recommendations_equal_truncated(trained):
                                                                                       exclude_history=False)
     a, b = rec.recommend_batch([long_history, short], n=10, exclude_history=False)
     assert a == b                                     # same batch, identical rows: bit-identical
+
+
+def test_faiss_index_serving_matches_exact(trained):
+    """An exact faiss index and an IVF index probing every list give the brute-force recommendations."""
+    pytest.importorskip("faiss")
+    data, _, out = trained
+    histories = [[int(r) for r in data.item_raw_ids[[3, 7, 11, 20, 5]]], [int(r) for r in data.item_raw_ids[30:41]]]
+    want = load(out / "model").recommend_batch(histories, n=10)
+    assert all(len(user) == 10 for user in want)
+    for kind, params in (("exact", {}), ("ivf", {"nlist": 4, "nprobe": 4})):
+        got = load(out / "model", index=kind, **params).recommend_batch(histories, n=10)
+        assert [[r[0] for r in user] for user in got] == [[r[0] for r in user] for user in want]
