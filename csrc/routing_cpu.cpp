@@ -231,19 +231,25 @@ MK_ALWAYS_INLINE void coupling_over_interests(const acc_t* __restrict__ b, const
     masked_softmax(b + i, static_cast<int>(ld), active, 1, w + i, static_cast<int>(ld), static_cast<int>(K));
 }
 
-// Per-thread scratch of the forward: a handful of (K, L)/(K, D) rows, reused across users.
+// Per-thread scratch of the forward: a handful of (K, L)/(K, D) rows, reused across users. Rows over
+// positions have room for L rounded up to a multiple of 8 (kPad), so the products over positions
+// run on whole vectors.
+constexpr int64_t kPad = 8;
+MK_ALWAYS_INLINE int64_t round_up_pad(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
 template <typename acc_t>
 struct ForwardScratch {
   std::vector<acc_t> buf;
   std::vector<int64_t> idx;
-  acc_t *e, *et, *b, *w, *ebar, *z, *c, *h;
+  acc_t *e, *et, *b, *bp, *w, *ebar, *z, *c, *h;
   ForwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
-      : buf(L * D_in + D_in * L + 2 * K * L + 2 * K * D_in + 2 * K * D_out), idx(L) {
+      : buf(L * D_in + D_in * (L + kPad) + 3 * K * (L + kPad) + 2 * K * D_in + 2 * K * D_out), idx(L) {
     acc_t* p = buf.data();
     e = p; p += L * D_in;
-    et = p; p += D_in * L;
-    b = p; p += K * L;
-    w = p; p += K * L;
+    et = p; p += D_in * (L + kPad);
+    b = p; p += K * (L + kPad);
+    bp = p; p += K * (L + kPad);
+    w = p; p += K * (L + kPad);
     ebar = p; p += K * D_in;
     z = p; p += K * D_out;
     c = p; p += K * D_out;
@@ -251,21 +257,24 @@ struct ForwardScratch {
   }
 };
 
-// The routing iterations of one user over n positions (rows e (n, D_in), logits b (K, n), both with
-// row stride n / D_in). valid == nullptr means every position is valid; w (K, n) receives the last
-// iteration's coupling; z and c the last pre-activation and capsules.
+// The routing iterations of one user over n positions: rows e (n, D_in), logits s.b (K, n) with row
+// stride ld, coupling w (K, n) with row stride ld (the last iteration's is left there), z and c the
+// last pre-activation and capsules. valid == nullptr means every position is valid. In "interests"
+// mode ld is n rounded up to kPad and the pad columns of s.b hold finite values (0): the coupling is
+// then computed on whole vectors there too, and those columns are never read as weights.
 template <typename scalar_t, typename acc_t>
 MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, const acc_t* e,
-                                 int64_t n, const bool* valid, const bool* active, acc_t* w) {
+                                 int64_t n, int64_t ld, const bool* valid, const bool* active, acc_t* w) {
   const int64_t D_in = a.D_in, D_out = a.D_out, K = a.K;
+  const int64_t P = round_up_pad(n);  // row stride of e^T and of the logit increment, zero padded
   for (int64_t t = 1; t <= a.r; ++t) {
     if (a.over_behaviors || valid)
       user_coupling(s.b, valid, active, a.over_behaviors, w, static_cast<int>(K), static_cast<int>(n));
     else
-      coupling_over_interests(s.b, active, w, K, n, n);
+      coupling_over_interests(s.b, active, w, K, ld, ld);
     // Inactive interests have w_j = 0, hence ebar_j = z_j = c_j = h_j = 0 and unchanged logits.
     fill_zero(s.ebar, K * D_in);
-    gemm_acc(s.ebar, D_in, w, n, e, D_in, K, n, D_in);      // ebar = w e
+    gemm_acc(s.ebar, D_in, w, ld, e, D_in, K, n, D_in);      // ebar = w e
     fill_zero(s.z, K * D_out);
     gemm_acc(s.z, D_out, s.ebar, D_in, a.St, D_out, K, D_in, D_out);  // z = ebar S^T
     for (int64_t j = 0; j < K; ++j) {
@@ -278,14 +287,19 @@ MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardS
     }
     if (t < a.r) {
       if (t == 1) {
-        // e^T (D_in, n), built after the first pass over e has brought the rows into cache: the
+        // e^T (D_in, P), built after the first pass over e has brought the rows into cache: the
         // logit update b += h e^T is then a product with a contiguous inner axis over positions.
-        for (int64_t d = 0; d < D_in; ++d)
-          for (int64_t i = 0; i < n; ++i) s.et[d * n + i] = e[i * D_in + d];
+        for (int64_t d = 0; d < D_in; ++d) {
+          for (int64_t i = 0; i < n; ++i) s.et[d * P + i] = e[i * D_in + d];
+          for (int64_t i = n; i < P; ++i) s.et[d * P + i] = acc_t(0);
+        }
       }
       fill_zero(s.h, K * D_in);
       gemm_acc(s.h, D_in, s.c, D_out, a.S, D_in, K, D_out, D_in);  // h = c S
-      gemm_acc(s.b, n, s.h, D_in, s.et, n, K, D_in, n);             // b += h e^T
+      fill_zero(s.bp, K * P);
+      gemm_acc(s.bp, P, s.h, D_in, s.et, P, K, D_in, P);            // db = h e^T
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t i = 0; i < n; ++i) s.b[j * ld + i] += s.bp[j * P + i];  // b += db
     }
   }
 }
@@ -303,7 +317,7 @@ MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, Forwar
     // Padded positions sit in the softmax denominator: every position takes part.
     const acc_t* e = user_rows(Eu, s.e, L, D_in, false, [](int64_t) { return false; });
     for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
-    route_user(a, s, e, L, valid, active, w);
+    route_user(a, s, e, L, L, valid, active, w);
   } else {
     // "interests" mode: a masked position has w = 0 in every iteration and never influences a
     // valid one, so the routing runs on the valid positions only (their rows may hold anything,
@@ -319,29 +333,24 @@ MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, Forwar
     } else {
       n = L;
     }
+    const int64_t ld = round_up_pad(n);
     const acc_t* e;
     if (prefix) {
       e = user_rows(Eu, s.e, n, D_in, false, [](int64_t) { return false; });
       for (int64_t j = 0; j < K; ++j)
-        for (int64_t i = 0; i < n; ++i) s.b[j * n + i] = b0u[j * L + i];
+        for (int64_t i = 0; i < n; ++i) s.b[j * ld + i] = b0u[j * L + i];
     } else {
       for (int64_t k = 0; k < n; ++k) convert_row(s.e + k * D_in, Eu + s.idx[k] * D_in, D_in);
       e = s.e;
       for (int64_t j = 0; j < K; ++j)
-        for (int64_t k = 0; k < n; ++k) s.b[j * n + k] = b0u[j * L + s.idx[k]];
+        for (int64_t k = 0; k < n; ++k) s.b[j * ld + k] = b0u[j * L + s.idx[k]];
     }
-    if (n == L) {
-      route_user(a, s, e, n, nullptr, active, w);
-    } else {
-      route_user(a, s, e, n, nullptr, active, s.w);
-      fill_zero(w, K * L);
-      for (int64_t j = 0; j < K; ++j)
-        for (int64_t k = 0; k < n; ++k) w[j * L + (prefix ? k : s.idx[k])] = s.w[j * n + k];
-      if (n == 0) {  // no valid behaviour: zero capsules (the iterations above did nothing)
-        fill_zero(s.z, K * D_out);
-        fill_zero(s.c, K * D_out);
-      }
-    }
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t i = n; i < ld; ++i) s.b[j * ld + i] = acc_t(0);
+    route_user(a, s, e, n, ld, nullptr, active, s.w);
+    if (n < L) fill_zero(w, K * L);
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t k = 0; k < n; ++k) w[j * L + (prefix ? k : s.idx[k])] = s.w[j * ld + k];
   }
   convert_row(a.preact + u * K * D_out, s.z, K * D_out);
   convert_row(a.capsules + u * K * D_out, s.c, K * D_out);
