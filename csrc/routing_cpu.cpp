@@ -231,6 +231,42 @@ MK_ALWAYS_INLINE void coupling_over_interests(const acc_t* __restrict__ b, const
     masked_softmax(b + i, static_cast<int>(ld), active, 1, w + i, static_cast<int>(ld), static_cast<int>(K));
 }
 
+// et (D_in, P) = e^T for e (n, D_in), with columns n .. P - 1 of et set to 0 (P = n rounded up to
+// kPad). float goes through 8 x 8 blocks transposed in registers.
+template <typename T>
+MK_ALWAYS_INLINE void transpose_rows(T* __restrict__ et, int64_t P, const T* __restrict__ e, int64_t n, int64_t D_in) {
+  int64_t d0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using V = typename VecOf<float>::type;
+    typedef int I __attribute__((vector_size(32)));
+    for (; d0 + 8 <= D_in; d0 += 8) {
+      for (int64_t i0 = 0; i0 < P; i0 += 8) {
+        V r[8];
+        for (int q = 0; q < 8; ++q) r[q] = i0 + q < n ? vload<V>(e + (i0 + q) * D_in + d0) : V{};
+        V t[8], u[8];
+        for (int q = 0; q < 8; q += 2) {
+          t[q] = __builtin_shuffle(r[q], r[q + 1], I{0, 8, 1, 9, 4, 12, 5, 13});
+          t[q + 1] = __builtin_shuffle(r[q], r[q + 1], I{2, 10, 3, 11, 6, 14, 7, 15});
+        }
+        for (int q = 0; q < 8; q += 4) {
+          u[q] = __builtin_shuffle(t[q], t[q + 2], I{0, 1, 8, 9, 4, 5, 12, 13});
+          u[q + 1] = __builtin_shuffle(t[q], t[q + 2], I{2, 3, 10, 11, 6, 7, 14, 15});
+          u[q + 2] = __builtin_shuffle(t[q + 1], t[q + 3], I{0, 1, 8, 9, 4, 5, 12, 13});
+          u[q + 3] = __builtin_shuffle(t[q + 1], t[q + 3], I{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+        for (int q = 0; q < 4; ++q) {
+          vstore(et + (d0 + q) * P + i0, __builtin_shuffle(u[q], u[q + 4], I{0, 1, 2, 3, 8, 9, 10, 11}));
+          vstore(et + (d0 + q + 4) * P + i0, __builtin_shuffle(u[q], u[q + 4], I{4, 5, 6, 7, 12, 13, 14, 15}));
+        }
+      }
+    }
+  }
+  for (int64_t d = d0; d < D_in; ++d) {
+    for (int64_t i = 0; i < n; ++i) et[d * P + i] = e[i * D_in + d];
+    for (int64_t i = n; i < P; ++i) et[d * P + i] = T(0);
+  }
+}
+
 // Per-thread scratch of the forward: a handful of (K, L)/(K, D) rows, reused across users. Rows over
 // positions have room for L rounded up to a multiple of 8 (kPad), so the products over positions
 // run on whole vectors.
@@ -289,10 +325,7 @@ MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardS
       if (t == 1) {
         // e^T (D_in, P), built after the first pass over e has brought the rows into cache: the
         // logit update b += h e^T is then a product with a contiguous inner axis over positions.
-        for (int64_t d = 0; d < D_in; ++d) {
-          for (int64_t i = 0; i < n; ++i) s.et[d * P + i] = e[i * D_in + d];
-          for (int64_t i = n; i < P; ++i) s.et[d * P + i] = acc_t(0);
-        }
+        transpose_rows(s.et, P, e, n, D_in);
       }
       fill_zero(s.h, K * D_in);
       gemm_acc(s.h, D_in, s.c, D_out, a.S, D_in, K, D_out, D_in);  // h = c S
