@@ -411,6 +411,25 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
+// St (D_in, D_out) = S^T for D_out a multiple of kPad, through the register transposes.
+template <typename T>
+void transpose_weight_generic(T* St, const T* S, int64_t D_out, int64_t D_in) {
+  transpose_rows(St, D_out, S, D_out, D_in);
+}
+#if MK_X86_DISPATCH
+template <typename T>
+MK_TARGET_AVX2 void transpose_weight_avx2(T* St, const T* S, int64_t D_out, int64_t D_in) {
+  transpose_rows(St, D_out, S, D_out, D_in);
+}
+#endif
+template <typename T>
+void transpose_weight(T* St, const T* S, int64_t D_out, int64_t D_in) {
+#if MK_X86_DISPATCH
+  if (cpu_has_avx2_fma()) return transpose_weight_avx2(St, S, D_out, D_in);
+#endif
+  transpose_weight_generic(St, S, D_out, D_in);
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_range(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
 #if MK_X86_DISPATCH
@@ -606,9 +625,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, E.scalar_type(), "mind_kernels_routing_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* Sp = S.const_data_ptr<acc_t>();
-    std::vector<acc_t> St(D_in * D_out);
-    for (int64_t o = 0; o < D_out; ++o)
-      for (int64_t d = 0; d < D_in; ++d) St[d * D_out + o] = Sp[o * D_in + d];
+    std::vector<acc_t> St(D_in * round_up_pad(D_out));
+    if (D_out % kPad == 0) {
+      transpose_weight(St.data(), Sp, D_out, D_in);
+    } else {
+      for (int64_t o = 0; o < D_out; ++o)
+        for (int64_t d = 0; d < D_in; ++d) St[d * D_out + o] = Sp[o * D_in + d];
+    }
     ForwardArgs<scalar_t, acc_t> a{E.const_data_ptr<scalar_t>(),
                                    Sp,
                                    St.data(),
