@@ -240,9 +240,9 @@ def _run(backend, c, tensors, grad_output=None):
 
 def _check_case(backend, c):
     tensors, oracle_in, (touched, must_propagate) = _make_inputs(c)
-    if backend == "cpp" and not c["detach"] and c["B"] > 0:
-        # (B = 0 returns the empty result before any backend is chosen: a correct answer, accepted)
+    if backend == "cpp" and not c["detach"]:
         # the fused backward is the detached one: an explicit request must be refused, clearly
+        # (for B = 0 too: the backend is chosen before the empty shortcut)
         with pytest.raises(ValueError, match="detach_routing=False"):
             b2i_routing(*tensors, num_iters=c["r"], softmax_over=c["softmax_over"], detach_routing=False,
                         backend="cpp")
