@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .evaluate import _F32_EPS, _exact_scores, _propose_faiss, _rank
+from .evaluate import _F32_EPS, _exact_scores, _propose_faiss, _rank, normalize_exclude
 
 KINDS = ("exact", "ivf", "hnsw")
 _FULL_BLOCK = 65536  # catalogue rows per float64 block in the exact fallback (32 MiB at d = 64)
@@ -185,14 +185,7 @@ def search(index: AnnIndex, user_vectors, n: int, exclude: list | None = None,
         raise ValueError("user_vectors must be finite")
     U, K, d = uv.shape
     N = index.num_items
-    if exclude is None:
-        exclude = [np.zeros(0, np.int64)] * U
-    if len(exclude) != U:
-        raise ValueError(f"exclude has {len(exclude)} entries for {U} users")
-    exclude = [np.asarray(x, dtype=np.int64).reshape(-1) for x in exclude]
-    for x in exclude:
-        if len(x) and (x.min() < 0 or x.max() > N):
-            raise ValueError(f"exclude holds item indices outside 0..{N}: {x[(x < 0) | (x > N)][:5]}")
+    exclude = normalize_exclude(exclude, U, N)
 
     items = np.full((U, n), -1, dtype=np.int64)
     scores = np.full((U, n), -np.inf, dtype=np.float32)

@@ -110,6 +110,20 @@ def _propose_faiss(index, uv: torch.Tensor, excl: list[np.ndarray], m: int, num_
     return out
 
 
+def normalize_exclude(exclude, num_users: int, num_items: int) -> list:
+    """Per-user int64 arrays of item indices to leave out (None = none); ValueError if out of 0..num_items."""
+    if exclude is None:
+        return [np.zeros(0, np.int64)] * num_users
+    if len(exclude) != num_users:
+        raise ValueError(f"exclude has {len(exclude)} entries for {num_users} users")
+    exclude = [np.asarray(x, dtype=np.int64).reshape(-1) for x in exclude]
+    for x in exclude:
+        if len(x) and (x.min() < 0 or x.max() > num_items):
+            bad = x[(x < 0) | (x > num_items)][:5]
+            raise ValueError(f"exclude holds item indices outside 0..{num_items}: {bad}")
+    return exclude
+
+
 def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: int,
                   exclude: list | None = None, use_faiss: bool | None = None,
                   chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -138,14 +152,7 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
         raise ValueError("user_vectors and item_embeddings must be finite")
     U, K, d = uv.shape
     N = E.shape[0] - 1
-    if exclude is None:
-        exclude = [np.zeros(0, np.int64)] * U
-    if len(exclude) != U:
-        raise ValueError(f"exclude has {len(exclude)} entries for {U} users")
-    exclude = [np.asarray(x, dtype=np.int64).reshape(-1) for x in exclude]
-    for x in exclude:
-        if len(x) and (x.min() < 0 or x.max() > N):
-            raise ValueError(f"exclude holds item indices outside 0..{N}: {x[(x < 0) | (x > N)][:5]}")
+    exclude = normalize_exclude(exclude, U, N)
     if use_faiss is None:
         use_faiss = faiss_available()
 
