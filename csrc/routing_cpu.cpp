@@ -26,7 +26,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -231,6 +233,62 @@ MK_ALWAYS_INLINE void coupling_over_interests(const acc_t* __restrict__ b, const
     masked_softmax(b + i, static_cast<int>(ld), active, 1, w + i, static_cast<int>(ld), static_cast<int>(K));
 }
 
+// Coupling of "behaviors" mode over the ld columns of each logit row (row stride ld): for each active
+// j, w_j = softmax over all columns of b_j, then w_ji = 0 for i >= n_valid (the positions were
+// reordered so the valid ones come first; columns past the real positions hold -inf, which adds 0
+// to the denominator). Inactive j get 0. As in the reference: a row whose peak is -inf (every logit
+// -inf) gives 0, never NaN; a NaN/+Inf logit gives NaN for the whole row. float runs on whole
+// vectors with vexp_nonpos (requires ld % 8 == 0).
+template <typename acc_t>
+MK_ALWAYS_INLINE void coupling_over_behaviors(const acc_t* __restrict__ b, const bool* active, acc_t* __restrict__ w,
+                                              int64_t K, int64_t ld, int64_t n_valid) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < K; ++j) {
+    const acc_t* bj = b + j * ld;
+    acc_t* wj = w + j * ld;
+    if ((active && !active[j]) || n_valid == 0) {
+      fill_zero(wj, ld);
+      continue;
+    }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      using V = typename VecOf<float>::type;
+      constexpr int W = 8;
+      // Peak: lane-wise max; a NaN lane poisons the total below whatever the peak is.
+      V pk = vload<V>(bj);
+      for (int64_t i = W; i < ld; i += W) {
+        const V v = vload<V>(bj + i);
+        pk = v > pk ? v : pk;
+      }
+      float peak = pk[0];
+      for (int q = 1; q < W; ++q) peak = pk[q] > peak ? pk[q] : peak;
+      if (peak == neg_inf) peak = 0.0f;
+      V tot{};
+      for (int64_t i = 0; i < ld; i += W) {
+        const V e = vexp_nonpos(vload<V>(bj + i) - peak);
+        vstore(wj + i, e);
+        tot += e;
+      }
+      float total = 0.0f;
+      for (int q = 0; q < W; ++q) total += tot[q];
+      const float inv = total == 0.0f ? 0.0f : 1.0f / total;
+      for (int64_t i = 0; i < ld; i += W) vstore(wj + i, vload<V>(wj + i) * inv);
+    } else {
+      acc_t peak = bj[0];
+      for (int64_t i = 1; i < ld; ++i) peak = bj[i] > peak ? bj[i] : peak;
+      if (peak == neg_inf) peak = acc_t(0);
+      acc_t total = acc_t(0);
+      for (int64_t i = 0; i < ld; ++i) {
+        const acc_t e = exp(bj[i] - peak);
+        wj[i] = e;
+        total += e;
+      }
+      const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
+      for (int64_t i = 0; i < ld; ++i) wj[i] *= inv;
+    }
+    fill_zero(wj + n_valid, ld - n_valid);
+  }
+}
+
 // et (D_in, P) = e^T for e (n, D_in), with columns n .. P - 1 of et set to 0 (P = n rounded up to
 // kPad). float goes through 8 x 8 blocks transposed in registers.
 template <typename T>
@@ -300,17 +358,18 @@ struct ForwardScratch {
 // then computed on whole vectors there too, and those columns are never read as weights.
 template <typename scalar_t, typename acc_t>
 MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardScratch<acc_t>& s, const acc_t* e,
-                                 int64_t n, int64_t ld, const bool* valid, const bool* active, acc_t* w) {
+                                 int64_t n, int64_t ld, int64_t n_valid, int64_t n_agg, const bool* active,
+                                 acc_t* w) {
   const int64_t D_in = a.D_in, D_out = a.D_out, K = a.K;
   const int64_t P = round_up_pad(n);  // row stride of e^T and of the logit increment, zero padded
   for (int64_t t = 1; t <= a.r; ++t) {
-    if (a.over_behaviors || valid)
-      user_coupling(s.b, valid, active, a.over_behaviors, w, static_cast<int>(K), static_cast<int>(n));
+    if (a.over_behaviors)
+      coupling_over_behaviors(s.b, active, w, K, ld, n_valid);
     else
       coupling_over_interests(s.b, active, w, K, ld, ld);
     // Inactive interests have w_j = 0, hence ebar_j = z_j = c_j = h_j = 0 and unchanged logits.
     fill_zero(s.ebar, K * D_in);
-    gemm_acc(s.ebar, D_in, w, ld, e, D_in, K, n, D_in);      // ebar = w e
+    gemm_acc(s.ebar, D_in, w, ld, e, D_in, K, n_agg, D_in);  // ebar = w e (columns >= n_agg have w = 0)
     fill_zero(s.z, K * D_out);
     gemm_acc(s.z, D_out, s.ebar, D_in, a.St, D_out, K, D_in, D_out);  // z = ebar S^T
     for (int64_t j = 0; j < K; ++j) {
@@ -347,10 +406,51 @@ MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, Forwar
   acc_t* w = a.coupling + u * K * L;  // the last iteration's w is the output
 
   if (a.over_behaviors) {
-    // Padded positions sit in the softmax denominator: every position takes part.
-    const acc_t* e = user_rows(Eu, s.e, L, D_in, false, [](int64_t) { return false; });
-    for (int64_t x = 0; x < K * L; ++x) s.b[x] = b0u[x];
-    route_user(a, s, e, L, L, valid, active, w);
+    // Padded positions sit in the softmax denominator: every position takes part in the logit update
+    // and the softmax, but only valid ones carry weight. The softmax over positions and the update
+    // are per position, so the positions are reordered valid first (order kept within each group):
+    // the aggregation ebar = w e then runs over the n_valid first rows only. That skip is exact
+    // (0 * x = 0) unless a padded row holds a NaN/Inf, which must reach the output through 0 * NaN
+    // (the reference's non-finite contract): such a user aggregates over all L rows.
+    // Logit rows have stride ld = L rounded up to kPad; the extra columns hold -inf (weight 0).
+    int64_t n_valid = 0;
+    bool prefix = true;
+    if (valid) {
+      for (int64_t i = 0; i < L; ++i)
+        if (valid[i]) {
+          prefix &= (n_valid == i);
+          s.idx[n_valid++] = i;
+        }
+      if (!prefix) {
+        int64_t k = n_valid;
+        for (int64_t i = 0; i < L; ++i)
+          if (!valid[i]) s.idx[k++] = i;
+      }
+    } else {
+      n_valid = L;
+    }
+    const int64_t ld = round_up_pad(L);
+    const acc_t* e;
+    if (prefix) {
+      e = user_rows(Eu, s.e, L, D_in, false, [](int64_t) { return false; });
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t i = 0; i < L; ++i) s.b[j * ld + i] = b0u[j * L + i];
+    } else {
+      for (int64_t k = 0; k < L; ++k) convert_row(s.e + k * D_in, Eu + s.idx[k] * D_in, D_in);
+      e = s.e;
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t k = 0; k < L; ++k) s.b[j * ld + k] = b0u[j * L + s.idx[k]];
+    }
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t i = L; i < ld; ++i) s.b[j * ld + i] = neg_inf;
+    // x - x is 0 for finite x and NaN for NaN/Inf: one NaN in the padded rows makes bad NaN.
+    acc_t bad = acc_t(0);
+    for (int64_t x = n_valid * D_in; x < L * D_in; ++x) bad += e[x] - e[x];
+    const int64_t n_agg = bad == acc_t(0) ? n_valid : L;
+    route_user(a, s, e, L, ld, n_valid, n_agg, active, s.w);
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t k = 0; k < L; ++k) w[j * L + (prefix ? k : s.idx[k])] = s.w[j * ld + k];
   } else {
     // "interests" mode: a masked position has w = 0 in every iteration and never influences a
     // valid one, so the routing runs on the valid positions only (their rows may hold anything,
@@ -380,7 +480,7 @@ MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, Forwar
     }
     for (int64_t j = 0; j < K; ++j)
       for (int64_t i = n; i < ld; ++i) s.b[j * ld + i] = acc_t(0);
-    route_user(a, s, e, n, ld, nullptr, active, s.w);
+    route_user(a, s, e, n, ld, n, n, active, s.w);
     if (n < L) fill_zero(w, K * L);
     for (int64_t j = 0; j < K; ++j)
       for (int64_t k = 0; k < n; ++k) w[j * L + (prefix ? k : s.idx[k])] = s.w[j * ld + k];
