@@ -444,10 +444,10 @@ MK_ALWAYS_INLINE void forward_user(const ForwardArgs<scalar_t, acc_t>& a, Forwar
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = 0; j < K; ++j)
       for (int64_t i = L; i < ld; ++i) s.b[j * ld + i] = neg_inf;
-    // x - x is 0 for finite x and NaN for NaN/Inf: one NaN in the padded rows makes bad NaN.
-    acc_t bad = acc_t(0);
-    for (int64_t x = n_valid * D_in; x < L * D_in; ++x) bad += e[x] - e[x];
-    const int64_t n_agg = bad == acc_t(0) ? n_valid : L;
+    // x - x is 0 for finite x and NaN for NaN/Inf (an AND over lanes: vectorises, no float reduction).
+    int finite = 1;
+    for (int64_t x = n_valid * D_in; x < L * D_in; ++x) finite &= (e[x] - e[x] == acc_t(0));
+    const int64_t n_agg = finite ? n_valid : L;
     route_user(a, s, e, L, ld, n_valid, n_agg, active, s.w);
     for (int64_t j = 0; j < K; ++j)
       for (int64_t k = 0; k < L; ++k) w[j * L + (prefix ? k : s.idx[k])] = s.w[j * ld + k];
