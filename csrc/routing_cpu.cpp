@@ -201,8 +201,8 @@ MK_ALWAYS_INLINE V vexp_nonpos(V x) {
 
 // Coupling of "interests" mode over n positions that are all valid (the rows were compacted), row
 // stride ld: for each i, w_ji = softmax over the active j of b_ji. Same arithmetic as
-// masked_softmax (peak of the active logits, exp(x - peak), times 1 / total; 0 when nothing is
-// active; NaN/+Inf propagates), with the exp vectorised over positions for float.
+// masked_softmax (peak of the active logits, -inf peaks taken as 0, exp(x - peak), times 1 / total;
+// 0 when nothing is active; NaN/+Inf propagates), with the exp vectorised over positions for float.
 template <typename acc_t>
 MK_ALWAYS_INLINE void coupling_over_interests(const acc_t* __restrict__ b, const bool* active, acc_t* __restrict__ w,
                                               int64_t K, int64_t n, int64_t ld) {
@@ -219,6 +219,7 @@ MK_ALWAYS_INLINE void coupling_over_interests(const acc_t* __restrict__ b, const
         peak = any ? (v > peak ? v : peak) : v;
         any = true;
       }
+      peak = peak == (V{} - INFINITY) ? V{} : peak;  // every active logit -inf: w = 0, as the reference
       for (int64_t j = 0; j < K; ++j) {
         V e{};
         if (!active || active[j]) e = vexp_nonpos(vload<V>(b + j * ld + i0) - peak);

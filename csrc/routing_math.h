@@ -51,6 +51,8 @@ MK_HD void masked_softmax(const acc_t* x, int x_stride, const mask_t* active, in
     peak = any ? (v > peak ? v : peak) : v;
     any = true;
   }
+  // Every active logit -inf: nothing to normalise over; avoid -inf - -inf (the reference gives w = 0).
+  if (peak == -acc_t(INFINITY)) peak = acc_t(0);
   acc_t total = acc_t(0);
   for (int k = 0; k < n; ++k) {
     acc_t e = acc_t(0);

@@ -338,3 +338,18 @@ def test_nan_padding_is_ignored_in_interests_mode(dtype):
     for g_, w_ in zip(got, want):
         assert torch.isfinite(g_.double()).all()
         assert torch.equal(g_, w_)
+
+
+@pytest.mark.parametrize("softmax_over", ["interests", "behaviors"])
+def test_all_minus_inf_logits_give_zero_weights_like_the_reference(softmax_over):
+    E, S, b0, mask, _ = make_inputs(3, 6, 5, 4, 3, torch.float32, per_user_logits=True)
+    assert b0.shape == (3, 3, 6)
+    b0 = b0.clone()
+    b0[1] = float("-inf")  # user 1: every logit -inf, nothing to normalise over
+    got = mind_kernels.b2i_routing(E, S, b0, mask, num_iters=1, softmax_over=softmax_over,
+                                   return_weights=True, backend="cpp")
+    want = mind_kernels.b2i_routing(E, S, b0, mask, num_iters=1, softmax_over=softmax_over,
+                                    return_weights=True, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.isfinite(w).all()
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
