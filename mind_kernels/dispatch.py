@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -34,9 +34,8 @@ ENV_VAR = "MIND_KERNELS_BACKEND"
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@dataclass(frozen=True)
-class RoutingCall:
-    """What a backend needs to know to accept or refuse a call."""
+class RoutingCall(NamedTuple):
+    """What a backend needs to know to accept or refuse a call (a NamedTuple: built on every call, cheaply)."""
 
     device_type: str
     dtype: torch.dtype
