@@ -99,6 +99,7 @@ def test_auto_fallback_is_logged_once(caplog, monkeypatch):
     E, S, b = _ok()
     call = mind_kernels.api._call_of(E, S, mind_kernels.api.check_routing_inputs(E, S, b), "interests", False)
     monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
+    monkeypatch.setattr(dispatch, "_selection_cache", {})
     with caplog.at_level(logging.WARNING, logger="mind_kernels"):
         assert dispatch.select(call).name == "reference"
         assert dispatch.select(call).name == "reference"
