@@ -21,11 +21,9 @@ Prints a table and writes ``bench_ann.csv`` under ``--out`` (default: $OUT, else
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -34,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mind.ann import build_index, search  # noqa: E402
+
+from common import git_revision, write_rows_csv  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -59,14 +59,6 @@ def make_data(items: int, dim: int, queries: int, interests: int, clusters: int,
 
 def recall_at(got: np.ndarray, want: np.ndarray, n: int) -> float:
     return float(np.mean([len(set(g[g >= 0]) & set(w[w >= 0])) / n for g, w in zip(got, want)]))
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -137,7 +129,7 @@ def main(argv=None) -> int:
 
     meta = dict(items=args.items, dim=args.dim, queries=args.queries, interests=args.interests, n=args.n,
                 clusters=args.clusters, spread=args.spread, threads=faiss.omp_get_max_threads(),
-                faiss=faiss.__version__, cpu=platform.processor() or platform.machine(), git=git_rev())
+                faiss=faiss.__version__, cpu=platform.processor() or platform.machine(), git=git_revision())
     for r in rows:
         r["users_per_s"] = args.queries / r["query_s"]
         r.update(meta)
@@ -148,13 +140,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['kind']:<6} {r['params']:<40} {r['build_s']:>9.2f} {r['query_s']:>9.2f} "
               f"{r['users_per_s']:>10.0f} {r['recall']:>10.4f}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_ann.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = write_rows_csv(rows, args.out, "bench_ann.csv")
     print(f"\nwrote {path}")
     return 0
 

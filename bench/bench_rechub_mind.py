@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -32,13 +30,7 @@ import torch.nn.functional as F
 import mind_kernels
 from mind_kernels.compat import torch_rechub as compat
 
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from common import git_revision, write_rows_csv
 
 
 def sync(device):
@@ -234,12 +226,7 @@ def main(argv=None):
         print(f"{r['case']:<24} {r['mode']:<8} {r['variant']:<13} {r['backend']:<18} {r['median_ms']:>10.2f} "
               f"{r['p20_ms']:>8.2f}-{r['p80_ms']:<8.2f} {r['speedup']:>9.2f}")
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"rechub_mind_{args.device}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["case"])
-        w.writeheader()
-        w.writerows(rows)
+    path = write_rows_csv(rows, args.out, f"rechub_mind_{args.device}.csv")
     print(f"wrote {path}")
     return rows
 

@@ -27,11 +27,9 @@ threads, CPU and git revision) under ``--out`` (default: $OUT, else bench/result
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,17 +43,11 @@ import torch  # noqa: E402
 
 from mind.serve import export, load  # noqa: E402
 
+from common import git_revision, write_rows_csv  # noqa: E402
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def train_small(users: int, items: int, dim: int, epochs: int, out: pathlib.Path) -> pathlib.Path:
@@ -136,7 +128,7 @@ def main(argv=None) -> int:
                      "mean_ms": 1e3 * float(t.mean()), "ms_per_user": 1e3 * med / B, "n": args.n,
                      "items": rec.num_items, "dim": int(rec.item_table.shape[1]), "K": rec.model.num_interests,
                      "max_len": rec.max_len, "threads": threads, "torch": torch.__version__,
-                     "cpu": platform.processor() or platform.machine(), "git": git_rev()})
+                     "cpu": platform.processor() or platform.machine(), "git": git_revision()})
         r = rows[-1]
         print(f"  {mode:5s} B={B:5d}: {r['users_per_s']:9.0f} users/s  p50 {r['p50_ms']:9.2f} ms  "
               f"p95 {r['p95_ms']:9.2f} ms  ({repeats} calls)", flush=True)
@@ -146,13 +138,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['mode']} | {r['batch']} | {r['users_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
               f"{r['ms_per_user']:.3f} | {r['calls']} |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_serving.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = write_rows_csv(rows, args.out, "bench_serving.csv")
     print(f"\nwritten: {path}")
     return 0
 

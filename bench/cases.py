@@ -9,7 +9,6 @@ Every callable runs the forward, or forward + backward when ``mode == "fwd+bwd"`
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,14 +34,6 @@ class Case:
     def name(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         return f"B={self.batch} L={self.length} D={self.dim} K={self.interests} r={self.iters} {dt} {self.device}"
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _inputs(case: Case, seed: int = 0):

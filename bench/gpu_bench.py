@@ -28,11 +28,10 @@ import argparse
 import csv
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
@@ -40,6 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 from mind_kernels import reference  # noqa: E402
+
+from common import git_revision  # noqa: E402  (bench/ is this script's folder)
 
 #: Peak HBM bandwidth in bytes/s by a substring of ``torch.cuda.get_device_name()`` (first match wins).
 PEAK_BANDWIDTH = [
@@ -115,14 +116,6 @@ def make_case(B, L, D, K, r, dtype, device, seed=0) -> Case:
     mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
     G = torch.randn(B, K, D, generator=g).to(device, dtype)
     return Case(B, L, D, K, r, dtype, device, E, S, b0, mask, G)
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def peak_bandwidth(device: str) -> tuple:
@@ -347,7 +340,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     peak_bw, peak_src = peak_bandwidth(device)
-    rev = git_rev()
+    rev = git_revision()
     start = time.monotonic()
     rows: List[Row] = []
     partial_file = open(os.path.join(args.out, "gpu_bench.partial.csv"), "w", newline="")

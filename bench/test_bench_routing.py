@@ -10,7 +10,8 @@ B in {1, 16, 256, 1024, 4096}, L=50, D=64, K=4, r=3, float32.
 import pytest
 import torch
 
-from cases import Case, git_revision, make_callable, unavailable
+from cases import Case, make_callable, unavailable
+from common import git_revision
 from memory import peak_bytes
 
 BATCHES = (1, 16, 256, 1024, 4096)
