@@ -43,6 +43,7 @@ import torch
 import mind_kernels
 from mind_kernels import b2i_routing, dynamic_interest_mask, ops
 from mind_kernels.reference import b2i_routing_reference
+from routing_checks import run_op
 
 HAS_CUDA_KERNEL = ops.kernel_unavailable_reason("cuda") is None
 needs_cuda_kernel = pytest.mark.skipif(
@@ -83,15 +84,6 @@ def cuda_fn(E, S, b0, mask, interest_mask, r, over):
 
 def reference_fn(E, S, b0, mask, interest_mask, r, over):
     return b2i_routing_reference(E, S, b0, mask, interest_mask, r, "behaviors" if over else "interests", True, True)
-
-
-def run_op(fn, E, S, b0, mask, interest_mask, G, r, over):
-    """(capsules, w, dE, dS) of one routing call with gradient G on the capsules."""
-    E = E.detach().clone().requires_grad_()
-    S = S.detach().clone().requires_grad_()
-    c, w = fn(E, S, b0, mask, interest_mask, r, over)
-    c.backward(G)
-    return c.detach(), w.detach(), E.grad, S.grad
 
 
 NAMES = ("capsules", "coupling", "dE", "dS")

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from mind_kernels import b2i_routing, dynamic_interest_mask
+from routing_checks import run_op
 from mind_kernels.dispatch import RoutingCall
 from mind_kernels.reference import b2i_routing_reference
 from mind_kernels.triton import routing as triton_routing
@@ -62,15 +63,6 @@ def make_case(B, L, D_in, D_out, K, dtype, device="cpu", weight_dtype=None, batc
         interest_mask[1] = False
     G = torch.randn(B, K, D_out, generator=g).to(dtype)
     return [t.to(device) for t in (E, S, b0, mask, interest_mask, G)]
-
-
-def run_op(fn, E, S, b0, mask, interest_mask, G, r, over):
-    """(capsules, w, dE, dS) of one routing call with gradient G on the capsules."""
-    E = E.detach().clone().requires_grad_()
-    S = S.detach().clone().requires_grad_()
-    c, w = fn(E, S, b0, mask, interest_mask, r, over)
-    c.backward(G)
-    return c.detach(), w.detach(), E.grad, S.grad
 
 
 def reference_fn(E, S, b0, mask, interest_mask, r, over):
