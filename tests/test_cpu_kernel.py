@@ -109,6 +109,8 @@ def compare_with_reference(E, S, b0, mask, imask, r, axis):
         (5, 37, 3, 3, 3),  # D = 3, L = 37
         (4, 11, 9, 6, 5),  # D_out != D_in, K > 4 tail
         (1, 20, 13, 17, 4),  # B = 1
+        (3, 10, 12, 5, 3),  # D_in >= 2 D_out: every iteration through S, not through Q = S^T S
+        (2, 50, 64, 64, 4),  # the paper's sizes
     ],
 )
 def test_matches_reference(B, L, D_in, D_out, K, axis, dtype):
@@ -153,6 +155,47 @@ def test_empty_users_and_inactive_interests_give_zeros():
         assert (c[1] == 0).all() and (w[1] == 0).all()
         assert (c[2, 1] == 0).all() and (w[2, 1] == 0).all()
         assert c[2, 0].abs().sum() > 0
+
+
+def test_a_user_gets_the_same_bits_alone_or_in_a_batch():
+    """Per-user results depend on the user's inputs and the shapes only (not B, threads or the path's
+    cost model): what online serving (B = 1) returns is what a training batch computes."""
+    E, S, b0, mask, imask = make_inputs(9, 23, 16, 16, 4, torch.float32, per_user_logits=True, interest_mask="random")
+    for axis in ("interests", "behaviors"):
+        batch = mind_kernels.b2i_routing(E, S, b0, mask, imask, softmax_over=axis, backend="cpp")
+        for u in range(E.shape[0]):
+            alone = mind_kernels.b2i_routing(
+                E[u : u + 1], S, b0[u : u + 1], mask[u : u + 1], imask[u : u + 1], softmax_over=axis, backend="cpp"
+            )
+            assert torch.equal(alone[0], batch[u]), (axis, u)
+
+
+def test_results_do_not_depend_on_the_previous_weight():
+    """The forward caches Q = S^T S per thread, keyed by the contents and shape of S: a different S in
+    between, an in-place change of S, or the same bytes under another shape must all be seen."""
+    E, S, b0, mask, _ = make_inputs(4, 12, 8, 6, 3, torch.float32)
+
+    def route(E_, S_):
+        return mind_kernels.b2i_routing(E_, S_, b0, mask, num_iters=3, backend="cpp")
+
+    first = route(E, S)
+    route(E, torch.randn_like(S))  # evicts S
+    assert torch.equal(route(E, S), first)
+    assert torch.equal(route(E, S), first)  # served from the cache: the same bits
+
+    S2 = S.clone()
+    assert torch.equal(route(E, S2), first)  # S2's contents are cached now ...
+    S2[2, 5] += 0.5  # ... and change in place: same storage, same address
+    changed = route(E, S2)
+    assert not torch.equal(changed, first)
+    want = mind_kernels.b2i_routing(E.double(), S2.double(), b0.double(), mask, num_iters=3, backend="reference")
+    torch.testing.assert_close(changed.double(), want, atol=1e-5, rtol=1e-4)
+
+    S_t = S.reshape(8, 6)  # the same bytes as (D_out, D_in) = (8, 6)
+    E_t = E[..., :6].contiguous()
+    got = route(E_t, S_t)
+    want = mind_kernels.b2i_routing(E_t.double(), S_t.double(), b0.double(), mask, num_iters=3, backend="reference")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_zero():
