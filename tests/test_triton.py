@@ -143,7 +143,7 @@ def test_no_masks_broadcast_logits(over):
 
 
 @interp
-@pytest.mark.parametrize("shape", [(3, 1, 1, 1, 1), (2, 17, 8, 16, 4), (5, 9, 7, 2, 5)])
+@pytest.mark.parametrize("shape", [(3, 1, 1, 1, 1), (2, 17, 8, 16, 4), (5, 9, 7, 2, 5), (2, 6, 20, 12, 3)])
 def test_more_shapes(shape):
     B, L, D_in, D_out, K = shape
     E, S, b0, mask, im, G = make_case(B, L, D_in, D_out, K, torch.float32, seed=B + L)
@@ -327,16 +327,22 @@ def test_kernels_compile_for_sm90_without_a_gpu(dtype):
         pytest.skip("triton was imported under the interpreter in this process")
     blocks = {"BL": 64, "BK": 4, "BDI": 64, "BDO": 64, "EPS": kernels.SQUASH_EPS}
     ints = {n: "i32" for n in ("B", "L", "K", "D_IN", "D_OUT")}
-    fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "B0_ptr": "*fp32", "M_ptr": "*u8", "IM_ptr": "*u8",
-               "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
-               "num_iters": "i32", **{n: "constexpr" for n in ("HAS_MASK", "HAS_IMASK", "OVER_BEHAVIORS", *blocks)}}
+    flags = ("HAS_MASK", "HAS_IMASK", "OVER_BEHAVIORS", "USE_GRAM")
+    fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
+               "IM_ptr": "*u8", "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
+               "num_iters": "i32", **{n: "constexpr" for n in (*flags, *blocks)}}
+    gram_sig = {"S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "D_IN": "i32", "D_OUT": "i32", "ROWS": "constexpr",
+                "BDI": "constexpr"}
     bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32",
                "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints, **{n: "constexpr" for n in blocks}}
     target = GPUTarget("cuda", 90, 32)
     options = {"num_warps": triton_routing._num_warps(64, 4, 64, 64)}
+    fwd_flags = {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": True}
     for fn, sig, consts in (
-        (kernels.routing_fwd_kernel, fwd_sig, {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": True, **blocks}),
+        (kernels.routing_fwd_kernel, fwd_sig, {**fwd_flags, "USE_GRAM": True, **blocks}),
+        (kernels.routing_fwd_kernel, fwd_sig, {**fwd_flags, "USE_GRAM": False, **blocks}),
         (kernels.routing_bwd_kernel, bwd_sig, blocks),
+        (kernels.gram_kernel, gram_sig, {"ROWS": triton_routing.GRAM_ROWS, "BDI": 64}),
     ):
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
         assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"

@@ -25,6 +25,14 @@ Reassociation (ROUTING.md allows it) avoids ever forming u = E S^T, an
     v_j = S^T c_j                   (BK, BDI)
     b_ij += e_i . v_j               (BK, BL)     = c_j . u_i
 
+With ``USE_GRAM`` the iterations t < r go through Q = S^T S (D_in, D_in),
+computed once per call by ``gram_kernel``, and never form z:
+
+    y_j = Q x_j;  |z_j|^2 = x_j . y_j;  v_j = S^T c_j = a(|z_j|^2) y_j
+
+K D_in^2 multiply-adds instead of 2 K D_in D_out per iteration (the same
+formulation as the CPU kernel; 22% fewer FLOPs at L=50, D=64, K=4, r=3).
+
 Half inputs are cast to float32 right after loading; all accumulation is in
 float32 (no libdevice, no inline asm, no block pointers: interpreter-friendly).
 """
@@ -78,18 +86,38 @@ def _squash(z, EPS: tl.constexpr):
 
 
 @triton.jit
+def gram_kernel(S_ptr, Q_ptr, D_IN, D_OUT, ROWS: tl.constexpr, BDI: tl.constexpr):
+    """Q = S^T S (D_IN, D_IN) fp32 from S (D_OUT, D_IN); program p writes rows p*ROWS .. p*ROWS + ROWS - 1.
+
+    A sum of D_OUT outer products of S's rows, accumulated in float32 in a fixed order.
+    """
+    pid = tl.program_id(0)
+    offs_r = pid * ROWS + tl.arange(0, ROWS)
+    offs_i = tl.arange(0, BDI)
+    in_r = offs_r < D_IN
+    in_i = offs_i < D_IN
+    q = tl.zeros((ROWS, BDI), dtype=tl.float32)
+    for o in range(D_OUT):
+        row = tl.load(S_ptr + o * D_IN + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        part = tl.load(S_ptr + o * D_IN + offs_r, mask=in_r, other=0.0).to(tl.float32)
+        q += part[:, None] * row[None, :]
+    tl.store(Q_ptr + offs_r[:, None] * D_IN + offs_i[None, :], q, mask=in_r[:, None] & in_i[None, :])
+
+
+@triton.jit
 def routing_fwd_kernel(
-    E_ptr, S_ptr, B0_ptr, M_ptr, IM_ptr,  # inputs
+    E_ptr, S_ptr, Q_ptr, B0_ptr, M_ptr, IM_ptr,  # inputs
     C_ptr, W_ptr, Z_ptr,  # outputs: capsules (E's dtype), coupling w (fp32), preactivation z (fp32)
     B, L, K, D_IN, D_OUT, b0_stride_b, num_iters,
-    HAS_MASK: tl.constexpr, HAS_IMASK: tl.constexpr, OVER_BEHAVIORS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_IMASK: tl.constexpr, OVER_BEHAVIORS: tl.constexpr, USE_GRAM: tl.constexpr,
     BL: tl.constexpr, BK: tl.constexpr, BDI: tl.constexpr, BDO: tl.constexpr,
     EPS: tl.constexpr,
 ):
     """Forward routing for users pid, pid + P, ...; all tensors contiguous.
 
-    E (B, L, D_IN); S (D_OUT, D_IN); b0 (B or 1, K, L) fp32 with batch stride
-    ``b0_stride_b`` (0 = broadcast); masks (B, L) / (B, K) uint8 when present.
+    E (B, L, D_IN); S (D_OUT, D_IN); Q = S^T S (D_IN, D_IN) fp32 when USE_GRAM;
+    b0 (B or 1, K, L) fp32 with batch stride ``b0_stride_b`` (0 = broadcast);
+    masks (B, L) / (B, K) uint8 when present.
     Writes c (B, K, D_OUT), w (B, K, L) and z (B, K, D_OUT) of the final round.
     """
     pid = tl.program_id(0)
@@ -131,9 +159,19 @@ def routing_fwd_kernel(
 
         for _t in range(num_iters - 1):
             w = _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS)
-            x, z = _aggregate(w, E, S)
-            c = _squash(z, EPS)
-            v = tl.sum(c[:, :, None] * S[None, :, :], axis=1)  # S^T c_j  (BK, BDI)
+            if USE_GRAM:
+                # Q is read from L1/L2 (shared by every program) rather than held next to S and E in registers.
+                Q = tl.load(Q_ptr + offs_i[:, None] * D_IN + offs_i[None, :], mask=in_i[:, None] & in_i[None, :],
+                            other=0.0)
+                x = tl.sum(w[:, :, None] * E[None, :, :], axis=1)  # (BK, BDI)
+                y = tl.sum(x[:, None, :] * Q[None, :, :], axis=2)  # Q x_j  (BK, BDI)
+                n2 = tl.sum(x * y, axis=1)  # |S x_j|^2
+                n2 = tl.where(n2 < 0.0, 0.0, n2)  # rounding of a positive semi-definite form; NaN stays NaN
+                v = (n2 / ((1.0 + n2) * tl.sqrt(n2 + EPS)))[:, None] * y  # S^T c_j  (BK, BDI)
+            else:
+                x, z = _aggregate(w, E, S)
+                c = _squash(z, EPS)
+                v = tl.sum(c[:, :, None] * S[None, :, :], axis=1)  # S^T c_j  (BK, BDI)
             logits += tl.sum(v[:, None, :] * E[None, :, :], axis=2)  # b_ij += e_i . S^T c_j
 
         w = _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS)

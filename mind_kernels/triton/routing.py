@@ -66,6 +66,22 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"Triton does not run on device type {device_type!r}"
 
 
+#: Rows of Q = S^T S per program of the Gram kernel.
+GRAM_ROWS = 16
+
+
+def uses_gram(in_dim: int, out_dim: int, num_iters: int) -> bool:
+    """Whether the iterations t < r go through Q = S^T S (K D_in^2 instead of 2 K D_in D_out multiply-adds).
+
+    A function of the shapes only, as in the CPU kernel, so a user's result does not depend on its batch.
+    """
+    return num_iters >= 2 and in_dim < 2 * out_dim
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -153,13 +169,21 @@ def _ops():
         m = (mask != 0).to(torch.uint8).contiguous() if mask is not None else E
         im = (interest_mask != 0).to(torch.uint8).contiguous() if interest_mask is not None else E
         BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
+        use_gram = uses_gram(D_in, D_out, num_iters)
+        if use_gram:
+            gram = E.new_empty((D_in, D_in), dtype=torch.float32)
+            wrap_triton(kernels.gram_kernel)[(_cdiv(D_in, GRAM_ROWS),)](
+                S, gram, D_in, D_out, ROWS=GRAM_ROWS, BDI=BDI
+            )
+        else:
+            gram = b0  # unused
         grid = (_num_programs(B, E.device),)
         wrap_triton(kernels.routing_fwd_kernel)[grid](
-            E, S, b0, m, im,
+            E, S, gram, b0, m, im,
             capsules, coupling, preactivation,
             B, L, K, D_in, D_out, b0_stride_b, num_iters,
             HAS_MASK=mask is not None, HAS_IMASK=interest_mask is not None, OVER_BEHAVIORS=over_behaviors,
-            BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS,
+            USE_GRAM=use_gram, BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS,
             num_warps=_num_warps(BL, BK, BDI, BDO),
         )
         return capsules, coupling, preactivation
