@@ -410,6 +410,7 @@ EMU_SHAPES = [
     (5, 40, 33, 6, 5),  # L > 32 (multi-pass warp loops), D_in > 32, K = 5 (two chunks, padded)
     (4, 9, 3, 12, 3),  # D_out > D_in
     (3, 1, 1, 1, 1),  # L = D = K = 1
+    (3, 12, 40, 24, 4),  # D_in < 2 D_out with D_in > 32: the iterations t < r through Q = S^T S, multi-pass lanes
 ]
 
 

@@ -20,6 +20,10 @@
 //
 // The reassociation (ROUTING.md allows it) never materialises u = S E (L x D_out), which would
 // cost L*D_out*D_in multiply-adds per user; the per-iteration cost is 2*K*L*D_in + 2*K*D_out*D_in.
+// When D_in < 2 D_out and r >= 2, the iterations t < r go through Q = S^T S (D_in, D_in; one small
+// gram_kernel launch per call on the same stream) and never form z or c:
+//         y_j = Q ebar_j,  |z_j|^2 = ebar_j . y_j,  v_j = a(|z_j|^2) y_j
+// which is 2*K*L*D_in + K*D_in^2 per iteration (the same formulation as the CPU kernel).
 //
 // Memory: the user's E rows are read from global memory once and kept in shared memory (as acc_t)
 // for all r iterations; S (converted to acc_t once on the host, it is small) is staged in shared
@@ -213,7 +217,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
     auto kernel = routing_forward_kernel<scalar_t, acc_t>;
     const int64_t grid = grid_for(kernel, threads, smem_bytes, B, 32);
 
-    at::Tensor E_acc, scratch;
+    at::Tensor E_acc, scratch, gram;
+    if (uses_gram(D_in, D_out, num_iters)) {
+      gram = at::empty({D_in, D_in}, behaviors.options().dtype(acc));
+      const int64_t gram_blocks = std::min<int64_t>((D_in * D_in + 255) / 256, 1024);
+      gram_kernel<acc_t><<<static_cast<unsigned>(gram_blocks), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          S.data_ptr<acc_t>(), gram.data_ptr<acc_t>(), static_cast<int>(D_in), static_cast<int>(D_out));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (!p.E_smem) {
       E_acc = E.to(acc).contiguous();
       if (!over_behaviors && mask_b.defined()) E_acc = E_acc.masked_fill(mask_b.logical_not().unsqueeze(-1), 0);
@@ -223,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
     p.E = E.data_ptr<scalar_t>();
     p.E_acc = p.E_smem ? nullptr : E_acc.data_ptr<acc_t>();
     p.S = S.data_ptr<acc_t>();
+    p.Q = gram.defined() ? gram.data_ptr<acc_t>() : nullptr;
     p.init = b0.data_ptr<acc_t>();
     p.init_stride = init_stride;
     p.mask = mask_b.defined() ? mask_b.data_ptr<bool>() : nullptr;

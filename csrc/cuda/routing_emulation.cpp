@@ -185,7 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_forward(const at::Tensor&
     FwdParams<scalar_t, acc_t> p{};
     init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors);
     const size_t smem_bytes = plan_forward_smem(p, static_cast<size_t>(max_smem));
-    at::Tensor E_acc, scratch;
+    at::Tensor E_acc, scratch, gram;
+    if (uses_gram(D_in, D_out, num_iters)) {
+      gram = nan_like_empty({D_in, D_in}, behaviors.options().dtype(acc));
+      // A small grid and block, so the grid-stride loop runs more than once on small shapes too.
+      emulate_launch(&gram_kernel<acc_t>, 2, 32, 0, static_cast<const acc_t*>(S.data_ptr<acc_t>()),
+                     gram.data_ptr<acc_t>(), static_cast<int>(D_in), static_cast<int>(D_out));
+    }
     if (!p.E_smem) {
       E_acc = E.to(acc).contiguous();
       if (!over_behaviors && mask_b.defined()) E_acc = E_acc.masked_fill(mask_b.logical_not().unsqueeze(-1), 0);
@@ -194,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_forward(const at::Tensor&
     p.E = E.data_ptr<scalar_t>();
     p.E_acc = p.E_smem ? nullptr : E_acc.data_ptr<acc_t>();
     p.S = S.data_ptr<acc_t>();
+    p.Q = gram.defined() ? gram.data_ptr<acc_t>() : nullptr;
     p.init = b0.data_ptr<acc_t>();
     p.init_stride = init_stride;
     p.mask = mask_b.defined() ? mask_b.data_ptr<bool>() : nullptr;
