@@ -1,8 +1,9 @@
 """Static resources of the GPU kernels for Hopper (sm_90), read without a GPU.
 
 What the compilers report for every kernel of both GPU backends: registers per
-thread, the local-memory stack (spills and local arrays live there), shared
-memory, and how many blocks per SM the registers alone allow.  These bound
+thread, the local-memory stack and the local stores/loads (STL/LDL) in the SASS
+(register spills and local arrays live there), static shared memory, and how
+many warps per SM the registers alone allow.  These bound
 occupancy before anything runs; timings need ``bench/gpu_check.sh`` on a GPU.
 
 * CUDA C++: ``cuobjdump --dump-resource-usage`` on the built extension
@@ -36,6 +37,10 @@ from common import git_revision, write_rows_csv  # noqa: E402  (bench/ is this s
 
 #: Paper shape of ROUTING.md's speed goals.
 L, D, K, R = 50, 64, 4, 3
+#: Spec-sheet figures of the goal's device (NVIDIA H200 SXM): fp32 non-tensor FLOP/s and HBM bytes/s.
+H200_FP32_FLOPS, H200_HBM_BYTES_PER_S = 67e12, 4.8e12
+#: Batch of ROUTING.md's GPU goals.
+GOAL_BATCH = 4096
 #: sm_90 limits: 64K registers and 2048 threads per SM; registers are allocated per warp in units of 256.
 SM_REGISTERS, SM_MAX_THREADS, REG_UNIT = 65536, 2048, 256
 
@@ -70,6 +75,33 @@ def resource_usage(binary: str, arch: str = "sm_90") -> dict:
     return usage
 
 
+def local_memory_ops(binary: str, arch: str = "sm_90") -> dict:
+    """{function name: (STL count, LDL count)}: local-memory stores and loads in the ``arch`` SASS.
+
+    Register spills and local arrays both live in local memory; these are static instruction
+    counts (how many such instructions the code has, not how often they run).
+    """
+    out = subprocess.run([cuobjdump(), "-sass", binary], capture_output=True, text=True, check=True)
+    counts, current_arch, name = {}, arch, None
+    for line in out.stdout.splitlines():
+        m = re.match(r"\s*arch = (\S+)", line)
+        if m:
+            current_arch, name = m.group(1), None
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1) if current_arch == arch else None
+            if name:
+                counts[name] = [0, 0]
+            continue
+        if name:
+            if re.search(r"\bSTL(\.\S+)?\s", line):
+                counts[name][0] += 1
+            elif re.search(r"\bLDL(\.\S+)?\s", line):
+                counts[name][1] += 1
+    return {k: tuple(v) for k, v in counts.items()}
+
+
 def warps_by_registers(regs: int) -> int:
     """Resident warps per SM that the register file allows (block granularity ignored)."""
     per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
@@ -89,6 +121,7 @@ def cuda_rows() -> list:
     if not libs:
         raise SystemExit("mind_kernels/_C*.so not found: build the package first (pip install -e .)")
     rows = []
+    local_ops = local_memory_ops(libs[0])
     for name, u in sorted(resource_usage(libs[0]).items()):
         m = re.search(r"\d(routing_forward_kernel|routing_backward_kernel|gram_kernel|reduce_partials_kernel)I", name)
         if not m:
@@ -97,8 +130,9 @@ def cuda_rows() -> list:
         args = name.split(kernel, 1)[1][1:]  # the mangled template arguments after "I"
         first, rest = mangled_type(args)
         dtype = f"{first}->{mangled_type(rest)[0]}" if kernel == "reduce_partials_kernel" else first
+        stl, ldl = local_ops.get(name, ("?", "?"))
         rows.append(dict(backend="cuda", kernel=kernel, dtype=dtype, regs=u["REG"], stack=u["STACK"],
-                         static_shared=u["SHARED"], threads="per shape",
+                         local_stores=stl, local_loads=ldl, static_shared=u["SHARED"], threads="per shape",
                          warps_per_sm_by_regs=warps_by_registers(u["REG"])))
     return rows
 
@@ -142,8 +176,9 @@ def triton_rows() -> list:
                 f.write(compiled.asm["cubin"])
                 f.flush()
                 (u,) = resource_usage(f.name).values()
+                ((stl, ldl),) = local_memory_ops(f.name).values()
             rows.append(dict(backend="triton", kernel=label, dtype=dtype, regs=u["REG"], stack=u["STACK"],
-                             static_shared=u["SHARED"], threads=32 * num_warps,
+                             local_stores=stl, local_loads=ldl, static_shared=u["SHARED"], threads=32 * num_warps,
                              warps_per_sm_by_regs=warps_by_registers(u["REG"])))
     return rows
 
@@ -161,13 +196,15 @@ def forward_madds(through_q: bool, L=L, D_in=D, D_out=D, K=K, r=R) -> int:
 
 
 def markdown(rows: list, lines: list) -> str:
-    head = ("| backend | kernel | dtype | registers / thread | stack bytes (spills) | static shared bytes | "
+    head = ("| backend | kernel | dtype | registers / thread | stack bytes | STL / LDL in SASS | static shared bytes | "
             "threads / block | warps / SM the registers allow |")
-    out = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(f"| {r['backend']} | {r['kernel']} | {r['dtype']} | {r['regs']} | {r['stack']} | "
-                   f"{r['static_shared']} | {r['threads']} | {r['warps_per_sm_by_regs']} |")
-    return "\n".join(out + [""] + lines) + "\n"
+                   f"{r['local_stores']} / {r['local_loads']} | {r['static_shared']} | {r['threads']} | "
+                   f"{r['warps_per_sm_by_regs']} |")
+    notes = [f"  - {line.strip()}" if line.startswith("  ") else f"- {line}" for line in lines]
+    return "\n".join(out + [""] + notes) + "\n"
 
 
 def main(argv=None) -> int:
@@ -185,6 +222,14 @@ def main(argv=None) -> int:
                      f"arithmetic intensity {2 * madds / floor_bytes:.1f} FLOP per HBM-floor byte (fp32)")
     saving = 1 - forward_madds(True) / forward_madds(False)
     lines.append(f"Q saves {100 * saving:.1f}% of the forward's multiply-adds at this shape")
+    floor_us = GOAL_BATCH * floor_bytes / H200_HBM_BYTES_PER_S * 1e6
+    lines.append(f"H200 spec sheet ({H200_FP32_FLOPS / 1e12:.0f} TFLOPS fp32, {H200_HBM_BYTES_PER_S / 1e12:.1f} TB/s): "
+                 f"ridge {H200_FP32_FLOPS / H200_HBM_BYTES_PER_S:.1f} FLOP/byte; B={GOAL_BATCH} fp32 forward HBM floor "
+                 f"{floor_us:.1f} us")
+    for label, through_q in (("through S", False), ("through Q", True)):
+        fma_us = 2 * GOAL_BATCH * forward_madds(through_q) / H200_FP32_FLOPS * 1e6
+        lines.append(f"  {label}: {fma_us:.1f} us of fp32 FMAs at 100% of peak = {fma_us / floor_us:.2f}x the floor; "
+                     f"within 2x of the floor needs >= {100 * fma_us / (2 * floor_us):.0f}% of the fp32 peak")
     lines.append(f"git {git_revision()}; compiled here for sm_90, no GPU involved")
     text = markdown(rows, lines)
     print(text)
