@@ -86,7 +86,7 @@ inline double2 make_double2(double x, double y) { return {x, y}; }
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define MK_DYNAMIC_SMEM(name) unsigned char* name = mk_emu_block->smem
 
 #include "routing_kernels.cuh"

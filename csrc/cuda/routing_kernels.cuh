@@ -24,6 +24,7 @@ namespace cuda_routing {
 
 constexpr int kChunk = 4;          // interests per register block
 constexpr int kMaxThreads = 256;   // block size cap (launch bounds)
+constexpr int kForwardMinBlocks = 4;  // resident forward blocks per SM the register budget must allow
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -174,8 +175,11 @@ __global__ void gram_kernel(const acc_t* __restrict__ S, acc_t* __restrict__ Q, 
   }
 }
 
+// The minimum-blocks hint (4 x 256 threads: at most 64 registers) is what keeps ptxas from settling
+// on 48 registers plus local-memory spills for float32 (bench/gpu_static.py reports both).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads) routing_forward_kernel(const FwdParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
+    routing_forward_kernel(const FwdParams<scalar_t, acc_t> p) {
   MK_DYNAMIC_SMEM(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
 
