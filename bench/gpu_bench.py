@@ -173,6 +173,9 @@ def forward_fn(backend: str, case: Case) -> Callable:
         compiled = torch.compile(reference.b2i_routing_reference, dynamic=False)
         return lambda E, S: compiled(E, S, b0, mask, None, r)
     if backend == "rechub":
+        if case.dtype != torch.float32:
+            # Its forward draws the routing logits with torch.randn / torch.zeros in the default dtype.
+            raise RuntimeError("torch-rechub's CapsuleNetwork runs in float32 only (float32 routing logits)")
         from torch_rechub.basic.layers import CapsuleNetwork
 
         net = CapsuleNetwork(case.D, case.L, bilinear_type=0, interest_num=case.K, routing_times=r)

@@ -3,7 +3,8 @@
 #   1. build the package in place (the CUDA backend too, when csrc/cuda/ has sources and nvcc is found),
 #   2. run the GPU tests (pytest -m gpu tests/),
 #   3. run compute-sanitizer (memcheck) on a tiny CUDA-backend case, when the tool and the backend exist,
-#   4. run the GPU benchmark (bench/gpu_bench.py): one table, CSV and log.
+#   4. print the kernels' registers and spills for sm_90 (bench/gpu_static.py, a few seconds),
+#   5. run the GPU benchmark (bench/gpu_bench.py): one table, CSV and log.
 # Everything lands in $OUT when set, else bench/results/.  Sized to finish in under 8 minutes on one H200.
 #
 #   bash bench/gpu_check.sh                 # PYTHON=/path/to/python to pick the interpreter
@@ -62,6 +63,9 @@ else
         fi
     done
 fi
+
+step "static resources (bench/gpu_static.py: registers, spills; no GPU needed)"
+"$PY" bench/gpu_static.py --out "$RESULTS" || echo "gpu_static.py failed (not fatal)"
 
 step "benchmark (bench/gpu_bench.py)"
 # The script stops starting measurements after --budget-s, so the whole check stays under 8 minutes.
