@@ -462,6 +462,14 @@ def test_emulated_float32_and_half(emu, over):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+def test_emulated_paper_shape(emu, over):
+    # The GPU goal's sizes (L=50, D=64, K=4, r=3: iterations through Q = S^T S), float32 and bfloat16.
+    check_emulated(emu, make_cpu_case(3, 50, 64, 64, 4, torch.float32, seed=50), 3, over, grid=2, max_smem=BIG_SMEM)
+    check_emulated(emu, make_cpu_case(3, 50, 64, 64, 4, torch.bfloat16, seed=51), 3, over, grid=2, max_smem=BIG_SMEM)
+
+
+@pytest.mark.slow
 def test_emulated_broadcast_logits_without_masks(emu):
     case = make_cpu_case(3, 6, 5, 4, 2, torch.float64, batched_logits=False, masks=False)
     check_emulated(emu, case, 3, False, grid=2, max_smem=BIG_SMEM)

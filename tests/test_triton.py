@@ -152,6 +152,21 @@ def test_more_shapes(shape):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+def test_paper_shape(over, dtype):
+    """The tiles the GPU goal runs (L=50 -> 64, D=64, K=4, r=3) through Q = S^T S, in the interpreter.
+
+    Not bfloat16 here: the interpreter rounds float32 -> bfloat16 toward zero whatever
+    ``fp_downcast_rounding`` says (the compiled kernel rounds to nearest even), which doubles the
+    output's rounding error; the GPU tests cover bfloat16.
+    """
+    E, S, b0, mask, im, G = make_case(4, 50, 64, 64, 4, dtype, seed=50)
+    assert triton_routing.uses_gram(64, 64, 3)
+    check_against_reference(E, S, b0, mask, im, G, 3, over)
+
+
+@interp
 def test_half_behaviors_float32_weight():
     E, S, b0, mask, im, G = make_case(5, 5, 3, 6, 3, torch.float16, weight_dtype=torch.float32, seed=11)
     check_against_reference(E, S, b0, mask, im, G, 3, "interests")
