@@ -569,11 +569,6 @@ MK_TARGET_AVX2 void gram_avx2(T* Q, const T* St, const T* S, int64_t D_out, int6
 }
 #endif
 
-// Whether the iterations t < r go through Q = S^T S: a function of the shapes only, so a user's
-// result never depends on the batch it came in or on what ran before (the cache below only saves
-// time). Q replaces 2 K D_in D_out FLOP pairs per iteration by K D_in^2.
-bool use_gram(int64_t D_in, int64_t D_out, int64_t r) { return r >= 2 && D_in < 2 * D_out; }
-
 // Q for this S, cached per thread by the exact contents (and shape) of S: online serving calls
 // with the same S again and again, and comparing S costs far less than the D_in^2 D_out product.
 // The pointer stays valid until this thread's next call.
@@ -803,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
       for (int64_t o = 0; o < D_out; ++o)
         for (int64_t d = 0; d < D_in; ++d) St[d * D_out + o] = Sp[o * D_in + d];
     }
-    const acc_t* Q = use_gram(D_in, D_out, num_iters) ? gram_of(Sp, St.data(), D_out, D_in) : nullptr;
+    const acc_t* Q = uses_gram(D_in, D_out, num_iters) ? gram_of(Sp, St.data(), D_out, D_in) : nullptr;
     ForwardArgs<scalar_t, acc_t> a{E.const_data_ptr<scalar_t>(),
                                    Sp,
                                    St.data(),

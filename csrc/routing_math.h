@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MK_HD __host__ __device__ __forceinline__
@@ -18,6 +21,17 @@ namespace mind_kernels {
 using std::exp;
 using std::sqrt;
 #endif
+
+// Whether the iterations t < r of the forward go through Q = S^T S (D_in, D_in): y_j = Q ebar_j,
+// |z_j|^2 = ebar_j . y_j and S^T c_j = a(|z_j|^2) y_j, K D_in^2 multiply-adds per iteration instead of
+// 2 K D_in D_out. The same rule for the CPU and CUDA kernels (and mind_kernels/triton/routing.py), a
+// function of the shapes only, so a user's result never depends on the batch it came in.
+// MIND_KERNELS_ROUTE_THROUGH_S=1 turns it off, for benchmarks that compare the two paths.
+inline bool uses_gram(int64_t D_in, int64_t D_out, int64_t num_iters) {
+  const char* through_s = std::getenv("MIND_KERNELS_ROUTE_THROUGH_S");
+  if (through_s != nullptr && std::strcmp(through_s, "1") == 0) return false;
+  return num_iters >= 2 && D_in < 2 * D_out;
+}
 
 // squash(z) = |z|^2 / (1 + |z|^2) * z / sqrt(|z|^2 + eps): 0 maps to 0, never NaN.
 constexpr double kSquashEps = 1e-9;

@@ -198,6 +198,18 @@ def test_results_do_not_depend_on_the_previous_weight():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_route_through_s_switch(monkeypatch):
+    """MIND_KERNELS_ROUTE_THROUGH_S=1 keeps every iteration on S: same answer within tolerance, other bits."""
+    E, S, b0, mask, imask = make_inputs(3, 20, 16, 16, 4, torch.float32)
+    through_q = mind_kernels.b2i_routing(E, S, b0, mask, imask, num_iters=3, backend="cpp")
+    monkeypatch.setenv("MIND_KERNELS_ROUTE_THROUGH_S", "1")
+    through_s = mind_kernels.b2i_routing(E, S, b0, mask, imask, num_iters=3, backend="cpp")
+    want = mind_kernels.b2i_routing(E.double(), S.double(), b0.double(), mask, imask, num_iters=3, backend="reference")
+    for got in (through_q, through_s):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(through_q, through_s)  # the switch did change the path
+
+
 def test_batch_zero():
     E = torch.randn(0, 5, 4)
     S = torch.randn(3, 4)

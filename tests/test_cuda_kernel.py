@@ -470,6 +470,15 @@ def test_emulated_paper_shape(emu, over):
 
 
 @pytest.mark.slow
+def test_emulated_route_through_s_switch(emu, monkeypatch):
+    case = make_cpu_case(3, 12, 16, 16, 4, torch.float32, seed=5)
+    through_q = check_emulated(emu, case, 3, False, grid=2, max_smem=BIG_SMEM)
+    monkeypatch.setenv("MIND_KERNELS_ROUTE_THROUGH_S", "1")
+    through_s = check_emulated(emu, case, 3, False, grid=2, max_smem=BIG_SMEM)
+    assert not torch.equal(through_q[0], through_s[0])  # the switch did change the path
+
+
+@pytest.mark.slow
 def test_emulated_broadcast_logits_without_masks(emu):
     case = make_cpu_case(3, 6, 5, 4, 2, torch.float64, batched_logits=False, masks=False)
     check_emulated(emu, case, 3, False, grid=2, max_smem=BIG_SMEM)

@@ -167,6 +167,16 @@ def test_paper_shape(over, dtype):
 
 
 @interp
+def test_route_through_s_switch(monkeypatch):
+    E, S, b0, mask, im, G = make_case(3, 9, 8, 8, 3, torch.float32, seed=7)
+    through_q = check_against_reference(E, S, b0, mask, im, G, 3, "interests")
+    monkeypatch.setenv(triton_routing.ROUTE_THROUGH_S_ENV, "1")
+    assert not triton_routing.uses_gram(8, 8, 3)
+    through_s = check_against_reference(E, S, b0, mask, im, G, 3, "interests")
+    assert not torch.equal(through_q[0], through_s[0])  # the switch did change the path
+
+
+@interp
 def test_half_behaviors_float32_weight():
     E, S, b0, mask, im, G = make_case(5, 5, 3, 6, 3, torch.float16, weight_dtype=torch.float32, seed=11)
     check_against_reference(E, S, b0, mask, im, G, 3, "interests")

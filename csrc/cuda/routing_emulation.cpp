@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_forward(const at::Tensor&
     init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors);
     const size_t smem_bytes = plan_forward_smem(p, static_cast<size_t>(max_smem));
     at::Tensor E_acc, scratch, gram;
-    if (uses_gram(D_in, D_out, num_iters)) {
+    if (mind_kernels::uses_gram(D_in, D_out, num_iters)) {
       gram = nan_like_empty({D_in, D_in}, behaviors.options().dtype(acc));
       // A small grid and block, so the grid-stride loop runs more than once on small shapes too.
       emulate_launch(&gram_kernel<acc_t>, 2, 32, 0, static_cast<const acc_t*>(S.data_ptr<acc_t>()),

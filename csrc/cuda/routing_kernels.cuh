@@ -154,11 +154,6 @@ struct FwdParams {
   int64_t S_elems;        // staged S size (D_out * (D_in + 1), rounded to 4)
 };
 
-// Whether the iterations t < r go through Q = S^T S: y_j = Q ebar_j, |z_j|^2 = ebar_j . y_j and
-// v_j = S^T c_j = a(|z_j|^2) y_j, K D_in^2 multiply-adds instead of 2 K D_in D_out (22% of the
-// forward at L = 50, D = 64, K = 4, r = 3). A function of the shapes only, as in the CPU kernel.
-inline bool uses_gram(int64_t D_in, int64_t D_out, int64_t num_iters) { return num_iters >= 2 && D_in < 2 * D_out; }
-
 // Q[a][b] = sum_o S[o][a] S[o][b] for S (D_out, D_in): one thread per element, grid-stride. Q[a][b]
 // and Q[b][a] run the same products in the same order, so Q is exactly symmetric and the forward
 // may read it by columns (coalesced) where the math asks for rows.

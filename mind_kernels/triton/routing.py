@@ -70,11 +70,18 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 GRAM_ROWS = 16
 
 
+#: Set to "1" to keep every iteration on S (benchmarks compare the two paths); read on every call.
+ROUTE_THROUGH_S_ENV = "MIND_KERNELS_ROUTE_THROUGH_S"
+
+
 def uses_gram(in_dim: int, out_dim: int, num_iters: int) -> bool:
     """Whether the iterations t < r go through Q = S^T S (K D_in^2 instead of 2 K D_in D_out multiply-adds).
 
-    A function of the shapes only, as in the CPU kernel, so a user's result does not depend on its batch.
+    The rule of csrc/routing_math.h (CPU and CUDA kernels): a function of the shapes only, so a user's
+    result does not depend on its batch; ``MIND_KERNELS_ROUTE_THROUGH_S=1`` turns it off.
     """
+    if os.environ.get(ROUTE_THROUGH_S_ENV) == "1":
+        return False
     return num_iters >= 2 and in_dim < 2 * out_dim
 
 
