@@ -1,8 +1,9 @@
 """GPU benchmark of the routing op: every backend, forward and forward+backward, vs the HBM floor.
 
-Backends: triton, cuda (when built), the eager reference, ``torch.compile`` of
-the reference, and torch-rechub's ``CapsuleNetwork(bilinear_type=0)`` (when
-importable).  Case: L=50, D_in=D_out=64, K=4, r=3, softmax over interests,
+Backends: triton, cuda (when built), each also as "-S" (every routing iteration
+on S instead of Q = S^T S, ``MIND_KERNELS_ROUTE_THROUGH_S=1``), the eager
+reference, ``torch.compile`` of the reference, and torch-rechub's
+``CapsuleNetwork(bilinear_type=0)`` (when importable).  Case: L=50, D_in=D_out=64, K=4, r=3, softmax over interests,
 random valid lengths, for B in {256, 1024, 4096} and float32 / bfloat16.
 
 HBM floor (ROUTING.md, "Speed"):
@@ -60,7 +61,10 @@ PEAK_BANDWIDTH = [
     ("RTX 4090", 1.008e12),
 ]
 
-BACKENDS = ("triton", "cuda", "eager", "compile", "rechub")
+#: "-S": the same kernels with every routing iteration on S (MIND_KERNELS_ROUTE_THROUGH_S=1), against
+#: their default path through Q = S^T S for the iterations t < r.
+BACKENDS = ("triton", "triton-S", "cuda", "cuda-S", "eager", "compile", "rechub")
+ROUTE_THROUGH_S = "MIND_KERNELS_ROUTE_THROUGH_S"
 
 
 @dataclass
@@ -217,10 +221,22 @@ def floor_bytes(case: Case, mode: str) -> int:
 
 
 def measure(backend: str, case: Case, mode: str, base: Row, peak_bw: float, reps: int) -> Row:
+    """One row; a "-S" backend runs with MIND_KERNELS_ROUTE_THROUGH_S=1 (read by the launchers per call)."""
+    through_s = backend.endswith("-S")
+    if through_s:
+        os.environ[ROUTE_THROUGH_S] = "1"
+    try:
+        return _measure(backend, case, mode, base, peak_bw, reps)
+    finally:
+        if through_s:
+            os.environ.pop(ROUTE_THROUGH_S, None)
+
+
+def _measure(backend: str, case: Case, mode: str, base: Row, peak_bw: float, reps: int) -> Row:
     row = Row(**{**asdict(base), "backend": backend, "mode": mode})
     row.floor_bytes = floor_bytes(case, mode)
     try:
-        fwd = forward_fn(backend, case)
+        fwd = forward_fn(backend.removesuffix("-S"), case)
         E = case.E.detach().clone().requires_grad_(mode != "fwd")
         S = case.S.detach().clone().requires_grad_(mode != "fwd")
         if mode == "fwd":
