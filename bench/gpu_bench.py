@@ -20,7 +20,8 @@ backend that fails is reported in the table (``status``) and the run goes on.
     python bench/gpu_bench.py [--out DIR] [--budget-s 300] [--dry-run]
     python bench/gpu_bench.py --sanitize-case cuda     # tiny case for compute-sanitizer
 
-Writes ``gpu_bench.csv`` and ``gpu_bench.log`` under ``--out`` (default: $OUT, else bench/results/).
+Writes ``gpu_bench.csv`` and ``gpu_bench.log`` under ``--out`` (default: $OUT, else bench/results/);
+``gpu_bench.partial.csv`` grows row by row meanwhile and is removed once the full CSV is written.
 """
 
 from __future__ import annotations
@@ -402,6 +403,8 @@ def main(argv=None) -> int:
             writer.writerow(asdict(row))
     with open(os.path.join(args.out, "gpu_bench.log"), "w") as f:
         f.write(report + "\n")
+    # The complete CSV replaces the partial one (the device tool brings back at most 8 files).
+    os.remove(os.path.join(args.out, "gpu_bench.partial.csv"))
     print(f"\nwrote {csv_path} and gpu_bench.log ({time.monotonic() - start:.0f}s)")
     return 0
 

@@ -138,40 +138,11 @@ def cuda_rows() -> list:
 
 
 def triton_rows() -> list:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from mind_kernels.triton import kernels
     from mind_kernels.triton import routing as triton_routing
 
-    target = GPUTarget("cuda", 90, 32)
-    warps = triton_routing._num_warps(64, 4, 64, 64)
-    blocks = {"BL": 64, "BK": 4, "BDI": 64, "BDO": 64, "EPS": kernels.SQUASH_EPS}
-    ints = {n: "i32" for n in ("B", "L", "K", "D_IN", "D_OUT")}
-    flags = ("HAS_MASK", "HAS_IMASK", "OVER_BEHAVIORS", "USE_GRAM")
     rows = []
     for dtype in ("fp32", "bf16"):
-        fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
-                   "IM_ptr": "*u8", "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints,
-                   "b0_stride_b": "i32", "num_iters": "i32", **{n: "constexpr" for n in (*flags, *blocks)}}
-        bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32",
-                   "Z_ptr": "*fp32", "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints,
-                   **{n: "constexpr" for n in blocks}}
-        gram_sig = {"S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "D_IN": "i32", "D_OUT": "i32", "ROWS": "constexpr",
-                    "BDI": "constexpr"}
-        fwd_flags = {"HAS_MASK": True, "HAS_IMASK": False, "OVER_BEHAVIORS": False}
-        cases = [
-            ("routing_fwd_kernel (through Q)", kernels.routing_fwd_kernel, fwd_sig,
-             {**fwd_flags, "USE_GRAM": True, **blocks}, warps),
-            ("routing_fwd_kernel (through S)", kernels.routing_fwd_kernel, fwd_sig,
-             {**fwd_flags, "USE_GRAM": False, **blocks}, warps),
-            ("routing_bwd_kernel", kernels.routing_bwd_kernel, bwd_sig, blocks, warps),
-            ("gram_kernel", kernels.gram_kernel, gram_sig, {"ROWS": triton_routing.GRAM_ROWS, "BDI": 64}, 4),
-        ]
-        for label, fn, sig, consts, num_warps in cases:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                                      options={"num_warps": num_warps})
+        for label, compiled, num_warps in triton_routing.compile_for_sm90(dtype):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(compiled.asm["cubin"])
                 f.flush()

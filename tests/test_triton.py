@@ -339,36 +339,18 @@ def test_unavailable_reason_outside_interpreter():
 
 @pytest.mark.skipif(INTERPRETING or not HAS_TRITON, reason="needs triton's compiler (not the interpreter)")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_kernels_compile_for_sm90_without_a_gpu(dtype):
-    """The interpreter does not type-check like the compiler: compile both kernels to a Hopper cubin here."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+def test_kernels_compile_for_sm90_without_a_gpu(dtype, over):
+    """The interpreter does not type-check like the compiler: compile every kernel to a Hopper cubin here."""
     from triton.runtime.jit import JITFunction
 
     from mind_kernels.triton import kernels
 
     if not isinstance(kernels.routing_fwd_kernel, JITFunction):
         pytest.skip("triton was imported under the interpreter in this process")
-    blocks = {"BL": 64, "BK": 4, "BDI": 64, "BDO": 64, "EPS": kernels.SQUASH_EPS}
-    ints = {n: "i32" for n in ("B", "L", "K", "D_IN", "D_OUT")}
-    flags = ("HAS_MASK", "HAS_IMASK", "OVER_BEHAVIORS", "USE_GRAM")
-    fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
-               "IM_ptr": "*u8", "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
-               "num_iters": "i32", **{n: "constexpr" for n in (*flags, *blocks)}}
-    gram_sig = {"S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "D_IN": "i32", "D_OUT": "i32", "ROWS": "constexpr",
-                "BDI": "constexpr"}
-    bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32",
-               "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints, **{n: "constexpr" for n in blocks}}
-    target = GPUTarget("cuda", 90, 32)
-    options = {"num_warps": triton_routing._num_warps(64, 4, 64, 64)}
-    fwd_flags = {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": True}
-    for fn, sig, consts in (
-        (kernels.routing_fwd_kernel, fwd_sig, {**fwd_flags, "USE_GRAM": True, **blocks}),
-        (kernels.routing_fwd_kernel, fwd_sig, {**fwd_flags, "USE_GRAM": False, **blocks}),
-        (kernels.routing_bwd_kernel, bwd_sig, blocks),
-        (kernels.gram_kernel, gram_sig, {"ROWS": triton_routing.GRAM_ROWS, "BDI": 64}),
-    ):
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
-        assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
-        assert ".entry " + fn.__name__ in compiled.asm["ptx"]
+    compiled = triton_routing.compile_for_sm90(dtype, over_behaviors=over)
+    assert len(compiled) == 4
+    for label, kernel, _ in compiled:
+        assert kernel.asm.get("cubin"), f"{label}: no cubin"
+        name = label.split()[0]
+        assert ".entry " + name in kernel.asm["ptx"], label

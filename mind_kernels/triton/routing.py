@@ -138,6 +138,48 @@ def _num_warps(BL: int, BK: int, BDI: int, BDO: int) -> int:
     return 4 if tile <= 8192 else 8 if tile <= 16384 else 16
 
 
+def compile_for_sm90(dtype: str = "fp32", over_behaviors: bool = False):
+    """Every kernel compiled ahead of time for Hopper (sm_90) at the paper shape, no GPU needed.
+
+    ``dtype`` ("fp32", "bf16", "fp16") is E's and S's.  Returns a list of (label, compiled kernel,
+    num_warps): the forward through Q and through S, the backward and the Gram kernel.  The tests use
+    it to check that the compiler (stricter than the interpreter) accepts the kernels; bench/gpu_static.py
+    reads their registers and spills.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import kernels
+
+    BL, BK, BDI, BDO = _blocks(50, 4, 64, 64)
+    warps = _num_warps(BL, BK, BDI, BDO)
+    blocks = {"BL": BL, "BK": BK, "BDI": BDI, "BDO": BDO, "EPS": kernels.SQUASH_EPS}
+    ints = {n: "i32" for n in ("B", "L", "K", "D_IN", "D_OUT")}
+    flags = {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": over_behaviors}
+    fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
+               "IM_ptr": "*u8", "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
+               "num_iters": "i32", **{n: "constexpr" for n in (*flags, "USE_GRAM", *blocks)}}
+    bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32",
+               "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints, **{n: "constexpr" for n in blocks}}
+    gram_sig = {"S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "D_IN": "i32", "D_OUT": "i32", "ROWS": "constexpr",
+                "BDI": "constexpr"}
+    cases = [
+        ("routing_fwd_kernel (through Q)", kernels.routing_fwd_kernel, fwd_sig,
+         {**flags, "USE_GRAM": True, **blocks}, warps),
+        ("routing_fwd_kernel (through S)", kernels.routing_fwd_kernel, fwd_sig,
+         {**flags, "USE_GRAM": False, **blocks}, warps),
+        ("routing_bwd_kernel", kernels.routing_bwd_kernel, bwd_sig, blocks, warps),
+        ("gram_kernel", kernels.gram_kernel, gram_sig, {"ROWS": GRAM_ROWS, "BDI": BDI}, 4),
+    ]
+    target = GPUTarget("cuda", 90, 32)
+    return [
+        (label, triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                               options={"num_warps": num_warps}), num_warps)
+        for label, fn, sig, consts, num_warps in cases
+    ]
+
+
 _OPS = None
 
 
