@@ -7,11 +7,11 @@
 //     z_j     = S ebar_j  (= sum_i w_ij u_i)            (K, D_out)
 //     c_j     = squash(z_j)
 //     t < r:  h_j = S^T c_j (D_in);  b_ij += e_i . h_j  (= c_j . u_i)
-// When the call is large enough (or S is the one of the previous call on this thread), the
-// iterations t < r go through the Gram matrix Q = S^T S (D_in, D_in) instead, and never form z:
+// When D_in < 2 D_out and r >= 2 (uses_gram in routing_math.h: shapes only), the iterations t < r
+// go through the Gram matrix Q = S^T S (D_in, D_in) instead, and never form z:
 //     y_j = Q ebar_j;  |z_j|^2 = ebar_j . y_j;  h_j = S^T c_j = a(|z_j|^2) y_j
 // which costs K D_in^2 instead of 2 K D_in D_out per iteration (22% of the forward's FLOPs at
-// L = 50, D = 64, K = 4, r = 3), for D_in^2 D_out once per call.
+// L = 50, D = 64, K = 4, r = 3), for D_in^2 D_out once per S (cached per thread: weight_forms).
 // Outputs: capsules c (E's dtype), the final w and z (accumulation dtype), which is all backward needs.
 //
 // Backward (detach_routing=True), per user, with G = dL/dc:
@@ -569,31 +569,46 @@ MK_TARGET_AVX2 void gram_avx2(T* Q, const T* St, const T* S, int64_t D_out, int6
 }
 #endif
 
-// Q for this S, cached per thread by the exact contents (and shape) of S: online serving calls
-// with the same S again and again, and comparing S costs far less than the D_in^2 D_out product.
-// The pointer stays valid until this thread's next call.
+// The forms of S the forward reads besides S itself: St = S^T (D_in, D_out), and Q = S^T S (D_in, D_in)
+// when the call goes through Q. Cached per thread, keyed by the exact contents and shape of S: online
+// serving calls with the same S again and again, and comparing S (a memcmp that stops at the first
+// difference) costs far less than transposing it or the D_in^2 D_out product. A hit returns the very
+// bits a miss computes, so results never depend on the cache. Valid until this thread's next call.
 template <typename acc_t>
-const acc_t* gram_of(const acc_t* S, const acc_t* St, int64_t D_out, int64_t D_in) {
-  struct Entry {
-    int64_t D_out = -1, D_in = -1;
-    std::vector<acc_t> S, Q;
-  };
-  static thread_local Entry cached;
+struct WeightForms {
+  int64_t D_out = -1, D_in = -1;  // -1: nothing valid cached
+  std::vector<acc_t> S, St, Q;    // Q empty until a call needs it
+};
+
+template <typename acc_t>
+const WeightForms<acc_t>& weight_forms(const acc_t* S, int64_t D_out, int64_t D_in, bool need_q) {
+  static thread_local WeightForms<acc_t> cached;
   const size_t bytes = static_cast<size_t>(D_out * D_in) * sizeof(acc_t);
-  if (cached.D_out == D_out && cached.D_in == D_in && std::memcmp(cached.S.data(), S, bytes) == 0)
-    return cached.Q.data();
-  cached.D_out = -1;  // invalid until Q is complete
-  cached.S.assign(S, S + D_out * D_in);
-  cached.Q.resize(D_in * D_in);
+  const bool hit = cached.D_out == D_out && cached.D_in == D_in && std::memcmp(cached.S.data(), S, bytes) == 0;
+  if (!hit) {
+    cached.D_out = -1;  // invalid until St is complete
+    cached.S.assign(S, S + D_out * D_in);
+    cached.St.resize(D_in * round_up_pad(D_out));
+    if (D_out % kPad == 0) {
+      transpose_weight(cached.St.data(), S, D_out, D_in);
+    } else {
+      for (int64_t o = 0; o < D_out; ++o)
+        for (int64_t d = 0; d < D_in; ++d) cached.St[d * D_out + o] = S[o * D_in + d];
+    }
+    cached.Q.clear();
+    cached.D_out = D_out;
+    cached.D_in = D_in;
+  }
+  if (need_q && cached.Q.empty()) {
+    cached.Q.resize(D_in * D_in);
 #if MK_X86_DISPATCH
-  if (cpu_has_avx2_fma())
-    gram_avx2(cached.Q.data(), St, S, D_out, D_in);
-  else
+    if (cpu_has_avx2_fma())
+      gram_avx2(cached.Q.data(), cached.St.data(), S, D_out, D_in);
+    else
 #endif
-    gram_generic(cached.Q.data(), St, S, D_out, D_in);
-  cached.D_out = D_out;
-  cached.D_in = D_in;
-  return cached.Q.data();
+      gram_generic(cached.Q.data(), cached.St.data(), S, D_out, D_in);
+  }
+  return cached;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -791,18 +806,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, E.scalar_type(), "mind_kernels_routing_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* Sp = S.const_data_ptr<acc_t>();
-    std::vector<acc_t> St(D_in * round_up_pad(D_out));
-    if (D_out % kPad == 0) {
-      transpose_weight(St.data(), Sp, D_out, D_in);
-    } else {
-      for (int64_t o = 0; o < D_out; ++o)
-        for (int64_t d = 0; d < D_in; ++d) St[d * D_out + o] = Sp[o * D_in + d];
-    }
-    const acc_t* Q = uses_gram(D_in, D_out, num_iters) ? gram_of(Sp, St.data(), D_out, D_in) : nullptr;
+    const bool through_q = uses_gram(D_in, D_out, num_iters);
+    const WeightForms<acc_t>& forms = weight_forms(Sp, D_out, D_in, through_q);
     ForwardArgs<scalar_t, acc_t> a{E.const_data_ptr<scalar_t>(),
                                    Sp,
-                                   St.data(),
-                                   Q,
+                                   forms.St.data(),
+                                   through_q ? forms.Q.data() : nullptr,
                                    b0.const_data_ptr<acc_t>(),
                                    b0.dim() == 3 ? K * L : 0,
                                    m.defined() ? m.const_data_ptr<bool>() : nullptr,
