@@ -77,16 +77,17 @@ MK_ALWAYS_INLINE void vstore(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
-// JB output rows of out[:, x0 : x0 + XB] += coef[JB x m] . rows[m x (x0 : x0 + XB)], with the
-// JB x XB block of out held in registers across the whole reduction over k.
-template <int JB, int NV, typename T>
+// JB output rows of out[:, x0 : x0 + XB] += coef[JB x m] . rows[m x (x0 : x0 + XB)] (ACC), or = (not
+// ACC: out is only written, never read), with the JB x XB block of out held in registers across the
+// whole reduction over k.
+template <int JB, int NV, bool ACC, typename T>
 MK_ALWAYS_INLINE void gemm_block(T* __restrict__ out, int64_t ldo, const T* __restrict__ coef, int64_t ldc,
                                  const T* __restrict__ rows, int64_t ldr, int64_t m, int64_t x0) {
   using V = typename VecOf<T>::type;
   constexpr int W = sizeof(V) / sizeof(T);
   V acc[JB][NV];
   for (int jj = 0; jj < JB; ++jj)
-    for (int v = 0; v < NV; ++v) acc[jj][v] = vload<V>(out + jj * ldo + x0 + v * W);
+    for (int v = 0; v < NV; ++v) acc[jj][v] = ACC ? vload<V>(out + jj * ldo + x0 + v * W) : V{};
   for (int64_t k = 0; k < m; ++k) {
     V r[NV];
     for (int v = 0; v < NV; ++v) r[v] = vload<V>(rows + k * ldr + x0 + v * W);
@@ -99,16 +100,16 @@ MK_ALWAYS_INLINE void gemm_block(T* __restrict__ out, int64_t ldo, const T* __re
     for (int v = 0; v < NV; ++v) vstore(out + jj * ldo + x0 + v * W, acc[jj][v]);
 }
 
-template <int JB, typename T>
+template <int JB, bool ACC, typename T>
 MK_ALWAYS_INLINE void gemm_rows(T* __restrict__ out, int64_t ldo, const T* __restrict__ coef, int64_t ldc,
                                 const T* __restrict__ rows, int64_t ldr, int64_t m, int64_t n) {
   constexpr int W = 32 / sizeof(T);
   int64_t x0 = 0;
-  for (; x0 + 2 * W <= n; x0 += 2 * W) gemm_block<JB, 2>(out, ldo, coef, ldc, rows, ldr, m, x0);
-  for (; x0 + W <= n; x0 += W) gemm_block<JB, 1>(out, ldo, coef, ldc, rows, ldr, m, x0);
+  for (; x0 + 2 * W <= n; x0 += 2 * W) gemm_block<JB, 2, ACC>(out, ldo, coef, ldc, rows, ldr, m, x0);
+  for (; x0 + W <= n; x0 += W) gemm_block<JB, 1, ACC>(out, ldo, coef, ldc, rows, ldr, m, x0);
   for (; x0 < n; ++x0)
     for (int jj = 0; jj < JB; ++jj) {
-      T a = out[jj * ldo + x0];
+      T a = ACC ? out[jj * ldo + x0] : T(0);
       for (int64_t k = 0; k < m; ++k) a += coef[jj * ldc + k] * rows[k * ldr + x0];
       out[jj * ldo + x0] = a;
     }
@@ -117,12 +118,24 @@ MK_ALWAYS_INLINE void gemm_rows(T* __restrict__ out, int64_t ldo, const T* __res
 // out (M x n, row stride ldo) += coef (M x m, row stride ldc) . rows (m x n, row stride ldr).
 // Every small product of the op (K, L, D-sized) goes through here; the sum over k runs in order
 // for every element, so results do not depend on threads.
+template <bool ACC, typename T>
+MK_ALWAYS_INLINE void gemm(T* __restrict__ out, int64_t ldo, const T* __restrict__ coef, int64_t ldc,
+                           const T* __restrict__ rows, int64_t ldr, int64_t M, int64_t m, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= M; j += 4) gemm_rows<4, ACC>(out + j * ldo, ldo, coef + j * ldc, ldc, rows, ldr, m, n);
+  for (; j < M; ++j) gemm_rows<1, ACC>(out + j * ldo, ldo, coef + j * ldc, ldc, rows, ldr, m, n);
+}
 template <typename T>
 MK_ALWAYS_INLINE void gemm_acc(T* __restrict__ out, int64_t ldo, const T* __restrict__ coef, int64_t ldc,
                                const T* __restrict__ rows, int64_t ldr, int64_t M, int64_t m, int64_t n) {
-  int64_t j = 0;
-  for (; j + 4 <= M; j += 4) gemm_rows<4>(out + j * ldo, ldo, coef + j * ldc, ldc, rows, ldr, m, n);
-  for (; j < M; ++j) gemm_rows<1>(out + j * ldo, ldo, coef + j * ldc, ldc, rows, ldr, m, n);
+  gemm<true>(out, ldo, coef, ldc, rows, ldr, M, m, n);
+}
+// out (M x n) = coef . rows: the same sums as fill_zero + gemm_acc (0 + x is x), without the pass that
+// zeroes out first (dE alone is B L D_in values).
+template <typename T>
+MK_ALWAYS_INLINE void gemm_set(T* __restrict__ out, int64_t ldo, const T* __restrict__ coef, int64_t ldc,
+                               const T* __restrict__ rows, int64_t ldr, int64_t M, int64_t m, int64_t n) {
+  gemm<false>(out, ldo, coef, ldc, rows, ldr, M, m, n);
 }
 
 template <typename T>
@@ -376,12 +389,10 @@ MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardS
     else
       coupling_over_interests(s.b, active, w, K, ld, ld);
     // Inactive interests have w_j = 0, hence ebar_j = z_j = c_j = h_j = 0 and unchanged logits.
-    fill_zero(s.ebar, K * D_in);
-    gemm_acc(s.ebar, D_in, w, ld, e, D_in, K, n_agg, D_in);  // ebar = w e (columns >= n_agg have w = 0)
+    gemm_set(s.ebar, D_in, w, ld, e, D_in, K, n_agg, D_in);  // ebar = w e (columns >= n_agg have w = 0)
     const bool through_gram = t < a.r && a.gram != nullptr;
     if (through_gram) {
-      fill_zero(s.h, K * D_in);
-      gemm_acc(s.h, D_in, s.ebar, D_in, a.gram, D_in, K, D_in, D_in);  // y = ebar Q
+      gemm_set(s.h, D_in, s.ebar, D_in, a.gram, D_in, K, D_in, D_in);  // y = ebar Q
       for (int64_t j = 0; j < K; ++j) {
         const acc_t* x = s.ebar + j * D_in;
         acc_t* h = s.h + j * D_in;
@@ -392,8 +403,7 @@ MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardS
         for (int64_t d = 0; d < D_in; ++d) h[d] *= scale;  // h = a(|z|^2) y = S^T c
       }
     } else {
-      fill_zero(s.z, K * D_out);
-      gemm_acc(s.z, D_out, s.ebar, D_in, a.St, D_out, K, D_in, D_out);  // z = ebar S^T
+      gemm_set(s.z, D_out, s.ebar, D_in, a.St, D_out, K, D_in, D_out);  // z = ebar S^T
       for (int64_t j = 0; j < K; ++j) {
         const acc_t* z = s.z + j * D_out;
         acc_t n2 = acc_t(0);
@@ -410,11 +420,9 @@ MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardS
         transpose_rows(s.et, P, e, n, D_in);
       }
       if (!through_gram) {
-        fill_zero(s.h, K * D_in);
-        gemm_acc(s.h, D_in, s.c, D_out, a.S, D_in, K, D_out, D_in);  // h = c S
+        gemm_set(s.h, D_in, s.c, D_out, a.S, D_in, K, D_out, D_in);  // h = c S
       }
-      fill_zero(s.bp, K * P);
-      gemm_acc(s.bp, P, s.h, D_in, s.et, P, K, D_in, P);            // db = h e^T
+      gemm_set(s.bp, P, s.h, D_in, s.et, P, K, D_in, P);            // db = h e^T
       for (int64_t j = 0; j < K; ++j)
         for (int64_t i = 0; i < n; ++i) s.b[j * ld + i] += s.bp[j * P + i];  // b += db
     }
@@ -558,14 +566,12 @@ void transpose_weight(T* St, const T* S, int64_t D_out, int64_t D_in) {
 // Q (D_in, D_in) = S^T S = St S for St (D_in, D_out) with row stride D_out.
 template <typename T>
 void gram_generic(T* Q, const T* St, const T* S, int64_t D_out, int64_t D_in) {
-  fill_zero(Q, D_in * D_in);
-  gemm_acc(Q, D_in, St, D_out, S, D_in, D_in, D_out, D_in);
+  gemm_set(Q, D_in, St, D_out, S, D_in, D_in, D_out, D_in);
 }
 #if MK_X86_DISPATCH
 template <typename T>
 MK_TARGET_AVX2 void gram_avx2(T* Q, const T* St, const T* S, int64_t D_out, int64_t D_in) {
-  fill_zero(Q, D_in * D_in);
-  gemm_acc(Q, D_in, St, D_out, S, D_in, D_in, D_out, D_in);
+  gemm_set(Q, D_in, St, D_out, S, D_in, D_in, D_out, D_in);
 }
 #endif
 
@@ -692,18 +698,14 @@ MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, Back
   bool any_unused = false;
   for (int64_t i = 0; i < L && !any_unused; ++i) any_unused = unused(i);
   const acc_t* e = user_rows(a.E + u * L * D_in, s.e, L, D_in, any_unused, unused);
-  fill_zero(s.g, K * D_in);
-  gemm_acc(s.g, D_in, s.dz, D_out, a.S, D_in, K, D_out, D_in);  // g = dz S  (g_j = S^T dz_j)
-  fill_zero(s.ebar, K * D_in);
-  gemm_acc(s.ebar, D_in, w, L, e, D_in, K, L, D_in);            // ebar = w e
+  gemm_set(s.g, D_in, s.dz, D_out, a.S, D_in, K, D_out, D_in);  // g = dz S  (g_j = S^T dz_j)
+  gemm_set(s.ebar, D_in, w, L, e, D_in, K, L, D_in);            // ebar = w e
   // dE = w^T g (masked i: w = 0 -> 0)
   scalar_t* dEu = a.dE + u * L * D_in;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    fill_zero(dEu, L * D_in);
-    gemm_acc(dEu, D_in, s.wt, K, s.g, D_in, L, K, D_in);
+    gemm_set(dEu, D_in, s.wt, K, s.g, D_in, L, K, D_in);
   } else {
-    fill_zero(s.de, L * D_in);
-    gemm_acc(s.de, D_in, s.wt, K, s.g, D_in, L, K, D_in);
+    gemm_set(s.de, D_in, s.wt, K, s.g, D_in, L, K, D_in);
     convert_row(dEu, s.de, L * D_in);
   }
   gemm_acc(dS_part, D_in, s.dzt, K, s.ebar, D_in, D_out, K, D_in);  // dS += dz^T ebar
