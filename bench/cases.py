@@ -88,6 +88,7 @@ def make_callable(backend: str, case: Case, mode: str) -> Callable[[], object]:
                                routing_times=case.iters).to(case.device, case.dtype)
         if backward:
             def fn():
+                E.grad = None  # as zero_grad(set_to_none=True) does: no accumulation into an old gradient
                 layer(E, mask).sum().backward()
         else:
             def fn():
@@ -104,6 +105,9 @@ def make_callable(backend: str, case: Case, mode: str) -> Callable[[], object]:
 
     if backward:
         def fn():
+            # As a training step after zero_grad(set_to_none=True): the gradients are written, not
+            # accumulated into the previous call's (an extra B L D_in add that is no part of the op).
+            E.grad = S.grad = None
             call().sum().backward()
     else:
         def fn():

@@ -655,37 +655,47 @@ struct BackwardArgs {
   int64_t L, D_in, D_out, K;
 };
 
+// Users whose dS terms are gathered before one product updates the partial: dS_part += dzt ebar with
+// K * kDsGroup inner terms instead of K, so the (D_out, D_in) partial is loaded and stored once per
+// group rather than once per user (at K = 4 that load/store cost as much as the product).
+constexpr int64_t kDsGroup = 8;
+
 template <typename acc_t>
 struct BackwardScratch {
   std::vector<acc_t> buf;
-  acc_t *e, *dz, *dzt, *g, *ebar, *wt, *de;
+  acc_t *e, *dz, *dzt, *g, *ebar, *wt, *de;  // dzt (D_out, K kDsGroup), ebar (K kDsGroup, D_in): a group
   BackwardScratch(int64_t L, int64_t D_in, int64_t D_out, int64_t K, bool convert_e)
-      : buf(L * D_in + (convert_e ? L * D_in : 0) + 2 * K * D_out + 2 * K * D_in + L * K) {
+      : buf(L * D_in + (convert_e ? L * D_in : 0) + K * D_out + kDsGroup * K * D_out + K * D_in +
+            kDsGroup * K * D_in + L * K) {
     acc_t* p = buf.data();
     e = p; p += L * D_in;
     de = nullptr;
     if (convert_e) { de = p; p += L * D_in; }
     dz = p; p += K * D_out;
-    dzt = p; p += D_out * K;
+    dzt = p; p += D_out * K * kDsGroup;
     g = p; p += K * D_in;
-    ebar = p; p += K * D_in;
+    ebar = p; p += K * kDsGroup * D_in;
     wt = p;
   }
 };
 
-// One user's dE rows, and its contribution sum_j dz_j ebar_j^T added into dS_part (D_out, D_in).
+// One user's dE rows; its dS terms dz_j (as columns slot K .. slot K + K - 1 of s.dzt) and ebar_j (rows
+// of s.ebar) go to its slot of the group, which backward_users folds into dS_part.
 template <typename scalar_t, typename acc_t>
 MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, BackwardScratch<acc_t>& s,
-                                    acc_t* dS_part, int64_t u) {
+                                    int64_t slot, int64_t u) {
   const int64_t L = a.L, D_in = a.D_in, D_out = a.D_out, K = a.K;
+  const int64_t ldt = K * kDsGroup;
   const acc_t* w = a.w + u * K * L;
   const acc_t* z = a.z + u * K * D_out;
   const acc_t* G = a.G + u * K * D_out;
+  acc_t* dzt = s.dzt + slot * K;
+  acc_t* ebar = s.ebar + slot * K * D_in;
 
   for (int64_t j = 0; j < K; ++j) {
     acc_t* dz = s.dz + j * D_out;
     squash_backward_row(z + j * D_out, G + j * D_out, dz, static_cast<int>(D_out));
-    for (int64_t o = 0; o < D_out; ++o) s.dzt[o * K + j] = dz[o];
+    for (int64_t o = 0; o < D_out; ++o) dzt[o * ldt + j] = dz[o];
     for (int64_t i = 0; i < L; ++i) s.wt[i * K + j] = w[j * L + i];
   }
   // Positions with no weight in any interest (masked ones) contribute nothing to ebar: zero their
@@ -699,7 +709,7 @@ MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, Back
   for (int64_t i = 0; i < L && !any_unused; ++i) any_unused = unused(i);
   const acc_t* e = user_rows(a.E + u * L * D_in, s.e, L, D_in, any_unused, unused);
   gemm_set(s.g, D_in, s.dz, D_out, a.S, D_in, K, D_out, D_in);  // g = dz S  (g_j = S^T dz_j)
-  gemm_set(s.ebar, D_in, w, L, e, D_in, K, L, D_in);            // ebar = w e
+  gemm_set(ebar, D_in, w, L, e, D_in, K, L, D_in);              // ebar = w e
   // dE = w^T g (masked i: w = 0 -> 0)
   scalar_t* dEu = a.dE + u * L * D_in;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -708,21 +718,31 @@ MK_ALWAYS_INLINE void backward_user(const BackwardArgs<scalar_t, acc_t>& a, Back
     gemm_set(s.de, D_in, s.wt, K, s.g, D_in, L, K, D_in);
     convert_row(dEu, s.de, L * D_in);
   }
-  gemm_acc(dS_part, D_in, s.dzt, K, s.ebar, D_in, D_out, K, D_in);  // dS += dz^T ebar
+}
+
+// Users begin .. end - 1 in order, in groups of kDsGroup: dS_part += sum over the group's users and
+// interests of dz_j ebar_j^T (= sum_i du_i e_i^T), the terms summed in that fixed order.
+template <typename scalar_t, typename acc_t>
+MK_ALWAYS_INLINE void backward_users(const BackwardArgs<scalar_t, acc_t>& a, acc_t* dS_part, int64_t begin,
+                                     int64_t end) {
+  BackwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
+  for (int64_t u0 = begin; u0 < end; u0 += kDsGroup) {
+    const int64_t n = std::min(kDsGroup, end - u0);
+    for (int64_t slot = 0; slot < n; ++slot) backward_user(a, s, slot, u0 + slot);
+    gemm_acc(dS_part, a.D_in, s.dzt, a.K * kDsGroup, s.ebar, a.D_in, a.D_out, n * a.K, a.D_in);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_range_generic(const BackwardArgs<scalar_t, acc_t>& a, acc_t* dS_part, int64_t begin, int64_t end) {
-  BackwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
-  for (int64_t u = begin; u < end; ++u) backward_user(a, s, dS_part, u);
+  backward_users(a, dS_part, begin, end);
 }
 
 #if MK_X86_DISPATCH
 template <typename scalar_t, typename acc_t>
 MK_TARGET_AVX2 void backward_range_avx2(const BackwardArgs<scalar_t, acc_t>& a, acc_t* dS_part, int64_t begin,
                                         int64_t end) {
-  BackwardScratch<acc_t> s(a.L, a.D_in, a.D_out, a.K, !std::is_same_v<scalar_t, acc_t>);
-  for (int64_t u = begin; u < end; ++u) backward_user(a, s, dS_part, u);
+  backward_users(a, dS_part, begin, end);
 }
 #endif
 
