@@ -198,6 +198,23 @@ def test_results_do_not_depend_on_the_previous_weight():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_concurrent_calls_with_different_weights():
+    """The per-thread cache of S's forms (S^T, Q) under calls from several Python threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    E, _, b0, mask, imask = make_inputs(6, 20, 16, 16, 4, torch.float32)
+    weights = [torch.randn(16, 16, generator=torch.Generator().manual_seed(k)) / 4 for k in range(4)]
+
+    def route(S):
+        return mind_kernels.b2i_routing(E, S, b0, mask, imask, num_iters=3, backend="cpp")
+
+    want = [route(S) for S in weights]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(route, [weights[i % 4] for i in range(64)]))
+    for i, c in enumerate(got):
+        assert torch.equal(c, want[i % 4]), i
+
+
 def test_route_through_s_switch(monkeypatch):
     """MIND_KERNELS_ROUTE_THROUGH_S=1 keeps every iteration on S: same answer within tolerance, other bits."""
     E, S, b0, mask, imask = make_inputs(3, 20, 16, 16, 4, torch.float32)
