@@ -55,23 +55,35 @@ def cuobjdump() -> str:
     return path
 
 
-def resource_usage(binary: str, arch: str = "sm_90") -> dict:
-    """{function name: {REG, STACK, SHARED, LOCAL}} for the ``arch`` entries of a cubin or fat binary."""
-    out = subprocess.run([cuobjdump(), "--dump-resource-usage", binary], capture_output=True, text=True, check=True)
-    usage, current_arch, name = {}, arch, None
+def _functions(cuobjdump_args: list, arch: str) -> dict:
+    """{function name: its lines} of the ``arch`` sections of one cuobjdump listing."""
+    out = subprocess.run([cuobjdump(), *cuobjdump_args], capture_output=True, text=True, check=True)
+    functions, current_arch, name = {}, arch, None
     for line in out.stdout.splitlines():
         m = re.match(r"\s*arch = (\S+)", line)
         if m:
-            current_arch = m.group(1)
+            current_arch, name = m.group(1), None
             continue
-        m = re.match(r"\s*Function (\S+):", line)
+        m = re.match(r"\s*Function\s*:?\s*(\S+?):?\s*$", line)  # " Function NAME:" or "Function : NAME"
         if m:
-            name = m.group(1)
+            name = m.group(1) if current_arch == arch else None
+            if name:
+                functions[name] = []
             continue
-        if name and "REG:" in line and current_arch == arch:
-            fields = dict(re.findall(r"(\w+):(\d+)", line))
-            usage[name] = {k: int(fields.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
-            name = None
+        if name:
+            functions[name].append(line)
+    return functions
+
+
+def resource_usage(binary: str, arch: str = "sm_90") -> dict:
+    """{function name: {REG, STACK, SHARED, LOCAL}} for the ``arch`` entries of a cubin or fat binary."""
+    usage = {}
+    for name, lines in _functions(["--dump-resource-usage", binary], arch).items():
+        for line in lines:
+            if "REG:" in line:
+                fields = dict(re.findall(r"(\w+):(\d+)", line))
+                usage[name] = {k: int(fields.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
+                break
     return usage
 
 
@@ -81,25 +93,12 @@ def local_memory_ops(binary: str, arch: str = "sm_90") -> dict:
     Register spills and local arrays both live in local memory; these are static instruction
     counts (how many such instructions the code has, not how often they run).
     """
-    out = subprocess.run([cuobjdump(), "-sass", binary], capture_output=True, text=True, check=True)
-    counts, current_arch, name = {}, arch, None
-    for line in out.stdout.splitlines():
-        m = re.match(r"\s*arch = (\S+)", line)
-        if m:
-            current_arch, name = m.group(1), None
-            continue
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            name = m.group(1) if current_arch == arch else None
-            if name:
-                counts[name] = [0, 0]
-            continue
-        if name:
-            if re.search(r"\bSTL(\.\S+)?\s", line):
-                counts[name][0] += 1
-            elif re.search(r"\bLDL(\.\S+)?\s", line):
-                counts[name][1] += 1
-    return {k: tuple(v) for k, v in counts.items()}
+    counts = {}
+    for name, lines in _functions(["-sass", binary], arch).items():
+        stl = sum(1 for line in lines if re.search(r"\bSTL(\.\S+)?\s", line))
+        ldl = sum(1 for line in lines if re.search(r"\bLDL(\.\S+)?\s", line))
+        counts[name] = (stl, ldl)
+    return counts
 
 
 def warps_by_registers(regs: int) -> int:

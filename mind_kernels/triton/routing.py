@@ -85,10 +85,6 @@ def uses_gram(in_dim: int, out_dim: int, num_iters: int) -> bool:
     return num_iters >= 2 and in_dim < 2 * out_dim
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -188,6 +184,7 @@ def _ops():
     global _OPS
     if _OPS is not None:
         return _OPS
+    import triton
     from torch.library import triton_op, wrap_triton
 
     from . import kernels
@@ -221,7 +218,7 @@ def _ops():
         use_gram = uses_gram(D_in, D_out, num_iters)
         if use_gram:
             gram = E.new_empty((D_in, D_in), dtype=torch.float32)
-            wrap_triton(kernels.gram_kernel)[(_cdiv(D_in, GRAM_ROWS),)](
+            wrap_triton(kernels.gram_kernel)[(triton.cdiv(D_in, GRAM_ROWS),)](
                 S, gram, D_in, D_out, ROWS=GRAM_ROWS, BDI=BDI
             )
         else:
