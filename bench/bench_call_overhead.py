@@ -2,8 +2,9 @@
 
     python bench/bench_call_overhead.py [--batches 1 16] [--number 2000]
 
-For each B (L=50, D=64, K=4, r=3, float32, "interests" mode with a mask and the
-dynamic interest mask), times, as the best of 5 repeats of ``--number`` calls:
+For each B (the inputs of ``cases.inputs``: L=50, D=64, K=4, r=3, float32, per-user
+logits, random valid lengths; "interests" mode with the dynamic interest mask), times,
+as the best of 5 repeats of ``--number`` calls:
 
 * ``api``: ``mind_kernels.b2i_routing`` (validation, dispatch, then the op);
 * ``op``: ``torch.ops.mind_kernels.routing_forward`` called directly (with the
@@ -17,11 +18,17 @@ inference mode is about the op's fixed cost plus one user's routing.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import timeit
 
 import torch
 
-import mind_kernels
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, when imported from elsewhere
+
+import mind_kernels  # noqa: E402
+
+from cases import Case, inputs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,21 +37,17 @@ def main(argv=None) -> int:
     ap.add_argument("--number", type=int, default=2000)
     args = ap.parse_args(argv)
 
-    g = torch.Generator().manual_seed(0)
-    S = torch.randn(64, 64, generator=g) / 8
-    b0 = torch.randn(4, 50, generator=g)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per call (best of 5)")
     print(f"{'B':>5} {'api':>8} {'op':>8} {'api (inf)':>10} {'op (inf)':>9} {'python layer (inf)':>19}")
     for B in args.batches:
-        E = torch.randn(B, 50, 64, generator=g)
-        mask = torch.rand(B, 50, generator=g) > 0.3
-        imask = mind_kernels.dynamic_interest_mask(mask, 4)
+        E, S, b0, mask = inputs(Case(B))
+        imask = mind_kernels.dynamic_interest_mask(mask, Case(B).interests)
 
         def api():
             return mind_kernels.b2i_routing(E, S, b0, mask, imask)
 
         def op():
-            return torch.ops.mind_kernels.routing_forward(E, S, b0, mask, imask, 3, False)
+            return torch.ops.mind_kernels.routing_forward(E, S, b0, mask, imask, Case(B).iters, False)
 
         def best(fn):
             fn()

@@ -4,7 +4,8 @@
 
 The iterations t < r of the forward either multiply by S and S^T (2 K D_in D_out multiply-adds)
 or by Q = S^T S (K D_in^2); ``MIND_KERNELS_ROUTE_THROUGH_S=1`` (read on every call) selects the
-former.  L=50, D=64, K=4, r=3, float32, "interests" mode with random valid lengths.  The two paths
+former.  The inputs of ``cases.inputs`` (L=50, D=64, K=4, r=3, float32, random valid lengths), "interests"
+mode with the dynamic interest mask.  The two paths
 alternate, rep after rep, so load on the machine hits both alike; medians over the reps.
 Writes ``bench_gram.csv`` under ``--out`` (default bench/results).
 """
@@ -24,7 +25,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout
 
 import mind_kernels  # noqa: E402
 
-from common import git_revision, write_rows_csv  # noqa: E402  (bench/ is this script's folder)
+from cases import Case, inputs  # noqa: E402  (bench/ is this script's folder)
+from common import git_revision, write_rows_csv  # noqa: E402
 
 SWITCH = "MIND_KERNELS_ROUTE_THROUGH_S"
 
@@ -35,16 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
 
-    g = torch.Generator().manual_seed(0)
-    S = torch.randn(64, 64, generator=g) / 8
-    b0 = torch.randn(4, 50, generator=g)
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, git {git_revision()}; forward, ms (median)")
     print(f"{'B':>5} {'through S':>10} {'through Q':>10} {'speed-up':>9}")
     for B in args.batches:
-        E = torch.randn(B, 50, 64, generator=g)
-        mask = torch.arange(50)[None] < torch.randint(1, 51, (B, 1), generator=g)
-        imask = mind_kernels.dynamic_interest_mask(mask, 4)
+        E, S, b0, mask = inputs(Case(B))
+        imask = mind_kernels.dynamic_interest_mask(mask, Case(B).interests)
         calls = max(1, 2000 // B)  # calls per sample, so a sample lasts long enough to time
 
         def sample(through_s: bool) -> float:

@@ -36,7 +36,8 @@ class Case:
         return f"B={self.batch} L={self.length} D={self.dim} K={self.interests} r={self.iters} {dt} {self.device}"
 
 
-def _inputs(case: Case, seed: int = 0):
+def inputs(case: Case, seed: int = 0):
+    """(E, S, b0, mask) for ``case``: random behaviours, S ~ N(0, 1/D), per-user logits, random valid lengths."""
     g = torch.Generator().manual_seed(seed)
     E = torch.randn(case.batch, case.length, case.dim, generator=g)
     S = torch.randn(case.dim, case.dim, generator=g) / case.dim**0.5
@@ -60,7 +61,7 @@ def _compiled():
 def unavailable(backend: str, case: Case) -> Optional[str]:
     """Why ``backend`` cannot run ``case`` here, or None."""
     if backend in ("cpp", "cuda", "triton"):
-        E, S, b0, mask = _inputs(Case(2, 3, 2, 2, 1, case.dtype, case.device))
+        E, S, b0, mask = inputs(Case(2, 3, 2, 2, 1, case.dtype, case.device))
         table = mind_kernels.backends(E, S, b0, mask)
         reasons = {s.name: s.reasons for s in table}[backend]
         return "; ".join(reasons) or None
@@ -74,7 +75,7 @@ def unavailable(backend: str, case: Case) -> Optional[str]:
 
 def make_callable(backend: str, case: Case, mode: str) -> Callable[[], object]:
     """A zero-argument callable running one forward (``mode="fwd"``) or forward + backward (``"fwd+bwd"``)."""
-    E, S, b0, mask = _inputs(case)
+    E, S, b0, mask = inputs(case)
     backward = mode == "fwd+bwd"
     if backward:
         E.requires_grad_(True)
