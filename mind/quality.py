@@ -6,7 +6,11 @@ retrieval, seen items excluded (see :mod:`mind.train`).  Each cell is
     mean over seeds ± std over seeds (sample std, ddof=1) [mean over seeds of the standard
     error across users]
 
-MostPopular is deterministic, so its seed std is 0.  The verdict line checks the goal:
+MostPopular is deterministic, so its seed std is 0.  A second table carries the measures of
+:mod:`mind.diversity` (NEW_METRICS): mean pairwise cosine of a user's active interests (n/a for
+MostPopular and for K=1), ComiRec Diversity@50 (genre sets disjoint = different), catalogue
+Coverage@50, and Recall@50 within the low / mid / high terciles of users by the genre entropy
+of their input history.  The verdict line checks the goal:
 MIND K=4 beats both baselines on Recall@50 and HitRate@50 by more than the seed spread
 (mean difference > std of K=4 + std of the baseline), on valid and on test.
 
@@ -25,6 +29,9 @@ import time
 import numpy as np
 
 METRICS = [f"{m}@{n}" for n in (20, 50) for m in ("recall", "hit_rate", "ndcg")]
+#: the second table (mind.diversity); a value may be None (not applicable / undefined)
+NEW_METRICS = ["interest_cosine", "diversity@50", "coverage@50",
+               "recall@50_entropy_low", "recall@50_entropy_mid", "recall@50_entropy_high"]
 
 #: the per-run config of the table (epochs chosen so the whole command runs in minutes on 2 cores)
 QUALITY_CONFIG = dict(dim=64, max_len=20, lr=3e-3, weight_decay=1e-4, batch_size=256, epochs=8,
@@ -41,20 +48,40 @@ BASELINES = ("MostPopular", "MIND K=1")
 
 
 def _aggregate(per_seed: list[dict]) -> dict:
+    """Per metric: mean and std over seeds, mean user standard error, per-seed values.  A value
+    that is missing or None in a seed's row (e.g. interest_cosine for MostPopular or K=1) is
+    skipped; with no value at all mean/std/se_users are None (strict JSON: no NaN)."""
+    def _num(r, k):
+        v = r.get(k)
+        return math.nan if v is None else float(v)
+
+    def _opt(x):
+        return None if math.isnan(x) else float(x)
+
     out = {}
-    for m in METRICS:
-        vals = np.array([r[m] for r in per_seed], dtype=np.float64)
-        ses = np.array([r[m + "_se"] for r in per_seed], dtype=np.float64)
-        out[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-                  "se_users": float(ses.mean()), "values": vals.tolist()}
+    for m in METRICS + NEW_METRICS:
+        vals = np.array([_num(r, m) for r in per_seed], dtype=np.float64)
+        ses = np.array([_num(r, m + "_se") for r in per_seed], dtype=np.float64)
+        v, s = vals[~np.isnan(vals)], ses[~np.isnan(ses)]
+        out[m] = {"mean": _opt(v.mean()) if len(v) else None,
+                  "std": (float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else None,
+                  "se_users": _opt(s.mean()) if len(s) else None,
+                  "values": [_opt(x) for x in vals]}
     return out
 
 
-def _table(results: dict) -> str:
-    lines = ["| method | split | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+def _cell(a: dict) -> str:
+    if a["mean"] is None:
+        return "n/a"
+    se = f" [{a['se_users']:.4f}]" if a["se_users"] is not None else ""
+    return f"{a['mean']:.4f} ± {a['std']:.4f}{se}"
+
+
+def _table(results: dict, metrics=METRICS) -> str:
+    lines = ["| method | split | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for method, splits in results.items():
         for split, agg in splits.items():
-            cells = [f"{agg[m]['mean']:.4f} ± {agg[m]['std']:.4f} [{agg[m]['se_users']:.4f}]" for m in METRICS]
+            cells = [_cell(agg[m]) for m in metrics]
             lines.append(f"| {method} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,6 +107,7 @@ def verdict(results: dict, target: str = "MIND K=4", baselines=BASELINES,
 def run_quality(out_dir="runs/quality", seeds=(0, 1, 2), epochs=None, progress=False, log=print) -> dict:
     """Train and evaluate everything, write quality.{md,csv,json} into ``out_dir``; return the results."""
     from .data import fetch_movielens_100k, load_recbole, prepare
+    from .diversity import beyond_accuracy
     from .evaluate import evaluate_rankings, most_popular_rankings, write_metrics
     from .train import TrainConfig, train
 
@@ -92,7 +120,9 @@ def run_quality(out_dir="runs/quality", seeds=(0, 1, 2), epochs=None, progress=F
     raw: dict = {"MostPopular": {}}
     for split_name, split in (("valid", data.valid), ("test", data.test)):
         ranked = most_popular_rankings(data.item_counts, len(split), 50, exclude=split.full_histories)
-        raw["MostPopular"][split_name] = [evaluate_rankings(ranked, split.targets)] * len(seeds)
+        row = {**evaluate_rankings(ranked, split.targets),
+               **beyond_accuracy(ranked, split.targets, split.histories, data.item_genres, int(data.num_items))}
+        raw["MostPopular"][split_name] = [row] * len(seeds)
 
     base = dict(QUALITY_CONFIG)
     if epochs is not None:
@@ -116,12 +146,14 @@ def run_quality(out_dir="runs/quality", seeds=(0, 1, 2), epochs=None, progress=F
               f"test users), seeds {list(seeds)}, config {json.dumps(base)}, "
               f"models {json.dumps(MODELS, default=str)}.\n"
               "Cells: mean over seeds ± std over seeds [standard error across users, mean over seeds].\n")
-    text = header + "\n" + _table(results) + "\n\n" + "\n".join(checks) + \
+    text = header + "\n" + _table(results) + "\n\n" + \
+        "Beyond accuracy (mind/diversity.py; cells as above, n/a = not applicable):\n\n" + \
+        _table(results, NEW_METRICS) + "\n\n" + "\n".join(checks) + \
         f"\n\nMIND K=4 beats both baselines by more than the seed spread: {'YES' if ok else 'NO'}\n"
     (out / "quality.md").write_text(text)
     rows = [{"method": method, "split": split, "metric": m, "mean": agg[m]["mean"], "std_seeds": agg[m]["std"],
              "se_users": agg[m]["se_users"], "per_seed": json.dumps(agg[m]["values"])}
-            for method, splits in results.items() for split, agg in splits.items() for m in METRICS]
+            for method, splits in results.items() for split, agg in splits.items() for m in METRICS + NEW_METRICS]
     write_metrics(rows, out / "quality")
     (out / "quality.json").write_text(json.dumps({"config": base, "models": MODELS, "seeds": list(seeds), "results": results,
                                                   "checks": checks, "passed": ok, "raw": raw,

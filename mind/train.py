@@ -145,35 +145,50 @@ def _long(x) -> torch.Tensor:
 
 
 @torch.no_grad()
-def user_vectors(model: MIND, histories, user_features, batch_size: int = 1024) -> torch.Tensor:
-    """Retrieval-ready user vectors (U, K, d) in eval mode (inactive interests = copies of interest 0)."""
+def user_interests(model: MIND, histories, user_features, batch_size: int = 1024):
+    """Raw interests in eval mode: V (U, K, d) and the interest mask (U, K) bool, on the CPU."""
     was_training = model.training
     model.eval()
     histories, user_features = _long(histories), _long(user_features)
     device = model.item_genres.device
-    out = []
+    vs, ms = [], []
     for s in range(0, histories.shape[0], batch_size):
         v, imask = model.interests(histories[s:s + batch_size].to(device), user_features[s:s + batch_size].to(device))
-        out.append(retrieval_vectors(v, imask).cpu())
+        vs.append(v.cpu())
+        ms.append(imask.cpu())
     model.train(was_training)
-    if not out:
-        return torch.zeros(0, model.num_interests, model.dim)
-    return torch.cat(out)
+    if not vs:
+        return (torch.zeros(0, model.num_interests, model.dim),
+                torch.zeros(0, model.num_interests, dtype=torch.bool))
+    return torch.cat(vs), torch.cat(ms)
+
+
+@torch.no_grad()
+def user_vectors(model: MIND, histories, user_features, batch_size: int = 1024) -> torch.Tensor:
+    """Retrieval-ready user vectors (U, K, d) in eval mode (inactive interests = copies of interest 0)."""
+    return retrieval_vectors(*user_interests(model, histories, user_features, batch_size))
 
 
 @torch.no_grad()
 def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024) -> dict:
-    """Recall / HitRate / NDCG @ns on an EvalSplit with full-catalogue retrieval, seen items excluded."""
+    """Recall / HitRate / NDCG @ns on an EvalSplit with full-catalogue retrieval, seen items excluded,
+    plus mind.diversity.beyond_accuracy: interest_cosine, diversity@N, coverage@N and
+    recall@N_entropy_{low,mid,high} (None where undefined, e.g. interest_cosine for K=1)."""
+    from .diversity import beyond_accuracy
     from .evaluate import evaluate_rankings, retrieve_topk
 
     feats = _long(data.user_features)[_long(split.user_index)]
-    vectors = user_vectors(model, split.histories, feats, batch_size)
+    interests, imask = user_interests(model, split.histories, feats, batch_size)
+    vectors = retrieval_vectors(interests, imask)
     was_training = model.training
     model.eval()
     table = model.item_embeddings()
     model.train(was_training)
     ranked, _ = retrieve_topk(vectors.numpy(), table.cpu().numpy(), max(ns), exclude=split.full_histories)
-    return evaluate_rankings(ranked, split.targets, ns=tuple(ns))
+    metrics = evaluate_rankings(ranked, split.targets, ns=tuple(ns))
+    metrics.update(beyond_accuracy(ranked, split.targets, split.histories, data.item_genres, int(data.num_items),
+                                   ns=tuple(ns), vectors=interests, mask=imask))
+    return metrics
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path) -> None:

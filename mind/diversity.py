@@ -1,0 +1,186 @@
+"""Measures beside accuracy: interest distinctness, list diversity, catalogue coverage, and
+recall split by how genre-diverse a user's history is.
+
+All functions are pure numpy (tensors are accepted and converted); shapes below use U users,
+K interests, d dimensions, n list length, G genre slots per item, num_items items 1..num_items
+(index 0 is padding everywhere, as in :class:`mind.data.PreparedData`).
+
+Genres: ``item_genres`` is the (num_items + 1, G) genre-id matrix of ``PreparedData`` (0 =
+padding), so an item's genre SET is its non-zero entries; an item may have several genres
+(MovieLens) or none.
+
+* :func:`interest_cosine` -- per user, the mean pairwise cosine of its ACTIVE interests:
+  ``ic_u = (1 / C(a_u, 2)) * sum_{i < j, i, j active} <v_i, v_j> / (|v_i| |v_j|)``, a_u =
+  number of active interests; undefined (NaN) when a_u < 2, so with K = 1 every user is
+  NaN and the split-level value is None (see :func:`beyond_accuracy`).  A zero vector has
+  cosine 0 with everything.
+* :func:`diversity_at_n` -- ComiRec (Cen et al., KDD 2020) Diversity@N:
+  ``div_u = sum_{j < k} delta(CATE(i_j) != CATE(i_k)) / (N (N - 1) / 2)`` over the unordered
+  pairs of the user's top-N list.  With genre SETS, two items are "different categories" when
+  their genre sets are DISJOINT (sharing any one genre makes them the same category); an item
+  without genres is a category of its own, so it differs from every other item.  Padding
+  entries (-1 / 0) of a short list are dropped and N is the number of real entries; a list
+  with fewer than 2 real entries is NaN.
+* :func:`coverage_at_n` -- ``|union_u top-N(u) ∩ {1..num_items}| / num_items``.
+* :func:`genre_entropy` -- Shannon entropy (natural log, nats) of the genre distribution of a
+  user's input history: each history item adds ``1 / |genres(item)|`` to each of its genres,
+  ``p_g = mass_g / sum mass``, ``H_u = -sum_g p_g ln p_g``; items without genres add nothing;
+  a history with no genre mass has H = 0.
+* :func:`entropy_terciles` -- 0 / 1 / 2 = low / mid / high tercile by rank of H within the
+  split (a stable sort, so ties keep the split's user order): the user at rank r (0-based)
+  of U is in tercile ``floor(3 r / U)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TERCILE_NAMES = ("low", "mid", "high")
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def genre_matrix(item_genres) -> np.ndarray:
+    """(num_items + 1, G) genre ids (0 = padding) -> (num_items + 1, num_genres) bool multi-hot
+    with column 0 (padding) cleared."""
+    g = _np(item_genres).astype(np.int64)
+    if g.ndim != 2:
+        raise ValueError(f"item_genres must be (num_items + 1, G), got shape {g.shape}")
+    width = int(g.max()) + 1 if g.size else 1
+    m = np.zeros((g.shape[0], max(width, 1)), dtype=bool)
+    rows = np.repeat(np.arange(g.shape[0]), g.shape[1])
+    m[rows, g.reshape(-1)] = True
+    m[:, 0] = False
+    return m
+
+
+def interest_cosine(vectors, mask=None) -> np.ndarray:
+    """Per user mean pairwise cosine of the active interests; (U,) float64, NaN where a user
+    has fewer than 2 active interests.
+
+    vectors: (U, K, d) raw interest vectors (not the retrieval copies); mask: (U, K) bool,
+    True = active (None = all active).
+    """
+    v = _np(vectors).astype(np.float64)
+    if v.ndim != 3:
+        raise ValueError(f"vectors must be (U, K, d), got shape {v.shape}")
+    U, K, _ = v.shape
+    m = np.ones((U, K), dtype=bool) if mask is None else _np(mask).astype(bool)
+    if m.shape != (U, K):
+        raise ValueError(f"mask must be {(U, K)}, got {m.shape}")
+    norms = np.linalg.norm(v, axis=2, keepdims=True)
+    vn = v / np.maximum(norms, 1e-12)
+    cos = np.einsum("ukd,ujd->ukj", vn, vn)
+    pair = m[:, :, None] & m[:, None, :] & np.triu(np.ones((K, K), dtype=bool), 1)[None]
+    count = pair.sum(axis=(1, 2))
+    total = np.where(pair, cos, 0.0).sum(axis=(1, 2))
+    out = np.full(U, np.nan)
+    ok = count > 0
+    out[ok] = total[ok] / count[ok]
+    return out
+
+
+def diversity_at_n(ranked, item_genres, n: int) -> np.ndarray:
+    """Per user ComiRec Diversity@n of the first n entries of ``ranked`` (U, >= n); (U,) float64.
+
+    Pairs of distinct items with disjoint genre sets count as different (an item without
+    genres differs from every other item); the same item twice counts as the same category.
+    Entries <= 0 (padding) are dropped; NaN for fewer than 2 real entries.
+    """
+    r = _np(ranked).astype(np.int64)
+    if r.ndim != 2 or r.shape[1] < n:
+        raise ValueError(f"ranked must be (U, >= {n}), got shape {r.shape}")
+    M = genre_matrix(item_genres).astype(np.float64)
+    out = np.full(len(r), np.nan)
+    for u, row in enumerate(r[:, :n]):
+        items = row[row > 0]
+        k = len(items)
+        if k < 2:
+            continue
+        C = M[items]
+        same = (C @ C.T > 0) | (items[:, None] == items[None, :])
+        iu = np.triu_indices(k, 1)
+        out[u] = float((~same[iu]).sum()) / (k * (k - 1) / 2)
+    return out
+
+
+def coverage_at_n(ranked, n: int, num_items: int) -> float:
+    """Fraction of items 1..num_items that appear in at least one user's top n."""
+    if num_items <= 0:
+        return math.nan
+    r = _np(ranked).astype(np.int64)[:, :n].reshape(-1)
+    r = r[(r >= 1) & (r <= num_items)]
+    return len(np.unique(r)) / num_items
+
+
+def genre_entropy(histories, item_genres) -> np.ndarray:
+    """Per user Shannon entropy (nats) of the genre distribution over the history items;
+    histories (U, L) item ids with 0 = padding (or a list of 1-D arrays); (U,) float64."""
+    M = genre_matrix(item_genres).astype(np.float64)
+    per_item = M / np.maximum(M.sum(axis=1, keepdims=True), 1.0)  # 1/|genres| per genre; 0 rows stay 0
+    rows = list(_np(histories)) if not isinstance(histories, list) else histories
+    out = np.zeros(len(rows))
+    for u, h in enumerate(rows):
+        h = _np(h).astype(np.int64).reshape(-1)
+        mass = per_item[h[h > 0]].sum(axis=0)
+        total = mass.sum()
+        if total <= 0:
+            continue
+        p = mass[mass > 0] / total
+        out[u] = float(-(p * np.log(p)).sum())
+    return out
+
+
+def entropy_terciles(entropy) -> np.ndarray:
+    """(U,) values -> (U,) int64 tercile 0 (low) / 1 (mid) / 2 (high) by stable rank."""
+    e = _np(entropy).astype(np.float64).reshape(-1)
+    U = len(e)
+    rank = np.empty(U, dtype=np.int64)
+    rank[np.argsort(e, kind="stable")] = np.arange(U)
+    return (3 * rank) // max(U, 1)
+
+
+def _mean_se(x: np.ndarray) -> tuple:
+    """Mean and standard error over the non-NaN entries; (None, None) when there are none."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return None, None
+    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    return float(np.mean(x)), se
+
+
+def beyond_accuracy(ranked, targets, histories, item_genres, num_items: int, ns=(20, 50),
+                    vectors=None, mask=None) -> dict:
+    """The measures of this module for one split, as metric-dict entries:
+
+    ``interest_cosine``, ``interest_cosine_se`` (only when ``vectors`` is given; None when no
+    user has 2 active interests, e.g. K = 1) and, for N in ns: ``diversity@N``,
+    ``diversity@N_se``, ``coverage@N``, ``recall@N_entropy_{low,mid,high}`` and their
+    ``_se``.  Means are over users (NaN users skipped); an undefined value is None, not NaN,
+    so the dict is strict-JSON safe.
+
+    ranked (U, >= max(ns)) items (-1 padded); targets, histories: per user (histories = the
+    model's input, (U, L) with 0 padding); item_genres (num_items + 1, G).
+    """
+    from .evaluate import recall_at_n
+
+    out: dict = {}
+    if vectors is not None:
+        out["interest_cosine"], out["interest_cosine_se"] = _mean_se(interest_cosine(vectors, mask))
+    terc = entropy_terciles(genre_entropy(histories, item_genres))
+    for n in ns:
+        out[f"diversity@{n}"], out[f"diversity@{n}_se"] = _mean_se(diversity_at_n(ranked, item_genres, n))
+        cov = coverage_at_n(ranked, n, num_items)
+        out[f"coverage@{n}"] = None if math.isnan(cov) else cov
+        rec = recall_at_n(ranked, targets, n) if len(targets) else np.zeros(0)
+        for t, name in enumerate(TERCILE_NAMES):
+            key = f"recall@{n}_entropy_{name}"
+            out[key], out[key + "_se"] = _mean_se(rec[terc == t])
+    return out
