@@ -19,6 +19,20 @@ Three estimators of  -log softmax_i(v_u . e_i)[target]:
   item (duplicates within the batch) other than the diagonal are removed.
 
 All three return the mean cross-entropy over the batch.
+
+Two options shape the logits (both off by default, which gives the estimators above):
+
+* ``scoring="max"``: the model hands over all its interests V (B, K, d) with their mask
+  instead of one label-aware v_u, and every item, target and negatives alike, is scored
+  by its best active interest, ``s(u, i) = max_k V_k . e_i``: the score serving ranks by
+  (``mind.model``).  Under the paper's objective (``"attention"``) a negative is scored
+  by the interest the *target* picked, so nothing stops another interest from ranking
+  that negative first at serving time.
+* ``hard_negative_beta`` (beta > 0, ``"sampled"`` only): interest-aware hard negatives
+  (REMI, RecSys 2023; the importance weights of Robinson et al., ICLR 2021).  Each row's
+  sampled negatives are reweighted by ``w_s = S softmax_s(beta * l_s)`` (detached, mean 1
+  over the row), i.e. ``l_s += log w_s`` inside the softmax: negatives the user already
+  scores high count more.  beta = 0 gives exactly the plain sampled softmax.
 """
 
 from __future__ import annotations
@@ -67,24 +81,59 @@ class LogUniformSampler:
         return self._log_q_rank.to(items.device)[ranks]
 
 
+def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
+                         item_emb: torch.Tensor, paired: bool = False) -> torch.Tensor:
+    """max_k V_k . e_i over each user's active interests.
+
+    Args:
+        interests: V (B, K, d); interest_mask: (B, K) bool or None (all active).
+        item_emb: (N, d) items scored for every user, or (B, d) one item per user with ``paired``.
+
+    Returns:
+        (B, N), or (B,) with ``paired``.  The gradient flows through the winning interest.
+    """
+    if paired:
+        scores = torch.einsum("bkd,bd->bk", interests, item_emb)
+    else:
+        scores = torch.einsum("bkd,nd->bkn", interests, item_emb)
+    if interest_mask is not None:
+        inactive = ~interest_mask.to(torch.bool)
+        scores = scores.masked_fill(inactive if paired else inactive[:, :, None], _NEG_INF)
+    return scores.max(dim=1).values
+
+
+def _sampled_softmax_from_scores(pos: torch.Tensor, neg: torch.Tensor, targets: torch.Tensor,
+                                 negatives: torch.Tensor, target_log_q: torch.Tensor, neg_log_q: torch.Tensor,
+                                 hard_negative_beta: float = 0.0) -> torch.Tensor:
+    """The sampled softmax of :func:`sampled_softmax_loss` from raw scores pos (B,) and neg (B, S)."""
+    pos = pos[:, None] - target_log_q[:, None]
+    hit = negatives[None, :] == targets[:, None]
+    if hard_negative_beta > 0:
+        # log w_s = log S + log softmax_s(beta * score_s), accidental hits out of the softmax.
+        sharp = (hard_negative_beta * neg.detach()).masked_fill(hit, _NEG_INF)
+        neg = neg + torch.log_softmax(sharp, dim=1) + math.log(neg.shape[1])
+    neg = (neg - neg_log_q[None, :]).masked_fill(hit, _NEG_INF)
+    logits = torch.cat([pos, neg], dim=1)
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+
 def sampled_softmax_loss(user: torch.Tensor, target_emb: torch.Tensor, targets: torch.Tensor,
                          neg_emb: torch.Tensor, negatives: torch.Tensor,
-                         target_log_q: torch.Tensor, neg_log_q: torch.Tensor) -> torch.Tensor:
+                         target_log_q: torch.Tensor, neg_log_q: torch.Tensor,
+                         hard_negative_beta: float = 0.0) -> torch.Tensor:
     """Sampled softmax with logQ correction and accidental-hit removal.
 
     Args:
         user: v_u (B, d); target_emb: e_target (B, d); targets: (B,) item ids.
         neg_emb: (S, d) embeddings of the shared negatives; negatives: (S,) their ids.
         target_log_q: (B,), neg_log_q: (S,): log Q of the targets and negatives.
+        hard_negative_beta: see the module docstring (0 = off).
 
     logits[b] = [v_b . e_tb - logQ(t_b),  v_b . e_s - logQ(s) (s = 1..S, -inf where s == t_b)];
     loss = mean_b -log softmax(logits[b])[0].
     """
-    pos = (user * target_emb).sum(-1, keepdim=True) - target_log_q[:, None]
-    neg = user @ neg_emb.t() - neg_log_q[None, :]
-    neg = neg.masked_fill(negatives[None, :] == targets[:, None], _NEG_INF)
-    logits = torch.cat([pos, neg], dim=1)
-    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+    return _sampled_softmax_from_scores((user * target_emb).sum(-1), user @ neg_emb.t(), targets, negatives,
+                                        target_log_q, neg_log_q, hard_negative_beta)
 
 
 def full_softmax_loss(user: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -104,20 +153,32 @@ def in_batch_softmax_loss(user: torch.Tensor, target_emb: torch.Tensor, targets:
 
 
 class SoftmaxLoss:
-    """Picks one of the estimators above; call with the model's v_u, the model and the targets.
+    """Picks one of the estimators above; call with the model's output, the model and the targets.
 
     Args:
         kind: "sampled", "full" or "in_batch".
         item_counts: (N + 1,) training counts (the sampler's ranking / in-batch q).
         num_negatives: S for "sampled".
+        scoring: "attention" (call with v_u (B, d)) or "max" (call with (V (B, K, d), interest
+            mask (B, K)): every item scored by its best interest, see the module docstring).
+        hard_negative_beta: beta of the interest-aware hard negatives ("sampled" only; 0 = off).
     """
 
     KINDS = ("sampled", "full", "in_batch")
+    SCORINGS = ("attention", "max")
 
-    def __init__(self, kind: str, item_counts, num_negatives: int = 100):
+    def __init__(self, kind: str, item_counts, num_negatives: int = 100, scoring: str = "attention",
+                 hard_negative_beta: float = 0.0):
         if kind not in self.KINDS:
             raise ValueError(f"loss must be one of {self.KINDS}, got {kind!r}")
-        self.kind, self.num_negatives = kind, int(num_negatives)
+        if scoring not in self.SCORINGS:
+            raise ValueError(f"scoring must be one of {self.SCORINGS}, got {scoring!r}")
+        if not hard_negative_beta >= 0 or math.isinf(hard_negative_beta):
+            raise ValueError(f"hard_negative_beta must be a finite number >= 0, got {hard_negative_beta!r}")
+        if hard_negative_beta > 0 and kind != "sampled":
+            raise ValueError(f"hard_negative_beta needs the sampled loss, not {kind!r}")
+        self.kind, self.num_negatives, self.scoring = kind, int(num_negatives), scoring
+        self.hard_negative_beta = float(hard_negative_beta)
         counts = torch.as_tensor(item_counts, dtype=torch.float64)
         if kind == "sampled":
             self.sampler = LogUniformSampler(counts)
@@ -125,8 +186,10 @@ class SoftmaxLoss:
         freq = (counts[1:] + 1.0) / (counts[1:] + 1.0).sum()
         self.log_freq = torch.cat([torch.zeros(1), torch.log(freq).float()])
 
-    def __call__(self, user: torch.Tensor, model, targets: torch.Tensor,
+    def __call__(self, user, model, targets: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.scoring == "max":
+            return self._max_scored(*user, model, targets, generator)
         target_emb = model.embed_items(targets)
         if self.kind == "full":
             return full_softmax_loss(user, model.item_embeddings(), targets)
@@ -134,4 +197,44 @@ class SoftmaxLoss:
             return in_batch_softmax_loss(user, target_emb, targets, self.log_freq.to(user.device)[targets])
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=user.device)
         return sampled_softmax_loss(user, target_emb, targets, model.embed_items(negatives), negatives,
-                                    self.sampler.log_q(targets), self.sampler.log_q(negatives))
+                                    self.sampler.log_q(targets), self.sampler.log_q(negatives),
+                                    self.hard_negative_beta)
+
+    def _max_scored(self, interests, interest_mask, model, targets, generator):
+        """The three estimators with s(u, i) = max_k V_k . e_i in place of v_u . e_i."""
+        target_emb = model.embed_items(targets)
+        if self.kind == "full":
+            logits = best_interest_scores(interests, interest_mask, model.item_embeddings()[1:])
+            return F.cross_entropy(logits, targets - 1)
+        if self.kind == "in_batch":
+            logits = best_interest_scores(interests, interest_mask, target_emb)
+            logits = logits - self.log_freq.to(logits.device)[targets][None, :]
+            B = targets.shape[0]
+            dup = (targets[None, :] == targets[:, None]) & ~torch.eye(B, dtype=torch.bool, device=targets.device)
+            return F.cross_entropy(logits.masked_fill(dup, _NEG_INF), torch.arange(B, device=targets.device))
+        negatives = self.sampler.sample(self.num_negatives, generator=generator, device=interests.device)
+        pos = best_interest_scores(interests, interest_mask, target_emb, paired=True)
+        neg = best_interest_scores(interests, interest_mask, model.embed_items(negatives))
+        return _sampled_softmax_from_scores(pos, neg, targets, negatives, self.sampler.log_q(targets),
+                                            self.sampler.log_q(negatives), self.hard_negative_beta)
+
+
+def interest_similarity_penalty(interests: torch.Tensor, interest_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean pairwise cosine between a user's active interests, averaged over users (a scalar).
+
+    ``lambda * penalty`` is the interest-diversity regulariser of training (in the spirit of
+    SINE's and Re4's terms that push a user's interests apart).  Users with fewer than two
+    active interests contribute 0.  V (B, K, d); interest_mask (B, K) bool or None.
+    """
+    B, K, _ = interests.shape
+    if K < 2:
+        return interests.new_zeros(())
+    unit = F.normalize(interests, dim=2, eps=1e-8)
+    cos = unit @ unit.transpose(1, 2)                                        # (B, K, K)
+    active = (torch.ones(B, K, dtype=torch.bool, device=interests.device) if interest_mask is None
+              else interest_mask.to(torch.bool)).to(cos.dtype)
+    pair = active[:, :, None] * active[:, None, :] * (1 - torch.eye(K, dtype=cos.dtype, device=cos.device))
+    pairs = pair.sum((1, 2))
+    per_user = (cos * pair).sum((1, 2)) / pairs.clamp_min(1.0)
+    users = (pairs > 0).to(cos.dtype)
+    return (per_user * users).sum() / users.sum().clamp_min(1.0)

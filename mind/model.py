@@ -34,6 +34,7 @@ def label_aware_attention(
     target: torch.Tensor,
     interest_mask: Optional[torch.Tensor] = None,
     p: float = 2.0,
+    stochastic: bool = False,
 ) -> torch.Tensor:
     """Label-aware attention: v_u = sum_k a_k V_k with a = softmax_k(pow_p(V_k . e_target)).
 
@@ -52,6 +53,10 @@ def label_aware_attention(
     * ``p = 0``: uniform average over the active interests (the limit x^0 = 1).
     * ``p = inf``: hard attention, a one-hot on argmax_k V_k . e over active interests
       (ties go to the lowest k); the gradient flows through the selected V_k only.
+    * ``stochastic=True`` (BaM): instead of the argmax / the soft weights, draw one
+      active interest k ~ softmax_k(pow_p(V_k . e)) (p = inf draws from softmax_k(V_k . e))
+      from torch's global generator, and use V_k alone.  Used in training only: it keeps
+      interests that are close runners-up in play instead of letting one win every target.
 
     For 0 < p < 1 the derivative p|x|^(p-1) is unbounded near x = 0 (clamped at |x| = 1e-12,
     i.e. gradients up to ~1e6 p); on MovieLens-100k p = 0.5 trained far worse than p = 0 or
@@ -73,7 +78,13 @@ def label_aware_attention(
     interest_mask = interest_mask.to(torch.bool)
     logits = torch.einsum("bkd,bd->bk", interests, target)
     neg_inf = torch.finfo(logits.dtype).min
-    if p == 0:
+    if stochastic:
+        powered = logits if math.isinf(p) else torch.sign(logits) * logits.abs().clamp_min(1e-12).pow(p)
+        probs = torch.softmax(powered.detach().masked_fill(~interest_mask, neg_inf), dim=1)
+        probs = probs * interest_mask.to(probs.dtype)
+        pick = torch.multinomial(probs.float(), 1).squeeze(1)
+        weights = torch.nn.functional.one_hot(pick, K).to(interests.dtype)
+    elif p == 0:
         weights = interest_mask.to(interests.dtype)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
     elif math.isinf(p):
@@ -119,6 +130,9 @@ class MIND(nn.Module):
         routing_init_std: sigma of the routing logits b0 ~ N(0, sigma^2).
         softmax_over: coupling axis, "interests" (MIND, default) or "behaviors" (ComiRec).
         routing_weight_scale: multiplies the initial bilinear map S.
+        logit_scale: s of the routing update b_ij += s * c_j . u_i (ROUTING.md; EasyRec uses ~20).
+        h_out_activation: "relu" (ReLU on the last H layer, all interest vectors in the
+            non-negative orthant, so their cosines are >= 0) or "linear".
     """
 
     def __init__(
@@ -137,8 +151,12 @@ class MIND(nn.Module):
         routing_init_std: float = 1.0,
         softmax_over: str = "interests",
         routing_weight_scale: float = 1.0,
+        logit_scale: float = 1.0,
+        h_out_activation: str = "relu",
     ):
         super().__init__()
+        if h_out_activation not in ("relu", "linear"):
+            raise ValueError(f"MIND: h_out_activation must be 'relu' or 'linear', got {h_out_activation!r}")
         if item_genres is None:
             item_genres = torch.zeros(num_items + 1, 0, dtype=torch.long)
         item_genres = torch.as_tensor(item_genres, dtype=torch.long)
@@ -155,6 +173,12 @@ class MIND(nn.Module):
             routing_init_std=float(routing_init_std), softmax_over=softmax_over,
             routing_weight_scale=float(routing_weight_scale),
         )
+        # Written only when not the default, so configs saved before these options existed
+        # load unchanged and new ones stay readable by the same code.
+        if float(logit_scale) != 1.0:
+            self.config["logit_scale"] = float(logit_scale)
+        if h_out_activation != "relu":
+            self.config["h_out_activation"] = h_out_activation
         self.num_items, self.dim, self.num_interests = num_items, dim, num_interests
         self.dynamic_interests = bool(dynamic_interests)
 
@@ -173,16 +197,18 @@ class MIND(nn.Module):
 
         self.extractor = B2IRouting(dim, dim, num_interests, num_iters=num_iters, softmax_over=softmax_over,
                                     init_std=routing_init_std, dynamic_interests=self.dynamic_interests,
-                                    backend=backend)
+                                    backend=backend, **({"logit_scale": float(logit_scale)}
+                                                        if float(logit_scale) != 1.0 else {}))
         # S starts like nn.Linear (|S e| ~ |e| / sqrt(3)); a larger scale makes the agreement
         # term c_j . u_i of the routing logits outweigh the random b0 from the first iteration.
         with torch.no_grad():
             self.extractor.weight.mul_(routing_weight_scale)
         profile_dim = user_feature_dim * len(self.user_feature_embeddings)
         hidden = hidden_mult * dim
+        out_act = [nn.ReLU()] if h_out_activation == "relu" else []
         self.h_layers = nn.Sequential(
             nn.Linear(dim + profile_dim, hidden), nn.ReLU(),
-            nn.Linear(hidden, dim), nn.ReLU(),
+            nn.Linear(hidden, dim), *out_act,
         )
 
     @classmethod
@@ -268,7 +294,15 @@ class MIND(nn.Module):
             return vectors, interest_mask, weights
         return vectors, interest_mask
 
-    def forward(self, histories, user_features=None, targets=None, p: float = 2.0):
-        """Training view: v_u (B, d) by label-aware attention on the targets' embeddings."""
+    def forward(self, histories, user_features=None, targets=None, p: float = 2.0, stochastic: bool = False):
+        """Training view.
+
+        With ``targets``: v_u (B, d) by label-aware attention on the targets' embeddings.
+        Without: the interests V (B, K, d) and the interest mask (B, K), for objectives that
+        score items by the best interest (``mind.loss``'s ``scoring="max"``); going through
+        ``forward`` keeps DistributedDataParallel's gradient hooks in the step.
+        """
         vectors, interest_mask = self.interests(histories, user_features)
-        return label_aware_attention(vectors, self.embed_items(targets), interest_mask, p)
+        if targets is None:
+            return vectors, interest_mask
+        return label_aware_attention(vectors, self.embed_items(targets), interest_mask, p, stochastic)

@@ -62,13 +62,15 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .checkpoint import (CheckpointError, get_rng_state, load_checkpoint, save_checkpoint,
                          seed_everything, set_rng_state)
-from .loss import SoftmaxLoss
-from .model import MIND, retrieval_vectors
+from .loss import SoftmaxLoss, interest_similarity_penalty
+from .model import MIND, label_aware_attention, retrieval_vectors
 
 #: config fields that change the model or the optimisation; a resumed run must match them.
 _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr", "weight_decay", "batch_size",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
-                      "routing_init_std", "softmax_over", "routing_weight_scale")
+                      "routing_init_std", "softmax_over", "routing_weight_scale", "logit_scale",
+                      "h_out_activation", "scoring", "hard_negative_beta", "diversity_lambda",
+                      "stochastic_selection")
 
 
 @dataclasses.dataclass
@@ -97,6 +99,12 @@ class TrainConfig:
     routing_init_std: float = 0.1  # sigma of the routing logits b0 ~ N(0, sigma^2)
     softmax_over: str = "interests"  # routing coupling axis; "behaviors" = ComiRec's convention
     routing_weight_scale: float = 1.0  # initial scale of the routing map S
+    logit_scale: float = 1.0       # s of the routing update b += s * c . u (ROUTING.md)
+    h_out_activation: str = "relu"  # last H layer: "relu" (the paper) or "linear"
+    scoring: str = "attention"     # "attention" (label-aware v_u) or "max" (every item by its best interest)
+    hard_negative_beta: float = 0.0  # interest-aware hard negatives (REMI), sampled loss only
+    diversity_lambda: float = 0.0  # weight of the mean pairwise interest cosine in the loss
+    stochastic_selection: bool = False  # BaM: draw the target's interest instead of attending
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -137,7 +145,8 @@ def build_model(data, config: TrainConfig) -> MIND:
         user_feature_dim=config.user_feature_dim, hidden_mult=config.hidden_mult,
         dynamic_interests=config.dynamic_interests, backend=config.backend,
         routing_init_std=config.routing_init_std, softmax_over=config.softmax_over,
-        routing_weight_scale=config.routing_weight_scale)
+        routing_weight_scale=config.routing_weight_scale, logit_scale=config.logit_scale,
+        h_out_activation=config.h_out_activation)
 
 
 def _long(x) -> torch.Tensor:
@@ -191,6 +200,28 @@ def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024
     return metrics
 
 
+def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist, feats, tgt) -> torch.Tensor:
+    """One batch's loss: the softmax objective (+ lambda * the mean pairwise interest cosine).
+
+    ``net`` is the model or its DDP wrapper (called for the forward, so DDP's hooks run);
+    ``model`` the bare MIND (item embeddings).  The paper's path, label-aware attention with
+    neither regulariser nor stochastic selection, is ``net(hist, feats, tgt, p)`` as before.
+    """
+    plain = config.scoring == "attention" and config.diversity_lambda == 0 and not config.stochastic_selection
+    if plain:
+        return loss_fn(net(hist, feats, tgt, p=config.p), model, tgt)
+    vectors, interest_mask = net(hist, feats)
+    if config.scoring == "max":
+        loss = loss_fn((vectors, interest_mask), model, tgt)
+    else:
+        user = label_aware_attention(vectors, model.embed_items(tgt), interest_mask, config.p,
+                                     config.stochastic_selection)
+        loss = loss_fn(user, model, tgt)
+    if config.diversity_lambda > 0:
+        loss = loss + config.diversity_lambda * interest_similarity_penalty(vectors, interest_mask)
+    return loss
+
+
 def _check_resumable(saved: dict, config: TrainConfig, path) -> None:
     diffs = {k: (saved.get(k), getattr(config, k)) for k in _RESUME_MUST_MATCH
              if k in saved and saved.get(k) != getattr(config, k)
@@ -237,7 +268,8 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     if info.enabled:
         model = model.to(info.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = SoftmaxLoss(config.loss, np.asarray(data.item_counts), config.num_negatives)
+    loss_fn = SoftmaxLoss(config.loss, np.asarray(data.item_counts), config.num_negatives,
+                          scoring=config.scoring, hard_negative_beta=config.hard_negative_beta)
 
     start_epoch, history = 1, []
     best_metric, best_epoch, bad_epochs = -math.inf, 0, 0
@@ -291,8 +323,7 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
             hist, tgt, feats = hists[idx], targets[idx], feats_table[users[idx]]
             if dev is not None:
                 hist, tgt, feats = hist.to(dev), tgt.to(dev), feats.to(dev)
-            user = net(hist, feats, tgt, p=config.p)
-            loss = loss_fn(user, model, tgt)
+            loss = training_loss(net, model, loss_fn, config, hist, feats, tgt)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
