@@ -59,15 +59,17 @@ CANDIDATES = {
     "K=4 max sigma=1 div0.1": dict(num_interests=4, routing_init_std=1.0, diversity_lambda=0.1, **_MAX),
 }
 
-_DATA = None
+_DATA = None            # a PreparedData given to run_sweep (tests), used for every max_len
+_ML100K: dict = {}      # max_len -> MovieLens-100k prepared with that history length
 
 
-def _data():
-    global _DATA
-    if _DATA is None:
+def _data(max_len: int):
+    if _DATA is not None:
+        return _DATA
+    if max_len not in _ML100K:
         from .data import fetch_movielens_100k, load_recbole, prepare
-        _DATA = prepare(load_recbole(fetch_movielens_100k()), max_len=SWEEP_BASE["max_len"])
-    return _DATA
+        _ML100K[max_len] = prepare(load_recbole(fetch_movielens_100k()), max_len=max_len)
+    return _ML100K[max_len]
 
 
 def _run(job: tuple) -> dict:
@@ -79,7 +81,7 @@ def _run(job: tuple) -> dict:
     torch.set_num_threads(threads)
     t = time.time()
     cfg = TrainConfig(**{**SWEEP_BASE, **overrides}, seed=seed, out_dir=out_dir, progress=False, write_files=False)
-    res = train(_data(), cfg, log=lambda *_: None)
+    res = train(_data(cfg.max_len), cfg, log=lambda *_: None)
     return {"name": name, "seed": seed, "best_epoch": res.best_epoch, "valid": res.valid_metrics,
             "test": res.test_metrics, "seconds": time.time() - t}
 

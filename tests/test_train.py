@@ -1,6 +1,7 @@
 """Training: planted-interest recovery, checkpoints, exact resume, corrupt-checkpoint errors."""
 
 import collections
+import json
 import math
 import random
 
@@ -112,6 +113,29 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert [r["epoch"] for r in b["history"]] == [1, 2]
     assert a["history"][1]["train_loss"] == b["history"][1]["train_loss"]
     assert full.test_metrics == resumed.test_metrics
+
+
+LEVERS = dict(scoring="max", h_out_activation="linear", hard_negative_beta=0.5, diversity_lambda=0.1,
+              stochastic_selection=False, routing_init_std=1.0)
+
+
+def test_levers_train_deterministically_resume_exactly_and_are_recorded(tiny, tmp_path):
+    full = train(tiny, _cfg(tmp_path / "a", epochs=2, **LEVERS), log=lambda *_: None)
+    again = train(tiny, _cfg(tmp_path / "c", epochs=2, **LEVERS), log=lambda *_: None)
+    assert full.history[-1]["train_loss"] == again.history[-1]["train_loss"]
+    assert full.test_metrics == again.test_metrics
+    train(tiny, _cfg(tmp_path / "b", epochs=1, **LEVERS), log=lambda *_: None)
+    resumed = train(tiny, _cfg(tmp_path / "b", epochs=2, **LEVERS), resume=True, log=lambda *_: None)
+    assert full.test_metrics == resumed.test_metrics
+    saved = json.loads((tmp_path / "a" / "run" / "config.json").read_text())
+    assert {k: saved[k] for k in LEVERS} == LEVERS
+    # a lever is part of the optimisation: resuming with another value is refused
+    with pytest.raises(CheckpointError, match="diversity_lambda"):
+        train(tiny, _cfg(tmp_path / "b", epochs=3, **{**LEVERS, "diversity_lambda": 0.2}), resume=True)
+    # the stochastic selection path trains and changes the result (it draws the interest)
+    stoch = train(tiny, _cfg(tmp_path / "d", epochs=1, **{**LEVERS, "scoring": "attention", "p": math.inf,
+                                                           "stochastic_selection": True}), log=lambda *_: None)
+    assert math.isfinite(stoch.history[0]["train_loss"])
 
 
 def test_corrupt_checkpoint_raises_naming_file(tiny, tmp_path):
