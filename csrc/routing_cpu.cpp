@@ -6,7 +6,7 @@
 //     ebar_j  = sum_i w_ij e_i                          (K, D_in)
 //     z_j     = S ebar_j  (= sum_i w_ij u_i)            (K, D_out)
 //     c_j     = squash(z_j)
-//     t < r:  h_j = S^T c_j (D_in);  b_ij += e_i . h_j  (= c_j . u_i)
+//     t < r:  h_j = S^T c_j (D_in);  b_ij += s * (e_i . h_j)  (= s * (c_j . u_i), s = logit_scale)
 // When D_in < 2 D_out and r >= 2 (uses_gram in routing_math.h: shapes only), the iterations t < r
 // go through the Gram matrix Q = S^T S (D_in, D_in) instead, and never form z:
 //     y_j = Q ebar_j;  |z_j|^2 = ebar_j . y_j;  h_j = S^T c_j = a(|z_j|^2) y_j
@@ -184,6 +184,7 @@ struct ForwardArgs {
   acc_t* preact;            // (B, K, D_out)
   int64_t L, D_in, D_out, K, r;
   bool over_behaviors;
+  acc_t logit_scale;        // s in b_ij += s * (c_j . u_i); s = 1 gives the unscaled bits (1 * x == x)
 };
 
 // exp(x) for x <= 0 (softmax arguments x - peak), 8 lanes at a time: Cephes' expf polynomial
@@ -423,8 +424,11 @@ MK_ALWAYS_INLINE void route_user(const ForwardArgs<scalar_t, acc_t>& a, ForwardS
         gemm_set(s.h, D_in, s.c, D_out, a.S, D_in, K, D_out, D_in);  // h = c S
       }
       gemm_set(s.bp, P, s.h, D_in, s.et, P, K, D_in, P);            // db = h e^T
+      // b += s db, in both paths (through Q or S). x * 1 == x exactly, and a contracted fma(1, db, b)
+      // rounds once like b + db, so s = 1 gives the bits of the unscaled update.
+      const acc_t scale = a.logit_scale;
       for (int64_t j = 0; j < K; ++j)
-        for (int64_t i = 0; i < n; ++i) s.b[j * ld + i] += s.bp[j * P + i];  // b += db
+        for (int64_t i = 0; i < n; ++i) s.b[j * ld + i] += scale * s.bp[j * P + i];
     }
   }
 }
@@ -787,7 +791,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
                                                                      const at::Tensor& init_logits,
                                                                      const std::optional<at::Tensor>& mask,
                                                                      const std::optional<at::Tensor>& interest_mask,
-                                                                     int64_t num_iters, bool over_behaviors) {
+                                                                     int64_t num_iters, bool over_behaviors,
+                                                                     double logit_scale) {
   constexpr const char* op = "routing_forward";
   check_cpu(behaviors, op, "behaviors");
   check_cpu(weight, op, "weight");
@@ -812,6 +817,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
               "mind_kernels::routing_forward: `init_logits` must be (K, L) or (B, K, L) with B = ", B, ", L = ", L,
               ", got shape ", init_logits.sizes());
   TORCH_CHECK(num_iters >= 1, "mind_kernels::routing_forward: `num_iters` must be >= 1, got ", num_iters);
+  TORCH_CHECK(std::isfinite(logit_scale) && logit_scale > 0,
+              "mind_kernels::routing_forward: `logit_scale` must be a finite float > 0, got ", logit_scale);
 
   const auto acc = acc_type_of(behaviors.scalar_type());
   const at::Tensor E = behaviors.contiguous();
@@ -841,7 +848,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(const at::Ten
                                    capsules.mutable_data_ptr<scalar_t>(),
                                    coupling.mutable_data_ptr<acc_t>(),
                                    preact.mutable_data_ptr<acc_t>(),
-                                   L, D_in, D_out, K, num_iters, over_behaviors};
+                                   L, D_in, D_out, K, num_iters, over_behaviors,
+                                   static_cast<acc_t>(logit_scale)};
     const int64_t flops = 4 * num_iters * K * (L + D_out) * D_in;
     at::parallel_for(0, B, forward_users_per_task(flops), [&](int64_t begin, int64_t end) { forward_range(a, begin, end); });
   });

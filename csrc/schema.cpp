@@ -14,10 +14,12 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(mind_kernels, m) {
   // capsules (B, K, D_out) in E's dtype; coupling w (B, K, L) and preactivation z (B, K, D_out)
-  // in the accumulation dtype (float64 for float64 inputs, float32 otherwise).
+  // in the accumulation dtype (float64 for float64 inputs, float32 otherwise). logit_scale s > 0 scales the
+  // logit update of the iterations t < r: b_ij += s * (c_j . u_i) (ROUTING.md, "Routing logit scale").
   m.def(
       "routing_forward(Tensor behaviors, Tensor weight, Tensor init_logits, Tensor? mask, "
-      "Tensor? interest_mask, int num_iters, bool over_behaviors) -> (Tensor, Tensor, Tensor)");
+      "Tensor? interest_mask, int num_iters, bool over_behaviors, float logit_scale=1.0) "
+      "-> (Tensor, Tensor, Tensor)");
   // dE (B, L, D_in) in E's dtype and dS (D_out, D_in) in S's dtype, for detach_routing=True.
   m.def(
       "routing_backward(Tensor grad_capsules, Tensor behaviors, Tensor weight, Tensor coupling, "

@@ -32,6 +32,7 @@ def b2i_routing(
     num_iters=3,
     softmax_over="interests",
     detach_routing=True,
+    logit_scale=1.0,
     return_weights=False,
     backend="auto",
 ):
@@ -46,6 +47,8 @@ def b2i_routing(
         num_iters: r >= 1 routing iterations.
         softmax_over: "interests" (MIND) or "behaviors" (ComiRec / torch-rechub).
         detach_routing: gradient through the final aggregation only (True) or through every iteration.
+        logit_scale: s, a finite float > 0: the logit update is b_ij += s * (c_j . u_i) (EasyRec's MIND uses
+            s around 20); s = 1 (the default) is the paper's update.
         return_weights: also return the final coupling weights w (B, K, L) in float32.
         backend: "auto", "reference", "cpp", "triton" or "cuda" (see :mod:`mind_kernels.dispatch`).
 
@@ -55,8 +58,9 @@ def b2i_routing(
     Users without a valid behaviour and inactive interests get zero capsules.
     """
     shape = check_routing_inputs(
-        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, backend
+        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, backend, logit_scale
     )
+    logit_scale = float(logit_scale)
     call = _call_of(behaviors, weight, shape, softmax_over, detach_routing)
     chosen = dispatch.select(call, backend)  # before the B = 0 shortcut: a refused backend raises either way
     if shape.batch == 0:
@@ -66,7 +70,7 @@ def b2i_routing(
             return capsules, behaviors.new_zeros((0, shape.interests, shape.length), dtype=acc)
         return capsules
     capsules, weights = chosen.run(
-        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing
+        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, logit_scale
     )
     return (capsules, weights) if return_weights else capsules
 
@@ -82,7 +86,7 @@ def backends(*args, **kwargs) -> dispatch.BackendTable:
     if not args and not kwargs:
         return dispatch.describe()
     names = ["behaviors", "weight", "init_logits", "mask", "interest_mask", "num_iters", "softmax_over",
-             "detach_routing", "return_weights", "backend"]
+             "detach_routing", "logit_scale", "return_weights", "backend"]
     bound = dict(zip(names, args))
     bound.update(kwargs)
     detach = bound.pop("detach_routing", True)

@@ -1,8 +1,9 @@
 """Pick a backend per call, and say why each one would refuse.
 
-Every backend takes the same arguments as the reference and states what it
-cannot take (device, dtype, option, not built) as a list of reasons, the way
-xformers' ``not_supported_reasons`` does.  ``backend="auto"`` takes the first
+Every backend takes the same arguments as the reference (``logit_scale`` too:
+every backend serves any s > 0, so it is not part of a call's description) and
+states what it cannot take (device, dtype, option, not built) as a list of
+reasons, the way xformers' ``not_supported_reasons`` does.  ``backend="auto"`` takes the first
 backend of the device's preference order that has no reason to refuse:
 
 * CPU tensors:  cpp -> reference
@@ -76,9 +77,12 @@ class Backend:
 # ---------------------------------------------------------------- backends
 
 
-def _reference_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
+def _reference_run(
+    behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, logit_scale=1.0
+):
     return reference.b2i_routing_reference(
-        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, True
+        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, True,
+        logit_scale=logit_scale,
     )
 
 
@@ -100,10 +104,12 @@ def _compiled_unavailable(device_type: str) -> Optional[str]:
     return why
 
 
-def _compiled_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
+def _compiled_run(
+    behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, logit_scale=1.0
+):
     from . import ops
 
-    return ops.routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over)
+    return ops.routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, logit_scale)
 
 
 def _triton_unavailable(device_type: str) -> Optional[str]:
@@ -120,10 +126,14 @@ def _triton_refuses(call: RoutingCall) -> List[str]:
     return _fused_refuses(call) + triton_routing.shape_refusals(call)
 
 
-def _triton_run(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing):
+def _triton_run(
+    behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, logit_scale=1.0
+):
     from .triton import routing as triton_routing
 
-    return triton_routing.routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over)
+    return triton_routing.routing_triton(
+        behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, logit_scale
+    )
 
 
 BACKENDS: Dict[str, Backend] = {

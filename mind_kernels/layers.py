@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .api import b2i_routing
+from .validation import check_logit_scale
 
 #: Eval-mode logits are drawn in chunks of this many positions, each from its own seeded
 #: generator, so position i's logits never depend on how long the buffer is.
@@ -75,6 +76,9 @@ class B2IRouting(nn.Module):
       extends the buffer deterministically from ``eval_seed``.
     * ``dynamic_interests=True`` builds the interest mask from the behaviour mask
       (see :func:`dynamic_interest_mask`).
+    * ``logit_scale`` s (finite float > 0, a plain attribute, not a parameter):
+      the routing's logit update is b_ij += s * (c_j . u_i); EasyRec's MIND uses
+      s around 20, 1 is the paper's update.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class B2IRouting(nn.Module):
         dynamic_interests: bool = False,
         backend: str = "auto",
         eval_length: int = 256,
+        logit_scale: float = 1.0,
     ):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("num_interests", num_interests),
@@ -98,6 +103,7 @@ class B2IRouting(nn.Module):
             raise ValueError(f"B2IRouting: `softmax_over` must be 'interests' or 'behaviors', got {softmax_over!r}")
         if not init_std > 0:
             raise ValueError(f"B2IRouting: `init_std` must be > 0, got {init_std!r}")
+        self.logit_scale = check_logit_scale(logit_scale, "B2IRouting")
         self.in_dim, self.out_dim, self.num_interests = in_dim, out_dim, num_interests
         self.num_iters, self.softmax_over, self.init_std = num_iters, softmax_over, float(init_std)
         self.dynamic_interests, self.backend = dynamic_interests, backend
@@ -112,7 +118,7 @@ class B2IRouting(nn.Module):
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_interests={self.num_interests}, "
             f"num_iters={self.num_iters}, softmax_over={self.softmax_over!r}, init_std={self.init_std}, "
-            f"dynamic_interests={self.dynamic_interests}, backend={self.backend!r}"
+            f"dynamic_interests={self.dynamic_interests}, backend={self.backend!r}, logit_scale={self.logit_scale}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -152,6 +158,7 @@ class B2IRouting(nn.Module):
             interest_mask=interest_mask,
             num_iters=self.num_iters,
             softmax_over=self.softmax_over,
+            logit_scale=self.logit_scale,
             return_weights=return_weights,
             backend=self.backend,
         )

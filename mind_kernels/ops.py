@@ -3,15 +3,17 @@
 The schema is defined once in C++ (``csrc/schema.cpp``, ``TORCH_LIBRARY``)::
 
     mind_kernels::routing_forward(Tensor behaviors, Tensor weight, Tensor init_logits,
-        Tensor? mask, Tensor? interest_mask, int num_iters, bool over_behaviors)
-        -> (Tensor capsules, Tensor coupling, Tensor preactivation)
+        Tensor? mask, Tensor? interest_mask, int num_iters, bool over_behaviors,
+        float logit_scale=1.0) -> (Tensor capsules, Tensor coupling, Tensor preactivation)
     mind_kernels::routing_backward(Tensor grad_capsules, Tensor behaviors, Tensor weight,
         Tensor coupling, Tensor preactivation) -> (Tensor grad_behaviors, Tensor grad_weight)
 
 ``capsules`` (B, K, D_out) has E's dtype; ``coupling`` w (B, K, L) and
 ``preactivation`` z (B, K, D_out) are in the accumulation dtype (float64 for
-float64 inputs, else float32).  Backward needs only E, S, w and z: with
-``detach_routing=True`` the gradient flows through the final z = w S e only.
+float64 inputs, else float32).  ``logit_scale`` s scales the logit update
+b_ij += s * (c_j . u_i) of the iterations t < r.  Backward needs only E, S, w
+and z: with ``detach_routing=True`` the gradient flows through the final
+z = w S e only, whatever s.
 
 The CPU implementation registers under the CPU dispatch key, the CUDA one under
 CUDA; this module adds ``register_fake`` (shapes for torch.compile) and
@@ -97,7 +99,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 if _C is not None:
 
     @torch.library.register_fake("mind_kernels::routing_forward")
-    def _routing_forward_fake(behaviors, weight, init_logits, mask, interest_mask, num_iters, over_behaviors):
+    def _routing_forward_fake(
+        behaviors, weight, init_logits, mask, interest_mask, num_iters, over_behaviors, logit_scale=1.0
+    ):
         B, L, _ = behaviors.shape
         K = init_logits.shape[-2]
         D_out = weight.shape[0]
@@ -122,7 +126,7 @@ if _C is not None:
         # coupling and preactivation are constants of the detached routing: their gradients are dropped.
         behaviors, weight, coupling, preactivation = ctx.saved_tensors
         if grad_capsules is None:
-            return None, None, None, None, None, None, None
+            return (None,) * 8
         grad_behaviors, grad_weight = torch.ops.mind_kernels.routing_backward(
             grad_capsules, behaviors, weight, coupling, preactivation
         )
@@ -134,12 +138,13 @@ if _C is not None:
             None,
             None,
             None,
+            None,  # logit_scale
         )
 
     torch.library.register_autograd("mind_kernels::routing_forward", _backward, setup_context=_setup_context)
 
 
-def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over):
+def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, logit_scale=1.0):
     """Run the compiled op (CPU or CUDA by the tensors' device); returns (capsules, coupling).
 
     Masks are normalised to bool and logits to the accumulation dtype here so
@@ -161,6 +166,7 @@ def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters
         interest_mask,
         num_iters,
         softmax_over == "behaviors",
+        float(logit_scale),
     )
     if _autograd_not_needed(behaviors, weight):
         # Serving (no_grad / inference, or no input requiring grad): skip the Python autograd

@@ -14,8 +14,10 @@ Forward::
         w   = coupling(b)                         (B, K, L)
         z_j = sum_i w_ij u_i                      (B, K, D_out)
         c_j = squash(z_j)
-        if t < r: b_ij += c_j . u_i               (all i and j, padded i too)
+        if t < r: b_ij += s * (c_j . u_i)         (all i and j, padded i too)
     return c
+
+    s = logit_scale > 0 (default 1: the paper's update; EasyRec's MIND uses ~20)
 
     squash(z) = |z|^2 / (1 + |z|^2) * z / sqrt(|z|^2 + 1e-9)
 
@@ -112,6 +114,7 @@ def b2i_routing_reference(
     softmax_over: str = "interests",
     detach_routing: bool = True,
     return_weights: bool = False,
+    logit_scale: float = 1.0,
 ):
     """B2I routing in plain PyTorch; see the module docstring for the math.
 
@@ -125,6 +128,7 @@ def b2i_routing_reference(
         softmax_over: "interests" or "behaviors".
         detach_routing: see module docstring.
         return_weights: also return the final coupling w (B, K, L).
+        logit_scale: s > 0 in the logit update b_ij += s * (c_j . u_i); 1 is the paper's update.
 
     Returns:
         capsules (B, K, D_out) in E's dtype, and w when ``return_weights``.
@@ -155,7 +159,9 @@ def b2i_routing_reference(
         w = coupling(b, mask, interest_mask, softmax_over)
         if t < num_iters:
             c = squash(w @ u_routing)  # (B, K, D_out)
-            b = b + c @ u_routing.transpose(1, 2)  # b_ij += c_j . u_i
+            agreement = c @ u_routing.transpose(1, 2)  # c_j . u_i
+            # s = 1 skips the product (x * 1.0 == x anyway): the reference's graph stays the paper's.
+            b = b + (agreement if logit_scale == 1.0 else logit_scale * agreement)  # b_ij += s * (c_j . u_i)
         else:
             # Final round: the gradient flows through z = w u only (w is constant when detached).
             c = squash(w @ u)

@@ -7,7 +7,9 @@ the argument and the shapes seen, whatever backend would have served the call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Optional
 
 import torch
@@ -45,6 +47,7 @@ def check_routing_inputs(
     num_iters=3,
     softmax_over="interests",
     backend="auto",
+    logit_scale=1.0,
 ) -> RoutingShape:
     """Validate the arguments of ``b2i_routing``; return the sizes.
 
@@ -132,4 +135,15 @@ def check_routing_inputs(
         raise ValueError(f"b2i_routing: `softmax_over` must be one of {SOFTMAX_AXES}, got {softmax_over!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"b2i_routing: `backend` must be one of {BACKEND_NAMES}, got {backend!r}")
+    check_logit_scale(logit_scale)
     return RoutingShape(B, L, K, D_in, weight.shape[0])
+
+
+def check_logit_scale(logit_scale, where: str = "b2i_routing") -> float:
+    """``logit_scale`` s as a float; raises unless it is a finite real number > 0 (ROUTING.md, "Routing logit scale")."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
+        raise TypeError(f"{where}: `logit_scale` must be a finite float > 0, got {logit_scale!r}")
+    value = float(logit_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: `logit_scale` must be a finite float > 0, got {logit_scale!r}")
+    return value

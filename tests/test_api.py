@@ -36,6 +36,12 @@ def _ok(B=2, L=4, D_in=3, D_out=5, K=2):
         (lambda E, S, b: (E.numpy(), S, b, {}), TypeError, ["behaviors", "ndarray"]),
         (lambda E, S, b: (E, S, b[:0], {}), ValueError, ["K >= 1"]),
         (lambda E, S, b: (E[:, :0], S, b[:, :0], {}), ValueError, ["L >= 1"]),
+        (lambda E, S, b: (E, S, b, {"logit_scale": 0}), ValueError, ["logit_scale", "0"]),
+        (lambda E, S, b: (E, S, b, {"logit_scale": -1.0}), ValueError, ["logit_scale", "-1.0"]),
+        (lambda E, S, b: (E, S, b, {"logit_scale": float("nan")}), ValueError, ["logit_scale", "nan"]),
+        (lambda E, S, b: (E, S, b, {"logit_scale": float("inf")}), ValueError, ["logit_scale", "inf"]),
+        (lambda E, S, b: (E, S, b, {"logit_scale": "2"}), TypeError, ["logit_scale", "'2'"]),
+        (lambda E, S, b: (E, S, b, {"logit_scale": True}), TypeError, ["logit_scale", "True"]),
     ],
 )
 def test_validation_errors_name_the_argument(mutate, exc, words):
@@ -120,3 +126,18 @@ def test_empty_batch_still_checks_an_explicit_backend():
     E, S, b = _ok(B=0)
     with pytest.raises(ValueError, match="backend='cuda' cannot serve"):
         b2i_routing(E, S, b, backend="cuda")
+
+
+def test_logit_scale_follows_detach_routing_positionally_and_reaches_backends():
+    E, S, b = _ok()
+    # b2i_routing(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over,
+    #             detach_routing, logit_scale, return_weights, backend)
+    pos = b2i_routing(E, S, b, None, None, 3, "interests", True, 20.0, False, "reference")
+    kw = b2i_routing(E, S, b, logit_scale=20.0, backend="reference")
+    assert torch.equal(pos, kw)
+    assert not torch.allclose(kw, b2i_routing(E, S, b, backend="reference"))
+    assert torch.equal(b2i_routing(E, S, b, logit_scale=2, backend="reference"),
+                       b2i_routing(E, S, b, logit_scale=2.0, backend="reference"))  # an int is a float
+    with pytest.raises(ValueError, match="logit_scale"):
+        backends(E, S, b, logit_scale=0.0)
+    assert backends(E, S, b, logit_scale=20.0).selected == backends(E, S, b).selected

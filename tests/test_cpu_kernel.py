@@ -48,12 +48,13 @@ def make_inputs(B, L, D_in, D_out, K, dtype, *, seed=0, mask_p=0.3, empty_users=
     return E, S, b0, mask, interest_mask
 
 
-def run(E, S, b0, mask, imask, r, axis, backend, grad_out):
+def run(E, S, b0, mask, imask, r, axis, backend, grad_out, logit_scale=1.0):
     """(capsules, coupling, dE, dS) for one backend, with the loss sum(capsules * grad_out)."""
     E = E.detach().clone().requires_grad_(True)
     S = S.detach().clone().requires_grad_(True)
     c, w = mind_kernels.b2i_routing(
-        E, S, b0, mask, imask, num_iters=r, softmax_over=axis, return_weights=True, backend=backend
+        E, S, b0, mask, imask, num_iters=r, softmax_over=axis, logit_scale=logit_scale, return_weights=True,
+        backend=backend,
     )
     if c.numel():
         (c.to(grad_out.dtype) * grad_out).sum().backward()
@@ -63,15 +64,15 @@ def run(E, S, b0, mask, imask, r, axis, backend, grad_out):
     return c, w, dE, dS
 
 
-def compare_with_reference(E, S, b0, mask, imask, r, axis):
+def compare_with_reference(E, S, b0, mask, imask, r, axis, logit_scale=1.0):
     """Run cpp in E's dtype, the reference in float64 (and in E's dtype for half), and check tolerances."""
     dtype = E.dtype
     B, _, _ = E.shape
     K, D_out = b0.shape[-2], S.shape[0]
     grad_out = torch.randn(B, K, D_out, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
 
-    got = run(E, S, b0, mask, imask, r, axis, "cpp", grad_out.to(compute_dtype(dtype)))
-    want = run(E.double(), S.double(), b0.double(), mask, imask, r, axis, "reference", grad_out)
+    got = run(E, S, b0, mask, imask, r, axis, "cpp", grad_out.to(compute_dtype(dtype)), logit_scale)
+    want = run(E.double(), S.double(), b0.double(), mask, imask, r, axis, "reference", grad_out, logit_scale)
 
     c, w, dE, dS = got
     assert c.dtype == dtype and c.shape == (B, K, D_out)
@@ -82,8 +83,9 @@ def compare_with_reference(E, S, b0, mask, imask, r, axis):
 
     names = ("capsules", "coupling", "dE", "dS")
     if dtype in HALF_DTYPES:
-        low = run(E, S, b0, mask, imask, r, axis, "reference", grad_out.float())
-        floor = HALF_FLOOR_F32_EPS * torch.finfo(torch.float32).eps
+        low = run(E, S, b0, mask, imask, r, axis, "reference", grad_out.float(), logit_scale)
+        # The logit update multiplies the float32 rounding of either side by the logit scale s.
+        floor = HALF_FLOOR_F32_EPS * torch.finfo(torch.float32).eps * max(1.0, logit_scale)
         for name, g_, w_, l_ in zip(names, got, want, low):
             err = (g_.double() - w_).abs().max().item() if g_.numel() else 0.0
             ref_err = (l_.double() - w_).abs().max().item() if l_.numel() else 0.0
@@ -126,6 +128,48 @@ def test_iterations_and_interest_masks(r, axis, imask):
     if im is not None and imask == "random":
         im[2] = False  # a user with every interest inactive
     compare_with_reference(E, S, b0, mask, im, r, axis)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("axis", ["interests", "behaviors"])
+@pytest.mark.parametrize("logit_scale", [0.5, 20.0])
+@pytest.mark.parametrize(
+    "B,L,D_in,D_out,K",
+    [
+        (5, 23, 12, 10, 4),  # iterations t < r through Q = S^T S
+        (4, 17, 12, 5, 5),  # D_in >= 2 D_out: through S
+    ],
+)
+def test_logit_scale_matches_reference(B, L, D_in, D_out, K, logit_scale, axis, dtype):
+    E, S, b0, mask, imask = make_inputs(B, L, D_in, D_out, K, dtype, seed=L, empty_users=(0,), interest_mask="random")
+    imask[1] = False  # a user with every interest inactive
+    compare_with_reference(E, S, b0, mask, imask, 3, axis, logit_scale)
+
+
+@pytest.mark.parametrize("axis", ["interests", "behaviors"])
+def test_logit_scale_through_s_switch_and_one_is_bit_identical(axis, monkeypatch):
+    E, S, b0, mask, imask = make_inputs(4, 20, 16, 16, 4, torch.float32, seed=9, interest_mask="random")
+    for through_s in ("0", "1"):
+        monkeypatch.setenv("MIND_KERNELS_ROUTE_THROUGH_S", through_s)
+        compare_with_reference(E, S, b0, mask, imask, 3, axis, 20.0)
+        plain = mind_kernels.b2i_routing(E, S, b0, mask, imask, softmax_over=axis, return_weights=True, backend="cpp")
+        ones = mind_kernels.b2i_routing(E, S, b0, mask, imask, softmax_over=axis, logit_scale=1.0,
+                                        return_weights=True, backend="cpp")
+        for x, y in zip(plain, ones):
+            assert torch.equal(x, y)
+        op = torch.ops.mind_kernels.routing_forward
+        for x, y in zip(op(E, S, b0, mask, imask, 3, axis == "behaviors"),
+                        op(E, S, b0, mask, imask, 3, axis == "behaviors", 1.0)):
+            assert torch.equal(x, y)
+        scaled = mind_kernels.b2i_routing(E, S, b0, mask, imask, softmax_over=axis, logit_scale=20.0, backend="cpp")
+        assert not torch.allclose(scaled, plain[0])
+
+
+def test_cpp_refuses_a_bad_logit_scale():
+    E, S, b0, _, _ = make_inputs(2, 5, 4, 4, 2, torch.float32)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="logit_scale"):
+            torch.ops.mind_kernels.routing_forward(E, S, b0, None, None, 3, False, bad)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -325,6 +369,7 @@ def test_opcheck_forward(dtype, per_user, with_masks, over):
     E.requires_grad_()
     S.requires_grad_()
     torch.library.opcheck(torch.ops.mind_kernels.routing_forward.default, (E, S, b0, mask, imask, 3, over))
+    torch.library.opcheck(torch.ops.mind_kernels.routing_forward.default, (E, S, b0, mask, imask, 3, over, 20.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -345,7 +390,8 @@ class _Routing(torch.nn.Module):
     def forward(self, E, mask):
         if self.direct:
             return torch.ops.mind_kernels.routing_forward(E, self.weight, self.b0, mask, None, 3, False)[0]
-        return mind_kernels.b2i_routing(E, self.weight, self.b0, mask, backend="cpp")
+        # through the API with a logit scale (a float argument of the op); directly with its default
+        return mind_kernels.b2i_routing(E, self.weight, self.b0, mask, logit_scale=20.0, backend="cpp")
 
 
 @pytest.mark.parametrize(

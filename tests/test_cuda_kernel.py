@@ -77,19 +77,20 @@ def make_case(B, L, D_in, D_out, K, dtype, weight_dtype=None, batched_logits=Tru
     return [None if t is None else t.to(device) for t in (E, S, b0, mask, interest_mask, G)]
 
 
-def cuda_fn(E, S, b0, mask, interest_mask, r, over):
+def cuda_fn(E, S, b0, mask, interest_mask, r, over, logit_scale=1.0):
     return b2i_routing(E, S, b0, mask, interest_mask, r, "behaviors" if over else "interests",
-                       return_weights=True, backend="cuda")
+                       logit_scale=logit_scale, return_weights=True, backend="cuda")
 
 
-def reference_fn(E, S, b0, mask, interest_mask, r, over):
-    return b2i_routing_reference(E, S, b0, mask, interest_mask, r, "behaviors" if over else "interests", True, True)
+def reference_fn(E, S, b0, mask, interest_mask, r, over, logit_scale=1.0):
+    return b2i_routing_reference(E, S, b0, mask, interest_mask, r, "behaviors" if over else "interests", True, True,
+                                 logit_scale=logit_scale)
 
 
 NAMES = ("capsules", "coupling", "dE", "dS")
 
 
-def check_against_reference(E, S, b0, mask, interest_mask, G, r, over, long_reductions=False):
+def check_against_reference(E, S, b0, mask, interest_mask, G, r, over, long_reductions=False, logit_scale=1.0):
     """Run the CUDA op and the float64 reference; assert ROUTING.md's tolerances. Returns the op's results.
 
     ``long_reductions``: for float32 cases whose sums run over tens of thousands of terms (dS over
@@ -98,8 +99,9 @@ def check_against_reference(E, S, b0, mask, interest_mask, G, r, over, long_redu
     held to the low-precision rule instead: beyond the float32 tolerance, at most 2x the error of the
     reference run in float32.
     """
-    got = run_op(cuda_fn, E, S, b0, mask, interest_mask, G, r, over)
-    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, interest_mask, G.double(), r, over)
+    kw = dict(logit_scale=logit_scale)
+    got = run_op(cuda_fn, E, S, b0, mask, interest_mask, G, r, over, **kw)
+    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, interest_mask, G.double(), r, over, **kw)
     acc = torch.float64 if E.dtype == torch.float64 else torch.float32
     for name, x, ref in zip(NAMES, got, oracle):
         assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
@@ -113,7 +115,7 @@ def check_against_reference(E, S, b0, mask, interest_mask, G, r, over, long_redu
         for name, x, ref in zip(NAMES, got, oracle):
             torch.testing.assert_close(x.double(), ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     else:
-        own = run_op(reference_fn, E, S, b0, mask, interest_mask, G, r, over)
+        own = run_op(reference_fn, E, S, b0, mask, interest_mask, G, r, over, **kw)
         for name, x, mine, ref in zip(NAMES, got, own, oracle):
             ref_err = (mine.double() - ref).abs().max().item()
             excess = ((x.double() - ref).abs() - (1e-5 + 1e-4 * ref.abs())).max().item()
@@ -182,6 +184,28 @@ def test_float64(over):
 def test_broadcast_logits_without_masks(over):
     check_against_reference(*make_case(6, 31, 20, 12, 4, torch.float32, batched_logits=False, masks=False), r=3,
                             over=over)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.parametrize("shape", [(6, 50, 64, 64, 4), (5, 37, 33, 6, 5)], ids=["through_Q", "through_S"])
+@pytest.mark.parametrize("logit_scale", [0.5, 20.0])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_logit_scale_matches_reference(logit_scale, shape, over, dtype):
+    check_against_reference(*make_case(*shape, dtype, seed=3), r=3, over=over, logit_scale=logit_scale)
+
+
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_logit_scale_one_is_bit_identical(over):
+    E, S, b0, mask, imask, _ = make_case(64, 50, 64, 64, 4, torch.float32, seed=4)
+    op = torch.ops.mind_kernels.routing_forward
+    for x, y in zip(op(E, S, b0, mask, imask, 3, over), op(E, S, b0, mask, imask, 3, over, 1.0)):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="logit_scale"):
+        op(E, S, b0, mask, imask, 3, over, 0.0)
 
 
 @pytest.mark.gpu
@@ -278,6 +302,7 @@ def test_opcheck(over):
     E.requires_grad_()
     S.requires_grad_()
     torch.library.opcheck(torch.ops.mind_kernels.routing_forward.default, (E, S, b0, mask, imask, 2, over))
+    torch.library.opcheck(torch.ops.mind_kernels.routing_forward.default, (E, S, b0, mask, imask, 3, over, 20.0))
     c, w, z = torch.ops.mind_kernels.routing_forward(E.detach(), S.detach(), b0, mask, imask, 2, over)
     torch.library.opcheck(torch.ops.mind_kernels.routing_backward.default, (G, E.detach(), S.detach(), w, z))
 
@@ -367,9 +392,9 @@ def emulated_fn(emu, grid, max_smem):
 
     class Op(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, E, S, b0, mask, imask, r, over):
+        def forward(ctx, E, S, b0, mask, imask, r, over, logit_scale):
             acc = torch.float64 if E.dtype == torch.float64 else torch.float32
-            c, w, z = emu.forward(E, S, b0.to(acc), mask, imask, r, over, grid, max_smem)
+            c, w, z = emu.forward(E, S, b0.to(acc), mask, imask, r, over, logit_scale, grid, max_smem)
             ctx.save_for_backward(E, S, w, z)
             ctx.mark_non_differentiable(w)
             return c, w
@@ -378,15 +403,19 @@ def emulated_fn(emu, grid, max_smem):
         def backward(ctx, G, _gw):
             E, S, w, z = ctx.saved_tensors
             dE, dS = emu.backward(G.contiguous(), E, S, w, z, grid, max_smem)
-            return dE, dS, None, None, None, None, None
+            return dE, dS, None, None, None, None, None, None
 
-    return lambda E, S, b0, mask, imask, r, over: Op.apply(E, S, b0, mask, imask, r, over)
+    def fn(E, S, b0, mask, imask, r, over, logit_scale=1.0):
+        return Op.apply(E, S, b0, mask, imask, r, over, logit_scale)
+
+    return fn
 
 
-def check_emulated(emu, case, r, over, grid, max_smem):
+def check_emulated(emu, case, r, over, grid, max_smem, logit_scale=1.0):
     E, S, b0, mask, imask, G = case
-    got = run_op(emulated_fn(emu, grid, max_smem), E, S, b0, mask, imask, G, r, over)
-    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, imask, G.double(), r, over)
+    kw = dict(logit_scale=logit_scale)
+    got = run_op(emulated_fn(emu, grid, max_smem), E, S, b0, mask, imask, G, r, over, **kw)
+    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, imask, G.double(), r, over, **kw)
     for name, x, ref in zip(NAMES, got, oracle):
         assert x.shape == ref.shape, name
         assert torch.isfinite(x).all(), f"{name} has non-finite values (an unwritten or NaN-garbage read?)"
@@ -398,7 +427,7 @@ def check_emulated(emu, case, r, over, grid, max_smem):
         for name, x, ref in zip(NAMES, got, oracle):
             torch.testing.assert_close(x.double(), ref, **tol, msg=lambda m: f"{name}: {m}")
     else:
-        own = run_op(reference_fn, E, S, b0, mask, imask, G, r, over)
+        own = run_op(reference_fn, E, S, b0, mask, imask, G, r, over, **kw)
         for name, x, mine, ref in zip(NAMES, got, own, oracle):
             ref_err = (mine.double() - ref).abs().max().item()
             excess = ((x.double() - ref).abs() - (1e-5 + 1e-4 * ref.abs())).max().item()
@@ -479,6 +508,19 @@ def test_emulated_route_through_s_switch(emu, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("logit_scale", [0.5, 20.0])
+@pytest.mark.parametrize("max_smem", [BIG_SMEM, 0], ids=["smem", "global"])
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.parametrize("shape", [(3, 12, 40, 24, 4), (4, 9, 8, 3, 3)], ids=["through_Q", "through_S"])
+def test_emulated_logit_scale(emu, shape, over, max_smem, logit_scale):
+    # b_ij += s * (c_j . u_i) in both paths of the iterations t < r; float64 (the algorithm) and float32.
+    check_emulated(emu, make_cpu_case(*shape, torch.float64, seed=6), 3, over, grid=2, max_smem=max_smem,
+                   logit_scale=logit_scale)
+    check_emulated(emu, make_cpu_case(*shape, torch.float32, seed=7), 3, over, grid=2, max_smem=max_smem,
+                   logit_scale=logit_scale)
+
+
+@pytest.mark.slow
 def test_emulated_broadcast_logits_without_masks(emu):
     case = make_cpu_case(3, 6, 5, 4, 2, torch.float64, batched_logits=False, masks=False)
     check_emulated(emu, case, 3, False, grid=2, max_smem=BIG_SMEM)
@@ -536,7 +578,7 @@ def test_emulated_packed_rows_interests_mode(emu, max_smem):
 def test_emulated_empty_batch(emu):
     E = torch.randn(0, 5, 8)
     S = torch.randn(6, 8)
-    c, w, z = emu.forward(E, S, torch.randn(3, 5), None, None, 3, False, 4, BIG_SMEM)
+    c, w, z = emu.forward(E, S, torch.randn(3, 5), None, None, 3, False, 1.0, 4, BIG_SMEM)
     assert c.shape == (0, 3, 6) and w.shape == (0, 3, 5) and z.shape == (0, 3, 6)
     dE, dS = emu.backward(torch.zeros(0, 3, 6), E, S, w, z, 4, BIG_SMEM)
     assert dE.shape == (0, 5, 8) and (dS == 0).all()

@@ -114,9 +114,27 @@ def test_gradients_reach_the_bilinear_map():
     assert E.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"num_interests": 0}, {"num_iters": 0}, {"softmax_over": "x"}, {"init_std": 0.0}])
+@pytest.mark.parametrize("kwargs", [{"num_interests": 0}, {"num_iters": 0}, {"softmax_over": "x"}, {"init_std": 0.0},
+                                    {"logit_scale": 0.0}, {"logit_scale": -1.0}, {"logit_scale": float("nan")},
+                                    {"logit_scale": float("inf")}])
 def test_constructor_rejects_bad_arguments(kwargs):
     args = {"in_dim": 4, "out_dim": 4, "num_interests": 2}
     args.update(kwargs)
     with pytest.raises(ValueError):
         B2IRouting(**args)
+
+
+def test_logit_scale_is_a_plain_attribute_passed_to_the_op():
+    torch.manual_seed(7)
+    layer = B2IRouting(5, 4, 3, num_iters=3, logit_scale=20).eval()
+    assert isinstance(layer.logit_scale, float) and layer.logit_scale == 20.0
+    assert "logit_scale=20.0" in repr(layer)
+    assert all("logit_scale" not in name for name, _ in layer.named_parameters())
+    assert all("logit_scale" not in name for name in layer.state_dict())
+    E = torch.randn(4, 6, 5)
+    mask = torch.rand(4, 6) > 0.3
+    want = b2i_routing(E, layer.weight, layer.eval_logits[:, :6], mask, num_iters=3, logit_scale=20.0)
+    torch.testing.assert_close(layer(E, mask), want)
+    layer.logit_scale = 1.0  # a plain attribute: changing it changes the routing
+    torch.testing.assert_close(layer(E, mask), b2i_routing(E, layer.weight, layer.eval_logits[:, :6], mask))
+    assert B2IRouting(5, 4, 3).logit_scale == 1.0

@@ -9,8 +9,10 @@ from mind_kernels import b2i_routing
 from mind_kernels.reference import b2i_routing_reference, squash
 
 
-def _hand_routing(E, S, b0, mask, r, over_behaviors):
-    """Scalar, list-based transcription of ROUTING.md for one user (no torch), for tiny cases."""
+def _hand_routing(E, S, b0, mask, r, over_behaviors, scale=1.0):
+    """Scalar, list-based transcription of ROUTING.md for one user (no torch), for tiny cases.
+
+    ``scale`` is the routing logit scale s: b_ij += s * (c_j . u_i)."""
     L, K = len(E), len(b0)
     u = [[sum(S[o][d] * E[i][d] for d in range(len(E[i]))) for o in range(len(S))] for i in range(L)]
     b = [row[:] for row in b0]
@@ -35,17 +37,18 @@ def _hand_routing(E, S, b0, mask, r, over_behaviors):
         if t < r:
             for j in range(K):
                 for i in range(L):
-                    b[j][i] += sum(c[j][o] * u[i][o] for o in range(len(S)))
+                    b[j][i] += scale * sum(c[j][o] * u[i][o] for o in range(len(S)))
     return c, w
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5, 20.0])
 @pytest.mark.parametrize("softmax_over", ["interests", "behaviors"])
-def test_hand_worked_case_k2_l3_d2_r2(softmax_over):
+def test_hand_worked_case_k2_l3_d2_r2(softmax_over, scale):
     E = [[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]
     S = [[0.5, 1.0], [-1.0, 0.25]]
     b0 = [[1.0, 0.0, -0.5], [0.0, 0.5, 0.0]]
     mask = [True, True, False]
-    want_c, want_w = _hand_routing(E, S, b0, mask, r=2, over_behaviors=softmax_over == "behaviors")
+    want_c, want_w = _hand_routing(E, S, b0, mask, r=2, over_behaviors=softmax_over == "behaviors", scale=scale)
     c, w = b2i_routing(
         torch.tensor([E], dtype=torch.float64),
         torch.tensor(S, dtype=torch.float64),
@@ -53,6 +56,7 @@ def test_hand_worked_case_k2_l3_d2_r2(softmax_over):
         mask=torch.tensor([mask]),
         num_iters=2,
         softmax_over=softmax_over,
+        logit_scale=scale,
         return_weights=True,
         backend="reference",
     )
@@ -85,12 +89,14 @@ def _inputs(B=3, L=5, D_in=4, D_out=3, K=2, dtype=torch.float64, seed=0):
     return E, S, b0, mask
 
 
-@pytest.mark.parametrize("detach,r", [(True, 1), (False, 1), (False, 3)])
+@pytest.mark.parametrize("detach,r,scale", [(True, 1, 1.0), (False, 1, 1.0), (False, 3, 1.0), (False, 3, 20.0),
+                                           (False, 3, 0.5)])
 @pytest.mark.parametrize("softmax_over", ["interests", "behaviors"])
-def test_gradcheck_float64(detach, r, softmax_over):
+def test_gradcheck_float64(detach, r, scale, softmax_over):
     """gradcheck compares with finite differences of the true function, which the detached surrogate
     gradient equals only when no routing round depends on E and S (r = 1); detach=True with r > 1 is
-    checked against ROUTING.md's closed form below instead."""
+    checked against ROUTING.md's closed form below instead.  With detach=False and r > 1 the logit
+    scale s enters the derivative (b_ij += s * c_j . u_i depends on E and S)."""
     E, S, b0, mask = _inputs()
     E.requires_grad_(True)
     S.requires_grad_(True)
@@ -98,7 +104,7 @@ def test_gradcheck_float64(detach, r, softmax_over):
 
     def f(E, S):
         return b2i_routing(E, S, b0, mask, imask, num_iters=r, softmax_over=softmax_over,
-                           detach_routing=detach, backend="reference")
+                           detach_routing=detach, logit_scale=scale, backend="reference")
 
     assert torch.autograd.gradcheck(f, (E, S), eps=1e-6, atol=1e-6)
 
@@ -117,13 +123,14 @@ def _closed_form_grads(E, S, w, G):
 
 
 @pytest.mark.parametrize("softmax_over", ["interests", "behaviors"])
-@pytest.mark.parametrize("r", [1, 3])
-def test_detached_gradient_equals_closed_form(softmax_over, r):
+@pytest.mark.parametrize("r,scale", [(1, 1.0), (3, 1.0), (3, 20.0)])
+def test_detached_gradient_equals_closed_form(softmax_over, r, scale):
+    # The closed form uses the final w only, whatever the logit scale that produced it.
     E, S, b0, mask = _inputs(B=4, L=6, D_in=5, D_out=3, K=3, seed=1)
     E.requires_grad_(True)
     S.requires_grad_(True)
-    c, w = b2i_routing(E, S, b0, mask, num_iters=r, softmax_over=softmax_over, return_weights=True,
-                       backend="reference")
+    c, w = b2i_routing(E, S, b0, mask, num_iters=r, softmax_over=softmax_over, logit_scale=scale,
+                       return_weights=True, backend="reference")
     G = torch.randn_like(c)
     (c * G).sum().backward()
     dE, dS = _closed_form_grads(E.detach(), S.detach(), w, G)
@@ -248,3 +255,18 @@ def test_nan_padding_leaves_gradients_finite_in_interests_mode():
     S.requires_grad_(True)
     b2i_routing(E, S, b0, mask, backend="reference").sum().backward()
     assert torch.isfinite(S.grad).all() and torch.isfinite(E.grad).all()
+
+
+@pytest.mark.parametrize("softmax_over", ["interests", "behaviors"])
+def test_logit_scale_one_is_bit_identical_and_other_scales_differ(softmax_over):
+    E, S, b0, mask = _inputs(B=3, L=6, seed=12, dtype=torch.float32)
+    imask = torch.tensor([[True, True], [True, False], [True, True]])
+    plain = b2i_routing_reference(E, S, b0, mask, imask, 3, softmax_over, True, True)
+    ones = b2i_routing_reference(E, S, b0, mask, imask, 3, softmax_over, True, True, logit_scale=1.0)
+    for x, y in zip(plain, ones):
+        assert torch.equal(x, y)
+    c20 = b2i_routing_reference(E, S, b0, mask, imask, 3, softmax_over, logit_scale=20.0)
+    assert not torch.allclose(plain[0], c20)
+    # One iteration never updates the logits: the scale cannot matter.
+    c1 = b2i_routing_reference(E, S, b0, mask, imask, 1, softmax_over)
+    assert torch.equal(c1, b2i_routing_reference(E, S, b0, mask, imask, 1, softmax_over, logit_scale=20.0))

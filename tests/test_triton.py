@@ -16,7 +16,8 @@ Three groups:
 Comparisons: outputs (capsules, coupling w) and gradients (dE, dS) against the
 reference evaluated in float64 on the same (rounded) inputs.  float32: atol
 1e-5, rtol 1e-4.  float16 / bfloat16: max error at most 2x the max error of the
-reference run in that dtype (plus 1e-6 so two exact answers do not fail).
+reference run in that dtype (plus 1e-6 so two exact answers do not fail; times the
+logit scale s, which multiplies the float32 rounding of either side).
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ def make_case(B, L, D_in, D_out, K, dtype, device="cpu", weight_dtype=None, batc
     return [t.to(device) for t in (E, S, b0, mask, interest_mask, G)]
 
 
-def reference_fn(E, S, b0, mask, interest_mask, r, over):
-    return b2i_routing_reference(E, S, b0, mask, interest_mask, r, over, True, True)
+def reference_fn(E, S, b0, mask, interest_mask, r, over, logit_scale=1.0):
+    return b2i_routing_reference(E, S, b0, mask, interest_mask, r, over, True, True, logit_scale=logit_scale)
 
 
-def check_against_reference(E, S, b0, mask, interest_mask, G, r, over):
+def check_against_reference(E, S, b0, mask, interest_mask, G, r, over, logit_scale=1.0):
     """Run the Triton op and the reference (in float64 and in E's dtype); assert ROUTING.md's tolerances."""
-    got = run_op(triton_routing.routing_triton, E, S, b0, mask, interest_mask, G, r, over)
-    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, interest_mask, G.double(), r, over)
+    kw = dict(logit_scale=logit_scale)
+    got = run_op(triton_routing.routing_triton, E, S, b0, mask, interest_mask, G, r, over, **kw)
+    oracle = run_op(reference_fn, E.double(), S.double(), b0.double(), mask, interest_mask, G.double(), r, over,
+                    **kw)
     names = ("capsules", "coupling", "dE", "dS")
     for name, x, ref in zip(names, got, oracle):
         assert torch.isfinite(x).all(), f"{name} has non-finite values"
@@ -83,11 +86,12 @@ def check_against_reference(E, S, b0, mask, interest_mask, G, r, over):
         for name, x, ref in zip(names, got, oracle):
             torch.testing.assert_close(x.double(), ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     else:
-        same_dtype = run_op(reference_fn, E, S, b0, mask, interest_mask, G, r, over)
+        same_dtype = run_op(reference_fn, E, S, b0, mask, interest_mask, G, r, over, **kw)
+        floor = 1e-6 * max(1.0, logit_scale)
         for name, x, own, ref in zip(names, got, same_dtype, oracle):
             err = (x.double() - ref).abs().max().item()
             ref_err = (own.double() - ref).abs().max().item()
-            assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3g} > 2 x reference's {E.dtype} error {ref_err:.3g}"
+            assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 x reference's {E.dtype} error {ref_err:.3g}"
     return got
 
 
@@ -177,6 +181,31 @@ def test_route_through_s_switch(monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("logit_scale", [0.5, 20.0])
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+@pytest.mark.parametrize("shape", [(7, 5, 3, 6, 3), (5, 9, 7, 2, 5)], ids=["through_Q", "through_S"])
+def test_logit_scale_matches_reference(shape, over, logit_scale, dtype):
+    B, L, D_in, D_out, K = shape
+    E, S, b0, mask, im, G = make_case(B, L, D_in, D_out, K, dtype, seed=L)
+    check_against_reference(E, S, b0, mask, im, G, 3, over, logit_scale=logit_scale)
+
+
+@interp
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+def test_logit_scale_one_is_bit_identical(over):
+    E, S, b0, mask, im, G = make_case(5, 6, 4, 5, 3, torch.float32, seed=13)
+    plain = run_op(triton_routing.routing_triton, E, S, b0, mask, im, G, 3, over)
+    ones = run_op(triton_routing.routing_triton, E, S, b0, mask, im, G, 3, over, logit_scale=1.0)
+    api = b2i_routing(E, S, b0, mask, im, 3, over, logit_scale=1.0, return_weights=True, backend="triton")
+    for x, y in zip(plain, ones):
+        assert torch.equal(x, y)
+    assert torch.equal(api[0], plain[0]) and torch.equal(api[1], plain[1])
+    scaled = triton_routing.routing_triton(E, S, b0, mask, im, 3, over, 20.0)[0]
+    assert not torch.allclose(scaled, plain[0])
+
+
+@interp
 def test_half_behaviors_float32_weight():
     E, S, b0, mask, im, G = make_case(5, 5, 3, 6, 3, torch.float16, weight_dtype=torch.float32, seed=11)
     check_against_reference(E, S, b0, mask, im, G, 3, "interests")
@@ -261,6 +290,16 @@ def test_gpu_matches_reference(shape, over, dtype):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+@pytest.mark.parametrize("shape", [(256, 50, 64, 64, 4), (37, 21, 24, 8, 3)], ids=["through_Q", "through_S"])
+def test_gpu_logit_scale_matches_reference(shape, over, dtype):
+    E, S, b0, mask, im, G = make_case(*shape, dtype, device="cuda", seed=7)
+    check_against_reference(E, S, b0, mask, im, G, 3, over, logit_scale=20.0)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("r", [1, 2])
 def test_gpu_small_iters_no_masks(r):
     E, S, b0, _, _, G = make_case(300, 7, 5, 3, 2, torch.float32, device="cuda", batched_logits=False, seed=r)
@@ -306,6 +345,7 @@ def test_gpu_opcheck():
     S.requires_grad_()
     torch.library.opcheck(fwd, (E, S, b0, mask, im, 3, False))
     torch.library.opcheck(fwd, (E, S, b0[0], None, None, 2, True))
+    torch.library.opcheck(fwd, (E, S, b0, mask, im, 3, True, 20.0))
     _, w, z = fwd(E.detach(), S.detach(), b0, mask, im, 3, False)
     torch.library.opcheck(bwd, (G, E.detach(), S.detach(), w, z))
 

@@ -15,7 +15,7 @@
 //         c_j    = squash(z_j) = a(|z_j|^2) z_j
 //         if t < r:
 //             v_j   = S^T c_j                        (K, D_in)
-//             b_ij += e_i . v_j                      (= c_j . u_i, all i, padded ones too)
+//             b_ij += s * (e_i . v_j)                (= s * (c_j . u_i), s = logit_scale, all i, padded ones too)
 //     outputs: capsules c, coupling w (final), preactivation z (final)
 //
 // The reassociation (ROUTING.md allows it) never materialises u = S E (L x D_out), which would
@@ -71,6 +71,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -147,7 +148,7 @@ at::ScalarType acc_scalar_type(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
     const at::Tensor& behaviors, const at::Tensor& weight, const at::Tensor& init_logits,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& interest_mask, int64_t num_iters,
-    bool over_behaviors) {
+    bool over_behaviors, double logit_scale) {
   TORCH_CHECK(behaviors.is_cuda(), "mind_kernels (CUDA): `behaviors` must be a CUDA tensor");
   const at::Device device = behaviors.device();
   check_cuda(weight, "weight", device);
@@ -173,6 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
   TORCH_CHECK(init_logits.dim() == 2 || init_logits.size(0) == B || init_logits.size(0) == 1,
               "routing_forward: `init_logits` has batch ", init_logits.size(0), " but `behaviors` has B = ", B);
   TORCH_CHECK(num_iters >= 1, "routing_forward: `num_iters` must be >= 1, got ", num_iters);
+  TORCH_CHECK(std::isfinite(logit_scale) && logit_scale > 0,
+              "routing_forward: `logit_scale` must be a finite float > 0, got ", logit_scale);
   check_int32(L * (D_in + 1), "L * (D_in + 1)");      // staged E rows (pitch D_in + 1)
   check_int32(D_out * (D_in + 1), "D_out * (D_in + 1)");  // staged S rows
   check_int32(K * std::max(L, std::max(D_in, D_out)) + 8, "K * max(L, D)");
@@ -211,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "routing_forward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     FwdParams<scalar_t, acc_t> p{};
-    init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors);
+    init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors, logit_scale);
     check_int32(p.lay.total, "forward workspace size");
     const size_t smem_bytes = plan_forward_smem(p, max_smem);
     auto kernel = routing_forward_kernel<scalar_t, acc_t>;

@@ -160,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_forward(const at::Tensor&
                                                                const at::Tensor& init_logits,
                                                                const std::optional<at::Tensor>& mask,
                                                                const std::optional<at::Tensor>& interest_mask,
-                                                               int64_t num_iters, bool over_behaviors, int64_t grid,
-                                                               int64_t max_smem) {
+                                                               int64_t num_iters, bool over_behaviors,
+                                                               double logit_scale, int64_t grid, int64_t max_smem) {
   const int64_t B = behaviors.size(0), L = behaviors.size(1), D_in = behaviors.size(2), D_out = weight.size(0);
   const int64_t K = init_logits.size(-2);
   const auto dtype = behaviors.scalar_type();
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_forward(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "emulate_forward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     FwdParams<scalar_t, acc_t> p{};
-    init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors);
+    init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors, logit_scale);
     const size_t smem_bytes = plan_forward_smem(p, static_cast<size_t>(max_smem));
     at::Tensor E_acc, scratch, gram;
     if (mind_kernels::uses_gram(D_in, D_out, num_iters)) {

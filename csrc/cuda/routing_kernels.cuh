@@ -149,6 +149,7 @@ struct FwdParams {
   int64_t B;
   int L, D_in, D_out, K, KP, num_iters;
   bool over_behaviors;
+  acc_t logit_scale;      // s in b_ij += s * (c_j . u_i) (ROUTING.md); s = 1 gives the unscaled bits
   bool ws_smem, S_smem, E_smem;
   FwdLayout lay;
   int64_t S_elems;        // staged S size (D_out * (D_in + 1), rounded to 4)
@@ -390,7 +391,9 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
       }
 
       if (t < p.num_iters) {
-        // ---- b_ij += E[i] . v_j   (all positions; lanes walk i)
+        // ---- b_ij += s * (E[i] . v_j)   (all positions; lanes walk i). s = 1: 1 * x == x and a
+        // contracted fma(1, x, b) rounds once like b + x, so the unscaled bits are kept.
+        const acc_t ls = p.logit_scale;
         for (int item = tid; item < n_chunks * Lc; item += T) {
           const int jc = item / Lc;
           const int i = item - jc * Lc;
@@ -398,7 +401,7 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
           acc_t* bp = bT + i * KP + jc * kChunk;
           Vec4<acc_t> b = load4(bp);
 #pragma unroll
-          for (int q = 0; q < kChunk; ++q) b.v[q] += db.v[q];
+          for (int q = 0; q < kChunk; ++q) b.v[q] += ls * db.v[q];
           store4(bp, b);
         }
         __syncthreads();
@@ -706,7 +709,7 @@ constexpr int kBackwardThreads = kMaxThreads;
 // Sizes and layout; pointers are the caller's.
 template <typename scalar_t, typename acc_t>
 inline void init_forward(FwdParams<scalar_t, acc_t>& p, int64_t B, int64_t L, int64_t D_in, int64_t D_out, int64_t K,
-                         int64_t num_iters, bool over_behaviors) {
+                         int64_t num_iters, bool over_behaviors, double logit_scale = 1.0) {
   const int64_t KP = padded_interests(K);
   p.B = B;
   p.L = static_cast<int>(L);
@@ -716,6 +719,7 @@ inline void init_forward(FwdParams<scalar_t, acc_t>& p, int64_t B, int64_t L, in
   p.KP = static_cast<int>(KP);
   p.num_iters = static_cast<int>(num_iters);
   p.over_behaviors = over_behaviors;
+  p.logit_scale = static_cast<acc_t>(logit_scale);
   p.lay = fwd_layout<acc_t>(L, D_in, D_out, K, KP);
   p.S_elems = round4(D_out * (D_in + 1));
 }

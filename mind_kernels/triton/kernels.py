@@ -23,7 +23,7 @@ Reassociation (ROUTING.md allows it) avoids ever forming u = E S^T, an
     x_j = sum_i w_ij e_i            (BK, BDI)
     z_j = S x_j                     (BK, BDO)    = sum_i w_ij u_i
     v_j = S^T c_j                   (BK, BDI)
-    b_ij += e_i . v_j               (BK, BL)     = c_j . u_i
+    b_ij += s * (e_i . v_j)         (BK, BL)     = s * (c_j . u_i), s = logit_scale
 
 With ``USE_GRAM`` the iterations t < r go through Q = S^T S (D_in, D_in),
 computed once per call by ``gram_kernel``, and never form z:
@@ -108,7 +108,7 @@ def gram_kernel(S_ptr, Q_ptr, D_IN, D_OUT, ROWS: tl.constexpr, BDI: tl.constexpr
 def routing_fwd_kernel(
     E_ptr, S_ptr, Q_ptr, B0_ptr, M_ptr, IM_ptr,  # inputs
     C_ptr, W_ptr, Z_ptr,  # outputs: capsules (E's dtype), coupling w (fp32), preactivation z (fp32)
-    B, L, K, D_IN, D_OUT, b0_stride_b, num_iters,
+    B, L, K, D_IN, D_OUT, b0_stride_b, num_iters, logit_scale,
     HAS_MASK: tl.constexpr, HAS_IMASK: tl.constexpr, OVER_BEHAVIORS: tl.constexpr, USE_GRAM: tl.constexpr,
     BL: tl.constexpr, BK: tl.constexpr, BDI: tl.constexpr, BDO: tl.constexpr,
     EPS: tl.constexpr,
@@ -117,7 +117,7 @@ def routing_fwd_kernel(
 
     E (B, L, D_IN); S (D_OUT, D_IN); Q = S^T S (D_IN, D_IN) fp32 when USE_GRAM;
     b0 (B or 1, K, L) fp32 with batch stride ``b0_stride_b`` (0 = broadcast);
-    masks (B, L) / (B, K) uint8 when present.
+    masks (B, L) / (B, K) uint8 when present; ``logit_scale`` s (fp32) scales the logit update.
     Writes c (B, K, D_OUT), w (B, K, L) and z (B, K, D_OUT) of the final round.
     """
     pid = tl.program_id(0)
@@ -172,7 +172,9 @@ def routing_fwd_kernel(
                 x, z = _aggregate(w, E, S)
                 c = _squash(z, EPS)
                 v = tl.sum(c[:, :, None] * S[None, :, :], axis=1)  # S^T c_j  (BK, BDI)
-            logits += tl.sum(v[:, None, :] * E[None, :, :], axis=2)  # b_ij += e_i . S^T c_j
+            # b_ij += s * (e_i . S^T c_j), both paths; s = 1 keeps the unscaled bits (1 * x == x, fma(1, x, b)
+            # rounds like b + x).
+            logits += logit_scale * tl.sum(v[:, None, :] * E[None, :, :], axis=2)
 
         w = _coupling(logits, valid_l, active_k, in_l, OVER_BEHAVIORS)
         x, z = _aggregate(w, E, S)

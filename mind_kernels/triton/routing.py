@@ -8,7 +8,8 @@ interpreter) only takes effect when it is set before triton's first import.
 Ops (``torch.library.triton_op`` + ``wrap_triton``, so torch.compile can see the kernels)::
 
     mind_kernels::routing_forward_triton(Tensor behaviors, Tensor weight, Tensor init_logits,
-        Tensor? mask, Tensor? interest_mask, int num_iters, bool over_behaviors)
+        Tensor? mask, Tensor? interest_mask, int num_iters, bool over_behaviors,
+        float logit_scale=1.0)
         -> (Tensor capsules, Tensor coupling, Tensor preactivation)
     mind_kernels::routing_backward_triton(Tensor grad_capsules, Tensor behaviors, Tensor weight,
         Tensor coupling, Tensor preactivation) -> (Tensor grad_behaviors, Tensor grad_weight)
@@ -16,7 +17,7 @@ Ops (``torch.library.triton_op`` + ``wrap_triton``, so torch.compile can see the
 capsules c (B, K, D_out) in E's dtype; coupling w (B, K, L) and preactivation
 z (B, K, D_out, the final pre-squash aggregate) in float32.  The forward saves
 E, S, w and z for backward (``detach_routing=True`` only: the gradient flows
-through the final z = w S e).  dS is reduced from one float32 partial per
+through the final z = w S e, whatever ``logit_scale``).  dS is reduced from one float32 partial per
 program, summed by torch in a fixed order: deterministic, no atomics.
 
 Registered once, on first use, by :func:`_ops`.
@@ -155,7 +156,7 @@ def compile_for_sm90(dtype: str = "fp32", over_behaviors: bool = False):
     flags = {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": over_behaviors}
     fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
                "IM_ptr": "*u8", "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
-               "num_iters": "i32", **{n: "constexpr" for n in (*flags, "USE_GRAM", *blocks)}}
+               "num_iters": "i32", "logit_scale": "fp32", **{n: "constexpr" for n in (*flags, "USE_GRAM", *blocks)}}
     bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32",
                "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints, **{n: "constexpr" for n in blocks}}
     gram_sig = {"S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "D_IN": "i32", "D_OUT": "i32", "ROWS": "constexpr",
@@ -198,6 +199,7 @@ def _ops():
         interest_mask: Optional[torch.Tensor],
         num_iters: int,
         over_behaviors: bool,
+        logit_scale: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         E = behaviors.contiguous()
         S = weight.contiguous()
@@ -227,7 +229,7 @@ def _ops():
         wrap_triton(kernels.routing_fwd_kernel)[grid](
             E, S, gram, b0, m, im,
             capsules, coupling, preactivation,
-            B, L, K, D_in, D_out, b0_stride_b, num_iters,
+            B, L, K, D_in, D_out, b0_stride_b, num_iters, float(logit_scale),
             HAS_MASK=mask is not None, HAS_IMASK=interest_mask is not None, OVER_BEHAVIORS=over_behaviors,
             USE_GRAM=use_gram, BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS,
             num_warps=_num_warps(BL, BK, BDI, BDO),
@@ -276,14 +278,14 @@ def _ops():
         # w and z are constants of the detached routing: their incoming gradients are dropped.
         behaviors, weight, coupling, preactivation = ctx.saved_tensors
         if grad_capsules is None:
-            return None, None, None, None, None, None, None
+            return (None,) * 8
         grad_behaviors, grad_weight = torch.ops.mind_kernels.routing_backward_triton(
             grad_capsules, behaviors, weight, coupling, preactivation
         )
         return (
             grad_behaviors if ctx.needs_input_grad[0] else None,
             grad_weight if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,  # init_logits, masks, num_iters, over_behaviors, logit_scale
         )
 
     routing_forward_triton.register_autograd(backward, setup_context=setup_context)
@@ -291,7 +293,7 @@ def _ops():
     return _OPS
 
 
-def routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over):
+def routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, logit_scale=1.0):
     """B2I routing with the Triton kernels; returns (capsules in E's dtype, coupling w float32).
 
     Same arguments as the reference (inputs already validated); differentiable
@@ -307,5 +309,6 @@ def routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iter
         interest_mask,
         int(num_iters),
         softmax_over == "behaviors",
+        float(logit_scale),
     )
     return capsules, coupling
