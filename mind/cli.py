@@ -27,12 +27,14 @@ import pathlib
 import sys
 
 DATA_HELP = ("dataset: 'ml-100k' (downloads MovieLens-100k once into ~/.cache/mind-kernels), "
-             "'synthetic' (planted-interest toy data), or 'dir' with --data-dir and --format")
+             "'synthetic' (planted-interest toy data), 'planted' (the hard planted-interest control: "
+             "many overlapping clusters, far-apart interests, no cluster genre; K=4 must beat K=1), "
+             "or 'dir' with --data-dir and --format")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="ml-100k", choices=["ml-100k", "synthetic", "dir"], help=DATA_HELP)
+    g.add_argument("--data", default="ml-100k", choices=["ml-100k", "synthetic", "planted", "dir"], help=DATA_HELP)
     g.add_argument("--data-dir", help="folder (or .csv file for comirec) with your own data; implies --data dir")
     g.add_argument("--format", default="recbole", choices=["recbole", "movielens", "comirec"],
                    help="format of --data-dir: RecBole atomic files (.inter/.item/.user), raw MovieLens "
@@ -41,6 +43,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=int, default=2020, help="seed of the 8:1:1 user split (default 2020)")
     g.add_argument("--synthetic-users", type=int, default=300, help="users of --data synthetic (default 300)")
     g.add_argument("--synthetic-items", type=int, default=400, help="items of --data synthetic (default 400)")
+    g.add_argument("--planted-users", type=int, default=4000, help="users of --data planted (default 4000)")
+    g.add_argument("--planted-items", type=int, default=2048, help="items of --data planted (default 2048)")
+    g.add_argument("--planted-clusters", type=int, default=128,
+                   help="clusters of --data planted, on a 3-d latent sphere (default 128; use --dim 16 << clusters)")
+    g.add_argument("--planted-kappa", type=float, default=float("inf"),
+                   help="spill-over of an interest onto nearby clusters, P ~ exp(kappa cos) (default inf: none)")
+    g.add_argument("--planted-seed", type=int, default=0, help="seed of the --data planted generator (default 0)")
 
 
 def load_data(args):
@@ -53,6 +62,10 @@ def load_data(args):
     elif kind == "synthetic":
         raw, _ = D.make_synthetic(num_users=getattr(args, "synthetic_users", 300),
                                   num_items=getattr(args, "synthetic_items", 400))
+    elif kind == "planted":
+        raw, _ = D.make_planted(num_users=args.planted_users, num_items=args.planted_items,
+                                num_clusters=args.planted_clusters, kappa=args.planted_kappa,
+                                seed=args.planted_seed)
     else:
         if not args.data_dir:
             raise SystemExit("--data dir needs --data-dir PATH")

@@ -8,10 +8,10 @@ from .fetch import fetch_movielens_100k
 from .loaders import (DataFormatError, RawData, age_bucket, load_comirec_csv, load_movielens_raw,
                       load_recbole)
 from .prepare import EvalSplit, PreparedData, load_split, prepare, right_align, save_split
-from .synthetic import make_synthetic
+from .synthetic import make_planted, make_synthetic
 
 __all__ = [
     "DataFormatError", "EvalSplit", "PreparedData", "RawData", "age_bucket", "fetch_movielens_100k",
-    "load_comirec_csv", "load_movielens_raw", "load_recbole", "load_split", "make_synthetic",
+    "load_comirec_csv", "load_movielens_raw", "load_recbole", "load_split", "make_planted", "make_synthetic",
     "prepare", "right_align", "save_split",
 ]
