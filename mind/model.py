@@ -197,8 +197,7 @@ class MIND(nn.Module):
 
         self.extractor = B2IRouting(dim, dim, num_interests, num_iters=num_iters, softmax_over=softmax_over,
                                     init_std=routing_init_std, dynamic_interests=self.dynamic_interests,
-                                    backend=backend, **({"logit_scale": float(logit_scale)}
-                                                        if float(logit_scale) != 1.0 else {}))
+                                    backend=backend, logit_scale=float(logit_scale))
         # S starts like nn.Linear (|S e| ~ |e| / sqrt(3)); a larger scale makes the agreement
         # term c_j . u_i of the routing logits outweigh the random b0 from the first iteration.
         with torch.no_grad():

@@ -70,7 +70,7 @@ _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
                       "routing_init_std", "softmax_over", "routing_weight_scale", "logit_scale",
                       "h_out_activation", "scoring", "hard_negative_beta", "diversity_lambda",
-                      "stochastic_selection")
+                      "stochastic_selection", "target_window")
 
 
 @dataclasses.dataclass
@@ -105,6 +105,7 @@ class TrainConfig:
     hard_negative_beta: float = 0.0  # interest-aware hard negatives (REMI), sampled loss only
     diversity_lambda: float = 0.0  # weight of the mean pairwise interest cosine in the loss
     stochastic_selection: bool = False  # BaM: draw the target's interest instead of attending
+    target_window: int = 1         # target = one of the next W items of the sequence, drawn per step (1 = next item)
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -198,6 +199,28 @@ def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024
     metrics.update(beyond_accuracy(ranked, split.targets, split.histories, data.item_genres, int(data.num_items),
                                    ns=tuple(ns), vectors=interests, mask=imask))
     return metrics
+
+
+def future_targets(users: torch.Tensor, targets: torch.Tensor, window: int) -> torch.Tensor:
+    """(n, W): the next W items of each training example's sequence, 0 past the user's end.
+
+    A user's training examples are consecutive windows of one sequence (``mind.data.prepare``),
+    so example e's j-th future item is example (e + j)'s target when both belong to the same user.
+    Column 0 is the example's own target.
+    """
+    n = targets.shape[0]
+    future = torch.zeros(n, window, dtype=targets.dtype)
+    for j in range(window):
+        same = users[j:] == users[:n - j]
+        future[:n - j, j] = torch.where(same, targets[j:], torch.zeros_like(targets[j:]))
+    return future
+
+
+def draw_targets(future: torch.Tensor) -> torch.Tensor:
+    """One item per row, uniform over the row's non-zero entries (torch's global generator)."""
+    count = (future != 0).sum(1)
+    pick = (torch.rand(future.shape[0]) * count).long().clamp_max(count - 1)
+    return future.gather(1, pick[:, None]).squeeze(1)
 
 
 def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist, feats, tgt) -> torch.Tensor:
@@ -302,6 +325,12 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     users = _long(data.train_users)
     hists = _long(data.train_histories)[:, -config.max_len:]
     targets = _long(data.train_targets)
+    # target_window W > 1 (the "dense all-action" objective of PinnerFormer, KDD 2022): each step
+    # predicts an item drawn from the next W instead of the next one, as evaluation asks for a
+    # user's whole future rather than its next click.
+    if config.target_window < 1:
+        raise ValueError(f"target_window must be >= 1, got {config.target_window}")
+    future = future_targets(users, targets, config.target_window) if config.target_window > 1 else None
     feats_table = _long(data.user_features)
     n = targets.shape[0]
 
@@ -321,6 +350,8 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
         for s in bar:
             idx = order[s:s + step_batch]
             hist, tgt, feats = hists[idx], targets[idx], feats_table[users[idx]]
+            if future is not None:
+                tgt = draw_targets(future[idx])
             if dev is not None:
                 hist, tgt, feats = hist.to(dev), tgt.to(dev), feats.to(dev)
             loss = training_loss(net, model, loss_fn, config, hist, feats, tgt)

@@ -116,7 +116,7 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
 
 
 LEVERS = dict(scoring="max", h_out_activation="linear", hard_negative_beta=0.5, diversity_lambda=0.1,
-              stochastic_selection=False, routing_init_std=1.0)
+              stochastic_selection=False, routing_init_std=1.0, target_window=3)
 
 
 def test_levers_train_deterministically_resume_exactly_and_are_recorded(tiny, tmp_path):
@@ -176,3 +176,19 @@ def test_rng_state_round_trip_through_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_future_targets_stay_inside_each_users_sequence():
+    from mind.train import draw_targets, future_targets
+    users = torch.tensor([0, 0, 0, 1, 1])
+    targets = torch.tensor([5, 6, 7, 8, 9])
+    fut = future_targets(users, targets, 3)
+    assert fut.tolist() == [[5, 6, 7], [6, 7, 0], [7, 0, 0], [8, 9, 0], [9, 0, 0]]
+    assert torch.equal(future_targets(users, targets, 1)[:, 0], targets)
+    torch.manual_seed(0)
+    draws = torch.stack([draw_targets(fut) for _ in range(2000)])            # (2000, 5)
+    for row in range(5):
+        allowed = {int(x) for x in fut[row] if x != 0}
+        seen = {int(x) for x in draws[:, row]}
+        assert seen == allowed, (row, seen, allowed)                          # every allowed item, nothing else
+    assert abs(float((draws[:, 0] == 5).double().mean()) - 1 / 3) < 0.04     # uniform over the window
