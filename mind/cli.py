@@ -7,6 +7,7 @@ Typical session::
     python -m mind recommend --model runs/ml100k/model --history 50,172,181 -n 10
     python -m mind explain --model runs/ml100k/model --history 50,172,181,1,121,9
     python -m mind quality --out runs/quality                      # the MostPopular / K=1 / K=4 table
+    python -m mind sweep --out runs/sweep                          # choose the recipe on valid, test once
 
 Multi-process training: run ``train`` under torchrun, e.g.
 ``torchrun --nproc_per_node 4 -m mind train --data ml-100k --out runs/ddp`` (gloo on CPUs, NCCL
@@ -102,6 +103,10 @@ def _train(args, info) -> int:
     from . import distributed as D
     from .train import TrainConfig, train
 
+    if args.hard_negative_beta > 0 and args.loss != "sampled":
+        print(f"error: --hard-negative-beta reweights sampled negatives; it needs --loss sampled, not {args.loss}",
+              file=sys.stderr)
+        return 2
     _threads(args.threads)
     if not info.is_main:
         D.barrier(info)        # rank 0 loads first (it may download and cache the dataset)
@@ -115,6 +120,9 @@ def _train(args, info) -> int:
                       num_negatives=args.negatives, loss=args.loss, patience=args.patience, seed=args.seed,
                       dynamic_interests=args.dynamic_interests, backend=args.backend, out_dir=args.out,
                       softmax_over=args.routing_axis, routing_init_std=args.routing_init_std,
+                      logit_scale=args.logit_scale, h_out_activation=args.h_out, scoring=args.scoring,
+                      hard_negative_beta=args.hard_negative_beta, diversity_lambda=args.diversity_lambda,
+                      stochastic_selection=args.stochastic_selection, target_window=args.target_window,
                       progress=not args.no_progress)
     result = train(data, cfg, resume=args.resume, dist=info)
     if not info.is_main:
@@ -206,6 +214,41 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    if args.seeds < 2 or not 1 <= args.screen_seeds <= args.seeds or args.finalists < 1 or args.jobs < 1:
+        print("error: sweep needs --seeds >= 2, 1 <= --screen-seeds <= --seeds, --finalists >= 1 and --jobs >= 1",
+              file=sys.stderr)
+        return 2
+    run_sweep(out_dir=args.out, screen_seeds=tuple(range(args.screen_seeds)), seeds=tuple(range(args.seeds)),
+              finalists=args.finalists, jobs=args.jobs, threads=args.threads, max_cosine=args.max_cosine)
+    return 0
+
+
+def _float_at_least(low: float, strict: bool):
+    """argparse type: a finite float > low (strict) or >= low."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"want a finite number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mind", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,6 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--routing-init-std", type=float, default=0.1,
                    help="sigma of the initial routing logits (default 0.1; the paper's 1.0 with --p inf "
                         "gives more distinct interests)")
+    g.add_argument("--logit-scale", type=_float_at_least(0, strict=True), default=1.0,
+                   help="s of the routing update b += s * c . u (default 1; EasyRec uses 20)")
+    g.add_argument("--h-out", default="relu", choices=["relu", "linear"],
+                   help="activation of the last H layer (default relu, the paper's)")
+    g.add_argument("--scoring", default="attention", choices=["attention", "max"],
+                   help="training logits: 'attention' = label-aware v_u for every item (the paper), "
+                        "'max' = every item scored by its best interest, as serving ranks")
+    g.add_argument("--hard-negative-beta", type=_float_at_least(0, strict=False), default=0.0,
+                   help="interest-aware hard negatives (REMI): reweight sampled negatives by "
+                        "exp(beta * score) (default 0 = off; sampled loss only)")
+    g.add_argument("--diversity-lambda", type=_float_at_least(0, strict=False), default=0.0,
+                   help="add lambda * mean pairwise cosine of a user's interests to the loss (default 0)")
+    g.add_argument("--stochastic-selection", action="store_true",
+                   help="BaM: draw the target's interest from softmax(V e) instead of attention (training)")
+    g.add_argument("--target-window", type=_positive_int, default=1,
+                   help="train each step on an item drawn from the next W of the sequence instead of the "
+                        "next one (default 1)")
     g.add_argument("--epochs", type=int, default=20, help="max epochs (default 20)")
     g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -290,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("sweep", help="choose the training recipe (K=1 and K=4) on valid, report test once",
+                       description="Screen every candidate recipe of mind/sweep.py on MovieLens-100k valid, retrain "
+                                   "the best per group (K=1, K>1) with more seeds, choose on valid only and read test "
+                                   "for the two chosen recipes; writes sweep.md/.json/.png into --out.")
+    p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
+    p.add_argument("--screen-seeds", type=int, default=1, help="seeds per candidate in the screen (default 1)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per finalist (default 5)")
+    p.add_argument("--finalists", type=int, default=2, help="finalists per group (default 2)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    p.add_argument("--max-cosine", type=float, default=0.8,
+                   help="a K>1 recipe is a finalist only if its valid interest cosine is at most this (default 0.8)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -10,7 +10,8 @@ Protocol (ComiRec split of :func:`mind.data.prepare`, seen items excluded from r
    overrides) is trained with ``screen_seeds`` seeds; its score is the mean valid Recall@50.
 2. **Finalists.** Per group (K = 1 and K > 1), the ``finalists`` best candidates by screen
    score are trained with ``seeds`` seeds (the screen's runs are reused: a run is a
-   deterministic function of its config and seed).
+   deterministic function of its config and seed).  K > 1 candidates whose interests
+   collapsed on valid (mean pairwise cosine above ``max_cosine``, 0.8) are not eligible.
 3. **Choice.** Per group, the finalist with the best mean valid Recall@50 over ``seeds``.
 4. **Test, once.** Only the two chosen configurations are read on test (the same seeds).
    The verdict: the chosen K > 1 recipe beats the chosen K = 1 one by more than the seed
@@ -40,23 +41,27 @@ import numpy as np
 SWEEP_BASE = dict(dim=64, max_len=20, lr=3e-3, weight_decay=1e-4, batch_size=256, epochs=20, patience=3,
                   num_negatives=200, loss="sampled")
 
-_ATT = dict(scoring="attention")
+_LIN = dict(h_out_activation="linear")
 _MAX = dict(scoring="max", h_out_activation="linear")
-#: name -> TrainConfig overrides.  K=1 rows: the old default and the levers that apply to one vector.
+#: name -> TrainConfig overrides.  The K=1 rows get every lever that applies to one vector.
 CANDIDATES = {
-    "K=1 relu": dict(num_interests=1, p=0.0, routing_init_std=0.1),
-    "K=1 linear": dict(num_interests=1, h_out_activation="linear", routing_init_std=0.1),
-    "K=1 linear hn0.5": dict(num_interests=1, h_out_activation="linear", routing_init_std=0.1, hard_negative_beta=0.5),
-    "K=4 p=0 relu (old default)": dict(num_interests=4, p=0.0, routing_init_std=0.1, **_ATT),
-    "K=4 p=inf sigma=1 (paper)": dict(num_interests=4, p=math.inf, routing_init_std=1.0, **_ATT),
-    "K=4 p=inf sigma=1 linear": dict(num_interests=4, p=math.inf, routing_init_std=1.0, h_out_activation="linear"),
+    "K=1 relu (old default)": dict(num_interests=1, p=0.0, routing_init_std=0.1),
+    "K=1 linear": dict(num_interests=1, routing_init_std=0.1, **_LIN),
+    "K=1 linear full": dict(num_interests=1, routing_init_std=0.1, loss="full", **_LIN),
+    "K=1 linear hn0.5": dict(num_interests=1, routing_init_std=0.1, hard_negative_beta=0.5, **_LIN),
+    "K=4 p=0 relu (old default)": dict(num_interests=4, p=0.0, routing_init_std=0.1),
+    "K=4 p=inf sigma=1 (paper)": dict(num_interests=4, p=math.inf, routing_init_std=1.0),
     "K=4 p=inf stochastic linear": dict(num_interests=4, p=math.inf, routing_init_std=1.0,
-                                        h_out_activation="linear", stochastic_selection=True),
-    "K=4 max sigma=1": dict(num_interests=4, routing_init_std=1.0, **_MAX),
+                                        stochastic_selection=True, **_LIN),
     "K=4 max sigma=0.1": dict(num_interests=4, routing_init_std=0.1, **_MAX),
-    "K=4 max sigma=1 s=20": dict(num_interests=4, routing_init_std=1.0, logit_scale=20.0, **_MAX),
+    "K=4 max sigma=0.1 full": dict(num_interests=4, routing_init_std=0.1, loss="full", **_MAX),
+    "K=4 max sigma=1 full": dict(num_interests=4, routing_init_std=1.0, loss="full", **_MAX),
+    "K=4 max sigma=0.1 s=5": dict(num_interests=4, routing_init_std=0.1, logit_scale=5.0, **_MAX),
+    "K=4 max sigma=0.1 s=5 full": dict(num_interests=4, routing_init_std=0.1, logit_scale=5.0, loss="full", **_MAX),
+    "K=4 max sigma=0.1 s=20 full": dict(num_interests=4, routing_init_std=0.1, logit_scale=20.0, loss="full", **_MAX),
     "K=4 max sigma=1 hn0.5": dict(num_interests=4, routing_init_std=1.0, hard_negative_beta=0.5, **_MAX),
-    "K=4 max sigma=1 div0.1": dict(num_interests=4, routing_init_std=1.0, diversity_lambda=0.1, **_MAX),
+    "K=4 max sigma=1 full div0.1": dict(num_interests=4, routing_init_std=1.0, loss="full", diversity_lambda=0.1,
+                                        **_MAX),
 }
 
 _DATA = None            # a PreparedData given to run_sweep (tests), used for every max_len
@@ -107,11 +112,14 @@ def _group(name: str, overrides: dict) -> str:
 
 
 def run_sweep(out_dir="runs/sweep", candidates=None, screen_seeds=(0,), seeds=(0, 1, 2, 3, 4), finalists=2,
-              jobs=1, threads=1, data=None, log=print) -> dict:
+              jobs=1, threads=1, data=None, max_cosine=0.8, log=print) -> dict:
     """Run the protocol of the module docstring; write sweep.{md,json,png}; return the summary.
 
     ``data``: a PreparedData to sweep on instead of MovieLens-100k (tests); ``jobs`` > 1 trains
     that many runs at once in worker processes (forked: they inherit ``data``), each on ``threads``.
+    ``max_cosine``: a K>1 candidate is a finalist only if its screen's mean valid interest cosine
+    is at most this (distinct interests are part of the goal, so they are a constraint of the
+    choice, measured on valid like everything else).
     """
     global _DATA
     if data is not None:
@@ -143,10 +151,15 @@ def run_sweep(out_dir="runs/sweep", candidates=None, screen_seeds=(0,), seeds=(0
     log(f"screen: {len(candidates)} candidates x seeds {list(screen_seeds)}")
     train_all([(n, s) for n in candidates for s in screen_seeds])
     screen = {n: _stats([runs[n][s]["valid"]["recall@50"] for s in screen_seeds])["mean"] for n in candidates}
+    screen_cos = {n: _stats([runs[n][s]["valid"].get("interest_cosine") for s in screen_seeds])["mean"]
+                  for n in candidates}
     chosen_finalists = []
     for group in ("K=1", "K>1"):
-        names = sorted((n for n in candidates if _group(n, candidates[n]) == group), key=lambda n: -screen[n])
-        chosen_finalists += names[:finalists]
+        names = [n for n in candidates if _group(n, candidates[n]) == group and
+                 (group == "K=1" or (screen_cos[n] is not None and screen_cos[n] <= max_cosine))]
+        if not names:
+            raise RuntimeError(f"sweep: no {group} candidate kept its valid interest cosine <= {max_cosine}")
+        chosen_finalists += sorted(names, key=lambda n: -screen[n])[:finalists]
     log(f"finalists: {chosen_finalists} x seeds {list(seeds)}")
     train_all([(n, s) for n in chosen_finalists for s in seeds])
 
@@ -159,7 +172,8 @@ def run_sweep(out_dir="runs/sweep", candidates=None, screen_seeds=(0,), seeds=(0
     checks, ok = _verdict(final, test, chosen)
 
     result = {"base": SWEEP_BASE, "candidates": candidates, "screen_seeds": list(screen_seeds), "seeds": list(seeds),
-              "screen_valid_recall@50": screen, "finalists": chosen_finalists, "final_valid": final,
+              "screen_valid_recall@50": screen, "screen_valid_interest_cosine": screen_cos,
+              "max_cosine": max_cosine, "finalists": chosen_finalists, "final_valid": final,
               "chosen": chosen, "chosen_test": test, "checks": checks, "passed": ok,
               "valid_runs": {n: {s: {"valid": r["valid"], "best_epoch": r["best_epoch"]} for s, r in rs.items()}
                              for n, rs in runs.items()},

@@ -33,8 +33,9 @@ def test_sweep_chooses_on_valid_and_reads_test_for_the_chosen_only(tiny, tmp_pat
     cands = {"K=1 a": dict(num_interests=1), "K=1 b": dict(num_interests=1, h_out_activation="linear"),
              "K=4 a": dict(num_interests=4, p=math.inf, routing_init_std=1.0),
              "K=4 max": dict(num_interests=4, scoring="max", h_out_activation="linear")}
+    # tiny models' interests nearly coincide: no distinctness constraint here (max_cosine=1)
     res = run_sweep(out_dir=tmp_path, candidates=cands, screen_seeds=(0,), seeds=(0, 1), finalists=1,
-                    data=tiny, log=lambda *_: None)
+                    data=tiny, max_cosine=1.0, log=lambda *_: None)
     # one finalist per group, chosen = that finalist, which had the best screen score in its group
     assert len(res["finalists"]) == 2
     for group, names in (("K=1", ["K=1 a", "K=1 b"]), ("K>1", ["K=4 a", "K=4 max"])):
@@ -62,3 +63,13 @@ def test_sweep_refuses_candidates_without_both_groups(tiny, tmp_path, monkeypatc
     with pytest.raises(ValueError, match="screen seeds"):
         run_sweep(out_dir=tmp_path, candidates={"a": dict(num_interests=1), "b": dict(num_interests=4)},
                   screen_seeds=(7,), seeds=(0, 1), data=tiny, log=lambda *_: None)
+
+
+def test_sweep_keeps_collapsed_interests_out_of_the_final(tiny, tmp_path, monkeypatch):
+    import mind.sweep as sweep
+    monkeypatch.setattr(sweep, "SWEEP_BASE", {**sweep.SWEEP_BASE, **BASE, "epochs": 1})
+    monkeypatch.setattr(sweep, "_DATA", None)
+    cands = {"K=1": dict(num_interests=1), "K=4": dict(num_interests=4)}
+    with pytest.raises(RuntimeError, match="interest cosine <= -1.5"):   # no cosine is below -1
+        run_sweep(out_dir=tmp_path, candidates=cands, seeds=(0, 1), data=tiny, max_cosine=-1.5,
+                  log=lambda *_: None)
