@@ -3,8 +3,11 @@
 For a history (raw item ids) the model's final coupling weights w (K, L) say how much
 behaviour i contributes to interest j (softmax over interests, so each column sums to 1).
 Each behaviour is assigned to its argmax_j w_ij; an interest is described by its
-assigned items, their most common genres, and its own top recommendations
-(items ranked by V_j . e_i alone, history excluded).
+assigned items, their most common genres, its own top recommendations (items ranked
+by V_j . e_i alone, history excluded) and their genres, and its share of the user's
+merged list (the top ``merged_n`` items by max_j V_j . e_i, as ``recommend`` ranks them:
+how many of them interest j scores best).  An interest that no behaviour has as its
+strongest is still formed (from the weights it gets everywhere) and is said to be so.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from .serve import Recommender
 
 @torch.no_grad()
 def explain(rec: Recommender, history: Sequence, png: Optional[str | pathlib.Path] = None,
-            top_n: int = 5, user_features=None) -> dict:
+            top_n: int = 5, user_features=None, merged_n: int = 50) -> dict:
     """Describe each active interest of ``history``; optionally save a coupling-weight heatmap PNG.
 
     Returns ``{"interests": [{"interest", "items": [(raw id, title, genres, weight)], "top_genres",
-    "recommendations": [(raw id, title, score)]}], "weights": (K, L') array over the used history,
+    "recommendations": [(raw id, title, score)], "recommended_genres": [(genre, count)],
+    "merged_share": int}], "weights": (K, L') array over the used history,
     "history": [(raw id, title)], "text": str, "png": path or None}``.
     """
     hist, mapped = rec._batch([history])
@@ -40,6 +44,10 @@ def explain(rec: Recommender, history: Sequence, png: Optional[str | pathlib.Pat
     scores[:, 0] = -np.inf
     scores[:, np.unique(mapped[0])] = -np.inf
 
+    masked = np.where(active[:, None], scores, -np.inf)
+    merged = np.argsort(-masked.max(axis=0), kind="stable")[:merged_n]   # the list recommend() returns
+    winner = masked[:, merged].argmax(axis=0)
+
     interests, lines = [], []
     lines.append(f"history: {len(used)} item(s) used (of {len(mapped[0])} known), "
                  f"{int(active.sum())} active interest(s)")
@@ -51,13 +59,21 @@ def explain(rec: Recommender, history: Sequence, png: Optional[str | pathlib.Pat
         genre_count = collections.Counter(g for _, _, gs, _ in items for g in gs)
         top = np.argsort(-scores[k], kind="stable")[:top_n]
         recs = [(rec.raw_ids[i], rec.titles[i], float(scores[k, i])) for i in top]
+        rec_genres = collections.Counter(g for i in top for g in rec.genres[i]).most_common(3)
+        share = int((winner == k).sum())
         interests.append({"interest": k, "items": items, "top_genres": genre_count.most_common(3),
-                          "recommendations": recs})
+                          "recommendations": recs, "recommended_genres": rec_genres, "merged_share": share})
         genres_txt = ", ".join(f"{g} ({c})" for g, c in genre_count.most_common(3)) or "-"
-        lines.append(f"\ninterest {k}: {len(items)} item(s); top genres: {genres_txt}")
+        if items:
+            lines.append(f"\ninterest {k}: formed mostly from {len(items)} item(s); top genres: {genres_txt}")
+        else:
+            lines.append(f"\ninterest {k}: no history item has it as its strongest interest "
+                         f"(its weights peak at {float(weights[k].max()):.2f}); formed from all items' shares")
         for raw, title, gs, wt in items:
             lines.append(f"    w={wt:.2f}  [{raw}] {title}  ({'|'.join(gs)})")
         lines.append("  recommends: " + "; ".join(f"{t} [{r}]" for r, t, _ in recs))
+        lines.append(f"  its recommendations' genres: {', '.join(f'{g} ({c})' for g, c in rec_genres) or '-'}; "
+                     f"it wins {share} of the {len(merged)} items of the merged list")
 
     out_png = None
     if png is not None:

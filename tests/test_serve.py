@@ -1,5 +1,6 @@
 """Export / load round trip, deterministic serving, unknown ids, explain, and the CLI."""
 
+import collections
 import subprocess
 import sys
 
@@ -103,6 +104,14 @@ def test_explain_routes_every_item_and_writes_png(trained, tmp_path):
             assert w[k, history.index(raw)] == pytest.approx(weight)
     assert (tmp_path / "e.png").stat().st_size > 1000
     assert "interest" in result["text"]
+    # the merged list is recommend()'s, and each of its items is credited to one active interest
+    merged = rec.recommend(history, n=20)
+    shares = explain(rec, history, merged_n=20)["interests"]
+    assert sum(it["merged_share"] for it in shares) == len(merged)
+    ids = {raw: i for i, raw in enumerate(rec.raw_ids)}
+    for it in shares:
+        genres = [g for raw, _, _ in it["recommendations"] for g in rec.genres[ids[raw]]]
+        assert it["recommended_genres"] == collections.Counter(genres).most_common(3)
 
 
 def test_export_of_fresh_model_loads(trained, tmp_path):
@@ -115,7 +124,7 @@ def test_export_of_fresh_model_loads(trained, tmp_path):
         load(tmp_path)
 
 
-@pytest.mark.parametrize("command", [None, "train", "evaluate", "export", "recommend", "explain", "quality"])
+@pytest.mark.parametrize("command", [None, "train", "evaluate", "export", "recommend", "explain", "quality", "sweep"])
 def test_cli_help_exits_zero(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
     with pytest.raises(SystemExit) as exc:
