@@ -222,7 +222,8 @@ def cmd_sweep(args) -> int:
               file=sys.stderr)
         return 2
     run_sweep(out_dir=args.out, screen_seeds=tuple(range(args.screen_seeds)), seeds=tuple(range(args.seeds)),
-              finalists=args.finalists, jobs=args.jobs, threads=args.threads, max_cosine=args.max_cosine)
+              finalists=args.finalists, jobs=args.jobs, threads=args.threads, max_cosine=args.max_cosine,
+              progress=not args.no_progress)
     return 0
 
 
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     p.add_argument("--max-cosine", type=float, default=0.8,
                    help="a K>1 recipe is a finalist only if its valid interest cosine is at most this (default 0.8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
     return parser
 

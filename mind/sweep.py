@@ -33,9 +33,10 @@ import json
 import math
 import pathlib
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
+from tqdm.auto import tqdm
 
 #: the base of every candidate (the CLI's training defaults, max_len 20, d = 64)
 SWEEP_BASE = dict(dim=64, max_len=20, lr=3e-3, weight_decay=1e-4, batch_size=256, epochs=20, patience=3,
@@ -112,7 +113,7 @@ def _group(name: str, overrides: dict) -> str:
 
 
 def run_sweep(out_dir="runs/sweep", candidates=None, screen_seeds=(0,), seeds=(0, 1, 2, 3, 4), finalists=2,
-              jobs=1, threads=1, data=None, max_cosine=0.8, log=print) -> dict:
+              jobs=1, threads=1, data=None, max_cosine=0.8, progress=False, log=print) -> dict:
     """Run the protocol of the module docstring; write sweep.{md,json,png}; return the summary.
 
     ``data``: a PreparedData to sweep on instead of MovieLens-100k (tests); ``jobs`` > 1 trains
@@ -137,16 +138,21 @@ def run_sweep(out_dir="runs/sweep", candidates=None, screen_seeds=(0,), seeds=(0
     def train_all(pairs):
         todo = [(n, s) for n, s in pairs if s not in runs[n]]
         jobs_ = [(n, candidates[n], s, str(out / "runs" / f"{_slug(n)}_seed{s}"), threads) for n, s in todo]
-        if jobs > 1:
-            with ProcessPoolExecutor(jobs) as pool:
-                results = list(pool.map(_run, jobs_))
-        else:
-            results = [_run(j) for j in jobs_]
-        for r in results:
-            runs[r["name"]][r["seed"]] = r
-            log(f"  {r['name']} seed {r['seed']}: valid recall@50 {r['valid']['recall@50']:.4f}, "
-                f"interest cosine {_opt(r['valid'].get('interest_cosine'))} (best epoch {r['best_epoch']}, "
-                f"{r['seconds']:.0f}s)")
+        with tqdm(total=len(jobs_), desc="sweep runs", disable=not progress, leave=False) as bar:
+            if jobs > 1:
+                with ProcessPoolExecutor(jobs) as pool:
+                    for future in as_completed([pool.submit(_run, j) for j in jobs_]):
+                        record(future.result(), bar)
+            else:
+                for j in jobs_:
+                    record(_run(j), bar)
+
+    def record(r, bar):
+        runs[r["name"]][r["seed"]] = r
+        bar.update(1)
+        log(f"  {r['name']} seed {r['seed']}: valid recall@50 {r['valid']['recall@50']:.4f}, "
+            f"interest cosine {_opt(r['valid'].get('interest_cosine'))} (best epoch {r['best_epoch']}, "
+            f"{r['seconds']:.0f}s)")
 
     log(f"screen: {len(candidates)} candidates x seeds {list(screen_seeds)}")
     train_all([(n, s) for n in candidates for s in screen_seeds])

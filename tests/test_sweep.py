@@ -35,7 +35,7 @@ def test_sweep_chooses_on_valid_and_reads_test_for_the_chosen_only(tiny, tmp_pat
              "K=4 max": dict(num_interests=4, scoring="max", h_out_activation="linear")}
     # tiny models' interests nearly coincide: no distinctness constraint here (max_cosine=1)
     res = run_sweep(out_dir=tmp_path, candidates=cands, screen_seeds=(0,), seeds=(0, 1), finalists=1,
-                    data=tiny, max_cosine=1.0, log=lambda *_: None)
+                    data=tiny, max_cosine=1.0, jobs=2, log=lambda *_: None)   # jobs=2: forked workers
     # one finalist per group, chosen = that finalist, which had the best screen score in its group
     assert len(res["finalists"]) == 2
     for group, names in (("K=1", ["K=1 a", "K=1 b"]), ("K>1", ["K=4 a", "K=4 max"])):
