@@ -21,10 +21,8 @@ Errors: a missing, truncated or corrupt checkpoint, or a malformed data file, pr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import pathlib
 import sys
 
 DATA_HELP = ("dataset: 'ml-100k' (downloads MovieLens-100k once into ~/.cache/mind-kernels), "

@@ -20,7 +20,6 @@ metric), quality.json (the aggregated rows plus every per-seed result).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from mind.data import make_synthetic, prepare
 from mind.diversity import (beyond_accuracy, coverage_at_n, diversity_at_n, entropy_terciles, genre_entropy,
                             genre_matrix, interest_cosine)
 from mind.evaluate import evaluate_rankings, retrieve_topk, write_metrics
@@ -109,21 +108,6 @@ def test_beyond_accuracy_hand_computed():
     k1 = beyond_accuracy(ranked, targets, hist, GENRES, 6, ns=(2,), vectors=V, mask=torch.ones(3, 1, dtype=bool))
     assert k1["interest_cosine"] is None and k1["interest_cosine_se"] is None
     json.dumps(k1, allow_nan=False)  # strict JSON: None, not NaN
-
-
-@pytest.fixture
-def one_thread():
-    # tiny models on a shared machine train fastest single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    raw, _ = make_synthetic(num_users=60, num_items=80, num_clusters=4, seq_len=(10, 20), seed=1)
-    return prepare(raw, max_len=10)
 
 
 NEW_KEYS = ["interest_cosine", "interest_cosine_se"] + [

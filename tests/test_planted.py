@@ -13,12 +13,7 @@ from mind.planted import interest_recovery, model_interest_recovery
 from mind.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(num_users=60, num_items=256, num_clusters=32, interests_per_user=(2, 3), seq_len=(10, 20))

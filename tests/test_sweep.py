@@ -4,26 +4,13 @@ import json
 import math
 
 import pytest
-import torch
 
-from mind.data import make_synthetic, prepare
 from mind.sweep import run_sweep
 
 BASE = dict(dim=8, max_len=10, batch_size=64, epochs=2, num_negatives=20, patience=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    raw, _ = make_synthetic(num_users=60, num_items=80, num_clusters=4, seq_len=(10, 20), seed=1)
-    return prepare(raw, max_len=10)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sweep_chooses_on_valid_and_reads_test_for_the_chosen_only(tiny, tmp_path, monkeypatch):

@@ -13,16 +13,10 @@ from mind.checkpoint import (CheckpointError, get_rng_state, load_checkpoint, sa
                              set_rng_state)
 from mind.data import make_synthetic, prepare
 from mind.evaluate import evaluate_rankings, most_popular_rankings
-from mind.train import TrainConfig, train, user_vectors
+from mind.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared machine train fastest single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +24,6 @@ def planted():
     raw, truth = make_synthetic(num_users=300, num_items=400, num_clusters=8, interests_per_user=(2, 3),
                                 seq_len=(20, 40), seed=0)
     return prepare(raw, max_len=20), truth
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    raw, _ = make_synthetic(num_users=60, num_items=80, num_clusters=4, seq_len=(10, 20), seed=1)
-    return prepare(raw, max_len=10)
 
 
 def _cfg(tmp_path, **kw):

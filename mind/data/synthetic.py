@@ -18,6 +18,18 @@ import numpy as np
 from .loaders import RawData, _inter_frame, _items_frame, _users_frame
 
 
+def _check_sizes(num_items: int, num_clusters: int, interests_per_user, seq_len) -> None:
+    """The argument checks both generators share."""
+    lo_k, hi_k = interests_per_user
+    lo_l, hi_l = seq_len
+    if not 1 <= lo_k <= hi_k <= num_clusters:
+        raise ValueError(f"interests_per_user={interests_per_user} must lie in 1..num_clusters={num_clusters}")
+    if not 1 <= lo_l <= hi_l:
+        raise ValueError(f"seq_len={seq_len} must satisfy 1 <= low <= high")
+    if num_items < num_clusters:
+        raise ValueError(f"num_items={num_items} < num_clusters={num_clusters}: a cluster would be empty")
+
+
 def make_synthetic(num_users: int = 300, num_items: int = 400, num_clusters: int = 8,
                    interests_per_user: tuple[int, int] = (2, 3), seq_len: tuple[int, int] = (20, 40),
                    seed: int = 0) -> tuple[RawData, dict]:
@@ -28,12 +40,7 @@ def make_synthetic(num_users: int = 300, num_items: int = 400, num_clusters: int
     """
     lo_k, hi_k = interests_per_user
     lo_l, hi_l = seq_len
-    if not 1 <= lo_k <= hi_k <= num_clusters:
-        raise ValueError(f"interests_per_user={interests_per_user} must lie in 1..num_clusters={num_clusters}")
-    if not 1 <= lo_l <= hi_l:
-        raise ValueError(f"seq_len={seq_len} must satisfy 1 <= low <= high")
-    if num_items < num_clusters:
-        raise ValueError(f"num_items={num_items} < num_clusters={num_clusters}: a cluster would be empty")
+    _check_sizes(num_items, num_clusters, interests_per_user, seq_len)
     rng = np.random.default_rng(seed)
 
     item_ids = np.arange(1, num_items + 1)
@@ -143,12 +150,7 @@ def make_planted(num_users: int = 4000, num_items: int = 2048, num_clusters: int
     lo_l, hi_l = seq_len
     if latent_dim < 2:
         raise ValueError(f"latent_dim={latent_dim} must be >= 2")
-    if not 1 <= lo_k <= hi_k <= num_clusters:
-        raise ValueError(f"interests_per_user={interests_per_user} must lie in 1..num_clusters={num_clusters}")
-    if not 1 <= lo_l <= hi_l:
-        raise ValueError(f"seq_len={seq_len} must satisfy 1 <= low <= high")
-    if num_items < num_clusters:
-        raise ValueError(f"num_items={num_items} < num_clusters={num_clusters}: a cluster would be empty")
+    _check_sizes(num_items, num_clusters, interests_per_user, seq_len)
     if not 0 <= min_angle <= 180:
         raise ValueError(f"min_angle={min_angle} must be in degrees, 0..180")
     rng = np.random.default_rng(seed)
