@@ -266,23 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--routing-axis", default="interests", choices=["interests", "behaviors"],
                    help="routing softmax axis: 'interests' (MIND, default) or 'behaviors' (ComiRec)")
     g.add_argument("--p", type=float, default=0.0,
-                   help="label-aware attention power: 0 = mean of interests (default, best on ml-100k), "
+                   help="label-aware attention power, with --scoring attention: 0 = mean of interests (default), "
                         "1/2 = softmax of (signed powers of) inner products, inf = hard argmax")
-    g.add_argument("--routing-init-std", type=float, default=0.1,
-                   help="sigma of the initial routing logits (default 0.1; the paper's 1.0 with --p inf "
-                        "gives more distinct interests)")
+    g.add_argument("--routing-init-std", type=_float_at_least(0, strict=True), default=1.0,
+                   help="sigma of the initial routing logits (default 1.0, the paper's; 0.1 lets the interests "
+                        "collapse onto one)")
     g.add_argument("--logit-scale", type=_float_at_least(0, strict=True), default=1.0,
                    help="s of the routing update b += s * c . u (default 1; EasyRec uses 20)")
-    g.add_argument("--h-out", default="relu", choices=["relu", "linear"],
-                   help="activation of the last H layer (default relu, the paper's)")
-    g.add_argument("--scoring", default="attention", choices=["attention", "max"],
-                   help="training logits: 'attention' = label-aware v_u for every item (the paper), "
-                        "'max' = every item scored by its best interest, as serving ranks")
+    g.add_argument("--h-out", default="linear", choices=["relu", "linear"],
+                   help="activation of the last H layer (default linear; relu, the paper's, keeps every "
+                        "interest in the non-negative orthant)")
+    g.add_argument("--scoring", default="max", choices=["attention", "max"],
+                   help="training logits: 'max' (default) = every item scored by its best interest, as serving "
+                        "ranks; 'attention' = label-aware v_u (--p) for every item, the paper's")
     g.add_argument("--hard-negative-beta", type=_float_at_least(0, strict=False), default=0.0,
                    help="interest-aware hard negatives (REMI): reweight sampled negatives by "
                         "exp(beta * score) (default 0 = off; sampled loss only)")
-    g.add_argument("--diversity-lambda", type=_float_at_least(0, strict=False), default=0.0,
-                   help="add lambda * mean pairwise cosine of a user's interests to the loss (default 0)")
+    g.add_argument("--diversity-lambda", type=_float_at_least(0, strict=False), default=0.1,
+                   help="add lambda * mean pairwise cosine of a user's interests to the loss (default 0.1)")
     g.add_argument("--stochastic-selection", action="store_true",
                    help="BaM: draw the target's interest from softmax(V e) instead of attention (training)")
     g.add_argument("--target-window", type=_positive_int, default=1,
@@ -293,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     g.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
-    g.add_argument("--loss", default="sampled", choices=["sampled", "full", "in_batch"],
-                   help="softmax estimator (default sampled: log-uniform negatives + logQ)")
+    g.add_argument("--loss", default="auto", choices=["auto", "sampled", "full", "in_batch"],
+                   help="softmax estimator: auto (default) = the exact softmax up to 20,000 items, else "
+                        "sampled (log-uniform negatives + logQ)")
     g.add_argument("--negatives", type=int, default=200, help="sampled negatives per batch (default 200)")
     g.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
     g.add_argument("--backend", default="auto", help="routing backend: auto, reference, cpp, triton, cuda")

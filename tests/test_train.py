@@ -103,7 +103,7 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert full.test_metrics == resumed.test_metrics
 
 
-LEVERS = dict(scoring="max", h_out_activation="linear", hard_negative_beta=0.5, diversity_lambda=0.1,
+LEVERS = dict(scoring="max", h_out_activation="linear", loss="sampled", hard_negative_beta=0.5, diversity_lambda=0.1,
               stochastic_selection=False, routing_init_std=1.0, target_window=3)
 
 
