@@ -141,6 +141,8 @@ def check_routing_inputs(
 
 def check_logit_scale(logit_scale, where: str = "b2i_routing") -> float:
     """``logit_scale`` s as a float; raises unless it is a finite real number > 0 (ROUTING.md, "Routing logit scale")."""
+    if type(logit_scale) is float and 0 < logit_scale < math.inf:   # the common case, without the ABC check
+        return logit_scale
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
         raise TypeError(f"{where}: `logit_scale` must be a finite float > 0, got {logit_scale!r}")
     value = float(logit_scale)
