@@ -145,7 +145,12 @@ def full_softmax_loss(user: torch.Tensor, item_table: torch.Tensor, targets: tor
 def in_batch_softmax_loss(user: torch.Tensor, target_emb: torch.Tensor, targets: torch.Tensor,
                           target_log_q: torch.Tensor) -> torch.Tensor:
     """In-batch negatives: logits[b, c] = v_b . e_{t_c} - log q(t_c); same-item off-diagonal columns removed."""
-    logits = user @ target_emb.t() - target_log_q[None, :]
+    return _in_batch_from_scores(user @ target_emb.t(), targets, target_log_q)
+
+
+def _in_batch_from_scores(scores: torch.Tensor, targets: torch.Tensor, target_log_q: torch.Tensor) -> torch.Tensor:
+    """The in-batch softmax of :func:`in_batch_softmax_loss` from raw scores (B, B): row b, column c = s(b, t_c)."""
+    logits = scores - target_log_q[None, :]
     B = targets.shape[0]
     dup = (targets[None, :] == targets[:, None]) & ~torch.eye(B, dtype=torch.bool, device=targets.device)
     logits = logits.masked_fill(dup, _NEG_INF)
@@ -190,9 +195,9 @@ class SoftmaxLoss:
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.scoring == "max":
             return self._max_scored(*user, model, targets, generator)
-        target_emb = model.embed_items(targets)
         if self.kind == "full":
             return full_softmax_loss(user, model.item_embeddings(), targets)
+        target_emb = model.embed_items(targets)
         if self.kind == "in_batch":
             return in_batch_softmax_loss(user, target_emb, targets, self.log_freq.to(user.device)[targets])
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=user.device)
@@ -202,16 +207,13 @@ class SoftmaxLoss:
 
     def _max_scored(self, interests, interest_mask, model, targets, generator):
         """The three estimators with s(u, i) = max_k V_k . e_i in place of v_u . e_i."""
-        target_emb = model.embed_items(targets)
         if self.kind == "full":
             logits = best_interest_scores(interests, interest_mask, model.item_embeddings()[1:])
             return F.cross_entropy(logits, targets - 1)
+        target_emb = model.embed_items(targets)
         if self.kind == "in_batch":
-            logits = best_interest_scores(interests, interest_mask, target_emb)
-            logits = logits - self.log_freq.to(logits.device)[targets][None, :]
-            B = targets.shape[0]
-            dup = (targets[None, :] == targets[:, None]) & ~torch.eye(B, dtype=torch.bool, device=targets.device)
-            return F.cross_entropy(logits.masked_fill(dup, _NEG_INF), torch.arange(B, device=targets.device))
+            return _in_batch_from_scores(best_interest_scores(interests, interest_mask, target_emb), targets,
+                                         self.log_freq.to(interests.device)[targets])
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=interests.device)
         pos = best_interest_scores(interests, interest_mask, target_emb, paired=True)
         neg = best_interest_scores(interests, interest_mask, model.embed_items(negatives))
