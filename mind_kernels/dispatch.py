@@ -16,6 +16,11 @@ over the variable.  When "auto" passes over a built backend that would
 normally serve the device (for example the C++ kernels for
 ``detach_routing=False``), the fallback is logged once per reason on the
 ``mind_kernels`` logger.
+
+The fused GPU kernels (cuda, triton) have not been verified on every GPU (see
+``mind_kernels.selftest.VERIFIED``): the first call in a process that a GPU
+backend serves on a CUDA tensor logs once, at WARNING level on the same logger,
+that ``python -m mind_kernels.selftest`` checks them on this GPU.
 """
 
 from __future__ import annotations
@@ -169,10 +174,42 @@ def select(call: RoutingCall, requested: str = "auto") -> Backend:
     backend = _selection_cache.get(key)
     if backend is None:
         backend = _select(call, requested, env)  # raises when nothing can serve: never cached
+        if not _gpu_note_logged:  # a process's first CUDA call always misses the cache
+            note_first_gpu_call(backend, call)
         if len(_selection_cache) >= _SELECTION_CACHE_SIZE:
             _selection_cache.clear()
         _selection_cache[key] = backend
     return backend
+
+
+#: Whether note_first_gpu_call has logged in this process (the flag keeps the check off the hot path).
+_gpu_note_logged = False
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def note_first_gpu_call(backend: Backend, call: RoutingCall) -> None:
+    """Once per process: log that the GPU kernels about to serve a CUDA tensor are unverified on this GPU.
+
+    Called by :func:`select` when it picks a backend anew (eager calls; a torch.compile trace does not log).
+    """
+    global _gpu_note_logged
+    if _gpu_note_logged or call.device_type != "cuda" or backend.name not in GPU_BACKENDS:
+        return
+    _gpu_note_logged = True
+    from .selftest import VERIFIED
+
+    try:
+        gpu = torch.cuda.get_device_name()
+    except Exception:  # a mocked call without a GPU, or a broken driver: the note still goes out
+        gpu = "this GPU"
+    done = [f"{name} on {'; '.join(VERIFIED[name])}" for name in GPU_BACKENDS if VERIFIED.get(name)]
+    elsewhere = f" (verified elsewhere: {', '.join(done)})" if done else " (nor yet on any GPU)"
+    logger.warning(
+        "mind_kernels: the %r backend serves CUDA tensors, but the fused GPU kernels (cuda, triton) have not "
+        "been verified on this GPU (%s)%s; `python -m mind_kernels.selftest` checks them against the reference "
+        "in under a minute (backend='reference' avoids them)",
+        backend.name, gpu, elsewhere,
+    )
 
 
 def _select(call: RoutingCall, requested: str, env: Optional[str]) -> Backend:

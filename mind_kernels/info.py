@@ -1,4 +1,4 @@
-"""``python -m mind_kernels.info``: versions, what was built, and which backend serves what."""
+"""``python -m mind_kernels.info``: versions, what was built, which backend serves what, what is verified."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 import mind_kernels
 from mind_kernels import backends, ops
+from mind_kernels.selftest import VERIFIED
 
 
 def _triton_version() -> str:
@@ -33,6 +34,11 @@ def main() -> None:
     print()
     print("backend    where  status")
     print(backends())
+    print()
+    print("verified on real hardware (device, date; mind_kernels.selftest.VERIFIED):")
+    for name, where in VERIFIED.items():
+        print(f"  {name:<8} {'; '.join(where) if where else 'not yet: never run on a GPU by this project'}")
+    print("`python -m mind_kernels.selftest` checks the built fused backends on this machine against the reference")
 
 
 if __name__ == "__main__":
