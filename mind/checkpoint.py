@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import random
 import tempfile
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -52,22 +54,55 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, required: Iterable[str] = ()) -> dict:
-    """Load a checkpoint dict; raise CheckpointError naming ``path`` if it cannot be used."""
+_ZIP_MAGIC = b"PK\x03\x04"   # torch.save writes a zip archive
+
+
+def _unreadable(path: pathlib.Path, error: BaseException, writer: str) -> CheckpointError:
+    """Our own words for a file torch.load refused: never torch's text (which may suggest
+    ``weights_only=False``, unsafe for a file from elsewhere), never cut mid-sentence."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size == 0:
+        return CheckpointError(f"checkpoint {path} is truncated or corrupt: the file is empty (0 bytes); "
+                               f"delete it to start over, or restore a good copy")
+    if head.startswith(_ZIP_MAGIC):
+        if isinstance(error, pickle.UnpicklingError):
+            reason = ("it holds Python objects other than tensors, numbers, strings and containers, "
+                      "which MIND never unpickles")
+            return CheckpointError(f"{path} is not a MIND checkpoint (written by {writer}): {reason}")
+        return CheckpointError(f"checkpoint {path} is truncated or corrupt: its zip archive is incomplete or "
+                               f"damaged ({size} bytes); delete it to start over, or restore a good copy")
+    return CheckpointError(f"{path} is not a MIND checkpoint (written by {writer}): not a torch.save archive "
+                           f"(it starts with {head[:8]!r})")
+
+
+def load_checkpoint(path: str | os.PathLike, required: Iterable[str] = (),
+                    writer: str = "python -m mind train") -> dict:
+    """Load a checkpoint dict; raise CheckpointError naming ``path`` if it cannot be used.
+
+    Always ``weights_only=True``.  ``writer`` names the command that writes such files, for the
+    message about a file that is not one of ours.
+    """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (want a file written by "
+                              f"{writer}, e.g. best.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, wrong format: all mean "corrupt"
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt and cannot be loaded "
-            f"({type(e).__name__}: {str(e)[:200]}); delete it to start over, or restore a good copy") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # torch's pickle-protocol chatter for foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, wrong format: say which, in our words
+        raise _unreadable(path, e, writer) from e
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
+        raise CheckpointError(f"{path} is not a MIND checkpoint (written by {writer}): it holds a "
+                              f"{type(state).__name__}, not a dict")
     missing = [k for k in required if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks required entries {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks required entries {missing}; is it a file written by "
+                              f"{writer}?")
     return state
 
 

@@ -14,8 +14,10 @@ Multi-process training: run ``train`` under torchrun, e.g.
 on GPUs; ``--batch-size`` is the global batch, split evenly over the processes; rank 0 writes
 every file and prints; see mind/train.py).
 
-Errors: a missing, truncated or corrupt checkpoint, or a malformed data file, prints
-``error: <message naming the file>`` on stderr and exits with status 2.
+Errors: a user's mistake never shows a traceback. A missing, truncated or corrupt checkpoint
+or model folder, a missing or malformed data file, or a bad argument prints
+``error: <message naming the file and the problem>`` on stderr and exits with status 2.
+Checkpoints and exports always load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import sys
 
 DATA_HELP = ("dataset: 'ml-100k' (downloads MovieLens-100k once into ~/.cache/mind-kernels), "
              "'synthetic' (planted-interest toy data), 'planted' (the hard planted-interest control: "
              "many overlapping clusters, far-apart interests, no cluster genre; K=4 must beat K=1), "
              "or 'dir' with --data-dir and --format")
+
+
+class UsageError(ValueError):
+    """A bad combination of command-line arguments; main prints ``error: <message>`` and exits 2."""
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +74,7 @@ def load_data(args):
                                 seed=args.planted_seed)
     else:
         if not args.data_dir:
-            raise SystemExit("--data dir needs --data-dir PATH")
+            raise UsageError("--data dir needs --data-dir PATH (a folder, or a .csv file for --format comirec)")
         loader = {"recbole": D.load_recbole, "movielens": D.load_movielens_raw,
                   "comirec": D.load_comirec_csv}[args.format]
         raw = loader(args.data_dir)
@@ -135,7 +142,7 @@ def _train(args, info) -> int:
 
 
 def _model_from_checkpoint(args):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .train import TrainConfig, build_model
 
     state = load_checkpoint(args.checkpoint, required=("model", "config"))
@@ -143,7 +150,11 @@ def _model_from_checkpoint(args):
     args.max_len = cfg.max_len
     data = load_data(args)
     model = build_model(data, cfg)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:  # shapes of another catalogue: the data options differ from training's
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not fit this data ({data.num_items} items): pass "
+                              f"the data options it was trained with") from None
     return model.eval(), data, cfg
 
 
@@ -195,8 +206,9 @@ def cmd_explain(args) -> int:
     from .serve import load
 
     rec = load(args.model)
+    png = args.png if args.png is not None else pathlib.Path(args.model) / "explain.png"
     try:
-        out = explain(rec, _history(args.history), png=args.png, top_n=args.top)
+        out = explain(rec, _history(args.history), png=png, top_n=args.top)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -338,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "save a heatmap of the coupling weights.")
     p.add_argument("--model", required=True, help="folder written by export")
     p.add_argument("--history", required=True, help="raw item ids, oldest first")
-    p.add_argument("--png", default="explain.png", help="heatmap path (default explain.png)")
+    p.add_argument("--png", default=None, help="heatmap path (default <model>/explain.png)")
     p.add_argument("--top", type=int, default=5, help="recommendations shown per interest (default 5)")
     p.set_defaults(func=cmd_explain)
 
@@ -369,16 +381,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """The CLI shows a warning (e.g. unknown item ids dropped) as one ``warning: ...`` line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _os_error(e: OSError) -> str:
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e)
+    return f"{where}: {what}" if where else what
+
+
 def main(argv=None) -> int:
+    """Run one verb; a user's mistake (bad path, file, format or argument) is ``error: ...`` + exit 2."""
+    import warnings
+
     from .checkpoint import CheckpointError
-    from .data import DataFormatError
+    from .data.loaders import DataFormatError, DataNotFoundError
+    from .serve import ModelFormatError
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "p", None) is not None and math.isnan(args.p):
-        raise SystemExit("--p must be a number or inf")
-    try:
-        return int(args.func(args) or 0)
-    except (CheckpointError, DataFormatError) as e:
-        # never a traceback (nor a silent fresh start) for a bad file: say which file and why
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            if getattr(args, "p", None) is not None and math.isnan(args.p):
+                raise UsageError("--p must be a number or inf")
+            return int(args.func(args) or 0)
+        except (CheckpointError, DataFormatError, DataNotFoundError, ModelFormatError, UsageError) as e:
+            # never a traceback (nor a silent fresh start) for a bad file: say which file and why
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # an --out that is a file, a folder without write permission, a full disk
+            print(f"error: {_os_error(e)}", file=sys.stderr)
+            return 2

@@ -18,7 +18,9 @@ Bad input, and what serving does with it (each case has a test in tests/test_ser
   ``"42"`` and ``42`` are the same item).
 * Unknown ids (not in the exported catalogue) are dropped with one ``UserWarning`` per call
   naming them (the first 10) and, in a batch, the users they came from; the rest of the
-  history is used as is.
+  history is used as is.  The warning is attributed to the caller's line (the first frame
+  outside mind/serve.py and mind/explain.py), not to a line of this package; the CLI prints it
+  as one ``warning: ...`` line.
 * A history whose ids are *all* unknown raises ``ValueError("... has no known item ...")``;
   in a batch the message names the user's position.  The whole call fails rather than
   silently returning a popular-items list for that user.
@@ -27,6 +29,10 @@ Bad input, and what serving does with it (each case has a test in tests/test_ser
   in the list), exactly as training did, so the interests and the list equal those of the
   truncated history; exclusion of seen items still uses the whole history.
 * ``n < 1`` raises ValueError; when fewer than ``n`` items are eligible the list is shorter.
+
+* A bad model folder (missing, a checkpoint file in its place, a missing, truncated or corrupt
+  meta.json / items.json / item_embeddings.npy) raises :class:`ModelFormatError` naming the file;
+  a bad model.pt raises :class:`mind.checkpoint.CheckpointError` (loaded with weights_only=True).
 
 Batches: :meth:`Recommender.recommend_batch` serves many users with one model call per
 batch and one retrieval over the batch (``recommend`` is the batch of one), so throughput
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -53,6 +60,18 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .model import MIND, retrieval_vectors
 
 FORMAT = "mind-export/1"
+_OWN_FILES = {str(pathlib.Path(__file__).with_name(n)) for n in ("serve.py", "explain.py")}
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside mind/serve.py and
+    mind/explain.py: the user's own call (``recommend``, ``recommend_batch``, ``explain``...),
+    however deep inside serving the warning was raised."""
+    frame, level = sys._getframe(1), 1      # level 1 = the function calling warnings.warn
+    while frame is not None and (frame.f_code.co_filename in _OWN_FILES
+                                 or frame.f_globals.get("__name__", "").startswith("torch.")):  # @no_grad
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def export(model: MIND, data, path) -> pathlib.Path:
@@ -134,7 +153,8 @@ class Recommender:
         if unknown:
             where = f" in the histories of users at positions {users[:10]}" if users is not None else ""
             warnings.warn(f"dropping {len(unknown)} unknown item id(s) not in the catalogue{where}: "
-                          f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}", UserWarning, stacklevel=4)
+                          f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}", UserWarning,
+                          stacklevel=_caller_stacklevel())
 
     def map_history(self, history: Sequence) -> np.ndarray:
         """Raw ids -> item indices (all of them, in order); unknown ids dropped with a warning."""
@@ -228,20 +248,70 @@ class Recommender:
         return out
 
 
+class ModelFormatError(ValueError):
+    """A model folder that is missing, is not a MIND export, or holds a damaged file; the message
+    names the folder or file and the problem."""
+
+
+_EXPORT_HINT = "create one with `python -m mind export --checkpoint RUN/best.pt --out FOLDER`"
+
+
+def _read_json(path: pathlib.Path, what: str):
+    if not path.is_file():
+        raise ModelFormatError(f"{path} is missing: the export is incomplete ({_EXPORT_HINT})")
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{path} is corrupt: not UTF-8 text ({what})") from None
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{path} is corrupt: not valid JSON ({e.msg} at line {e.lineno}, "
+                               f"column {e.colno}); re-export the model") from None
+
+
 def load(path, index: Optional[str] = None, **index_params) -> Recommender:
     """Load a directory written by :func:`export`; ``index`` ("exact", "ivf", "hnsw") builds a faiss index
-    (see :meth:`Recommender.use_index`), None keeps the exact brute-force retrieval."""
+    (see :meth:`Recommender.use_index`), None keeps the exact brute-force retrieval.
+
+    A missing folder, a file in its place (e.g. a checkpoint), or a missing or damaged file in it
+    raises :class:`ModelFormatError` (model.pt: :class:`~mind.checkpoint.CheckpointError`) naming it.
+    """
     path = pathlib.Path(path)
+    if path.is_file():
+        what = "a training checkpoint" if path.suffix == ".pt" else "a file"
+        raise ModelFormatError(f"{path} is {what}, not a MIND export folder; {_EXPORT_HINT}")
+    if not path.is_dir():
+        raise ModelFormatError(f"model folder {path} does not exist; {_EXPORT_HINT}")
     meta_path = path / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not a MIND export (no meta.json); create one with `python -m mind export`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: unsupported export format {meta.get('format')!r} (want {FORMAT!r})")
-    state = load_checkpoint(path / "model.pt", required=("model", "model_config"))
-    model = MIND.from_config(state["model_config"])
-    model.load_state_dict(state["model"])
-    items = json.loads((path / "items.json").read_text())
-    table = np.load(path / "item_embeddings.npy")
+        raise ModelFormatError(f"{path} is not a MIND export (no meta.json); {_EXPORT_HINT}")
+    meta = _read_json(meta_path, "the export's metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ModelFormatError(f"{meta_path}: unsupported export format {got!r} (want {FORMAT!r})")
+    state = load_checkpoint(path / "model.pt", required=("model", "model_config"), writer="python -m mind export")
+    try:
+        model = MIND.from_config(state["model_config"])
+        model.load_state_dict(state["model"])
+    except Exception as e:  # wrong keys or shapes: a model.pt from elsewhere
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path / 'model.pt'} does not hold the model its model_config describes "
+                               f"({first}); re-export the model") from None
+    items = _read_json(path / "items.json", "the item catalogue")
+    if not isinstance(items, dict) or not all(isinstance(items.get(k), list) for k in ("raw_ids", "titles", "genres")):
+        raise ModelFormatError(f"{path / 'items.json'} is corrupt: want lists 'raw_ids', 'titles' and 'genres'")
+    npy = path / "item_embeddings.npy"
+    if not npy.is_file():
+        raise ModelFormatError(f"{npy} is missing: the export is incomplete ({_EXPORT_HINT})")
+    try:
+        table = np.load(npy, allow_pickle=False)
+    except (ValueError, EOFError, OSError):
+        raise ModelFormatError(f"{npy} is truncated or corrupt ({npy.stat().st_size} bytes, not a whole .npy "
+                               f"array); re-export the model") from None
+    want = (len(items["raw_ids"]), int(model.dim))
+    if table.ndim != 2 or tuple(table.shape) != want:
+        raise ModelFormatError(f"{npy} has shape {tuple(table.shape)}, but the export has {want[0]} rows "
+                               f"(items + padding) of dim {want[1]}; re-export the model")
+    if "max_len" not in meta:
+        raise ModelFormatError(f"{meta_path} is corrupt: no 'max_len'")
     rec = Recommender(model, table, items["raw_ids"], items["titles"], items["genres"], meta["max_len"], meta)
     return rec if index is None else rec.use_index(index, **index_params)

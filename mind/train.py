@@ -351,6 +351,8 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
 
     for epoch in range(start_epoch, config.epochs + 1):
         if bad_epochs >= config.patience:
+            log(f"early stopping after epoch {epoch - 1} of {config.epochs}: {key} has not improved for "
+                f"{bad_epochs} epoch(s) (patience {config.patience}); best epoch {best_epoch} ({best_metric:.4f})")
             break
         t0 = time.time()
         model.train()

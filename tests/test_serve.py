@@ -13,7 +13,7 @@ from mind.data import make_synthetic, prepare
 from mind.evaluate import retrieve_topk
 from mind.explain import explain
 from mind.model import retrieval_vectors
-from mind.serve import export, load
+from mind.serve import ModelFormatError, export, load
 from mind.train import TrainConfig, build_model, train
 
 
@@ -120,7 +120,7 @@ def test_export_of_fresh_model_loads(trained, tmp_path):
     model = build_model(data, TrainConfig(dim=8, num_interests=2, max_len=10))
     rec = load(export(model, data, tmp_path / "m"))
     assert rec.interests([[int(data.item_raw_ids[1])]]).shape == (1, 2, 8)
-    with pytest.raises(FileNotFoundError, match="not a MIND export"):
+    with pytest.raises(ModelFormatError, match="not a MIND export"):
         load(tmp_path)
 
 
@@ -141,8 +141,10 @@ def test_cli_module_entry_point_and_recommend(trained, capsys):
     assert main(["recommend", "--model", str(out / "model"), "--history", history, "-n", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("1. [") and lines[2].strip().startswith("3. [")
-    with pytest.warns(UserWarning, match="unknown item id"):
-        assert main(["recommend", "--model", str(out / "model"), "--history", "999999999"]) == 2
+    # the CLI prints the warning as one line (no source line), then the error
+    assert main(["recommend", "--model", str(out / "model"), "--history", "999999999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warning: dropping 1 unknown item id") and "error: history has no known item" in err, err
 
 
 def test_recommend_batch_equals_per_user_recommend(trained):

@@ -11,7 +11,9 @@
 
 Files are parsed line by line (not with ``pandas.read_csv``) so that a malformed row raises
 `DataFormatError` naming the file, the 1-based line number and the problem. Blank lines are
-skipped. A missing required file raises FileNotFoundError naming the path.
+skipped. A missing required file raises `DataNotFoundError` (a FileNotFoundError) naming the
+path and, where it can, what the folder holds instead. Ratings are dropped, but a rating that
+is not a number (``three``) is refused like any other malformed field.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class DataFormatError(ValueError):
         self.line = line
         self.problem = problem
         super().__init__(f"{self.path}:{line}: {problem}")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A required data file or folder does not exist; the message names the path."""
 
 
 @dataclass
@@ -81,7 +87,7 @@ def age_bucket(age: int) -> str:
 def _require(path) -> pathlib.Path:
     p = pathlib.Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise DataNotFoundError(f"data file not found: {p}")
     return p
 
 
@@ -119,6 +125,17 @@ def _int(path, lineno: int, what: str, text: str, allow_integral_float: bool = F
         if math.isfinite(v) and v == int(v):
             return int(v)
     raise DataFormatError(path, lineno, f"{what} is not an integer: {text!r}")
+
+
+def _number(path, lineno: int, what: str, text: str) -> float:
+    """Check a numeric field that is read and dropped (a rating): refuse ``three``, ``nan``, ``""``."""
+    try:
+        v = float(text.strip())
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise DataFormatError(path, lineno, f"{what} is not a number: {text!r}")
+    return v
 
 
 def _inter_frame(users: list[int], items: list[int], times: list[int]) -> pd.DataFrame:
@@ -191,8 +208,9 @@ def load_recbole(folder, name: str | None = None) -> RawData:
     header (types token, float, token_seq, float_seq).
 
     * ``.inter``: needs ``user_id`` and ``item_id`` (integer tokens); ``timestamp`` may be
-      a float holding an integer value; other fields (``rating``) are ignored. Without a
-      ``timestamp`` field the line order is the time order (timestamp = line number).
+      a float holding an integer value; a ``rating`` must be a number and is dropped; other
+      fields are ignored. Without a ``timestamp`` field the line order is the time order
+      (timestamp = line number).
     * ``.item``: ``item_id``; the title is the first of movie_title/title/item_title/name
       that exists (kept verbatim); genres are the first of class/genre/genres/categories/
       category, a space-separated token_seq. Other fields (release_year) are ignored.
@@ -201,7 +219,15 @@ def load_recbole(folder, name: str | None = None) -> RawData:
     """
     folder = pathlib.Path(folder)
     name = name or folder.name
-    inter_path = _require(folder / f"{name}.inter")
+    inter_path = folder / f"{name}.inter"
+    if not inter_path.is_file():
+        if not folder.is_dir():
+            raise DataNotFoundError(f"data file not found: {inter_path} (the folder {folder} does not exist)")
+        found = sorted(p.name for p in folder.glob("*.inter"))
+        hint = (f"; it holds {', '.join(found[:5])}: RecBole files are named after their folder, "
+                f"so rename the folder to {pathlib.Path(found[0]).stem!r} or the files to {name!r}.*"
+                if found else "; it holds no .inter file")
+        raise DataNotFoundError(f"data file not found: {inter_path}{hint}")
 
     cols = _recbole_header(inter_path)
     for need in ("user_id", "item_id"):
@@ -209,10 +235,13 @@ def load_recbole(folder, name: str | None = None) -> RawData:
             raise DataFormatError(inter_path, 1, f"header has no {need!r} field")
     iu, ii = cols.index("user_id"), cols.index("item_id")
     it = cols.index("timestamp") if "timestamp" in cols else None
+    ir = cols.index("rating") if "rating" in cols else None
     users, items, times = [], [], []
     for lineno, f in _recbole_body(inter_path, len(cols)):
         users.append(_int(inter_path, lineno, "user_id", f[iu]))
         items.append(_int(inter_path, lineno, "item_id", f[ii]))
+        if ir is not None:
+            _number(inter_path, lineno, "rating", f[ir])
         times.append(lineno if it is None else
                      _int(inter_path, lineno, "timestamp", f[it], allow_integral_float=True))
     inter = _inter_frame(users, items, times)
@@ -281,7 +310,7 @@ def load_movielens_raw(folder) -> RawData:
         return _load_ml100k(folder)
     if (folder / "ratings.dat").is_file():
         return _load_ml1m(folder)
-    raise FileNotFoundError(f"no MovieLens files in {folder}: expected {folder / 'u.data'} "
+    raise DataNotFoundError(f"no MovieLens files in {folder}: expected {folder / 'u.data'} "
                             f"(ml-100k) or {folder / 'ratings.dat'} (ml-1m)")
 
 
@@ -290,6 +319,7 @@ def _read_ratings(path: pathlib.Path, sep: str) -> pd.DataFrame:
     for lineno, f in _rows(path, sep, encoding="latin-1", nfields=4):
         users.append(_int(path, lineno, "user id", f[0]))
         items.append(_int(path, lineno, "item id", f[1]))
+        _number(path, lineno, "rating", f[2])
         times.append(_int(path, lineno, "timestamp", f[3]))
     return _inter_frame(users, items, times)
 
