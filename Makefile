@@ -34,6 +34,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m mind_kernels.info
+	$(BIN)/python -m mind_kernels.selftest --quick
 	$(BIN)/python -m pytest -q
 
 # The reference, API and CPU-kernel tests against a CPU-only torch build (CI keeps this install path working).
