@@ -37,7 +37,7 @@ def _selftest(*args, interpret=False, timeout=300):
 @needs_cpp
 def test_quick_selftest_passes_on_cpu(tmp_path):
     report = tmp_path / "selftest.json"
-    rc, out = _selftest("--quick", "--json", str(report))
+    rc, out = _selftest("--quick", "--device", "cpu", "--json", str(report))
     assert rc == 0, out[-4000:]
     assert "capsules coupling       dE       dS tol used  result" in out
     rows = [line for line in out.splitlines() if line.startswith("cpp     cpu  ")]
