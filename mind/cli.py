@@ -2,10 +2,10 @@
 
 Typical session::
 
-    python -m mind train --data ml-100k --out runs/ml100k          # fetch MovieLens-100k, train, test
-    python -m mind export --checkpoint runs/ml100k/best.pt --out runs/ml100k/model
-    python -m mind recommend --model runs/ml100k/model --history 50,172,181 -n 10
-    python -m mind explain --model runs/ml100k/model --history 50,172,181,1,121,9
+    python -m mind train --data ml-100k --out runs/mind          # fetch MovieLens-100k, train, test
+    python -m mind export --checkpoint runs/mind/best.pt --out runs/mind/model
+    python -m mind recommend --model runs/mind/model --history 50,172,181 -n 10
+    python -m mind explain --model runs/mind/model --history 50,172,181,1,121,9
     python -m mind quality --out runs/quality                      # the MostPopular / K=1 / K=4 table
     python -m mind sweep --out runs/sweep                          # choose the recipe on valid, test once
 
