@@ -99,7 +99,12 @@ def cmd_train(args) -> int:
 
     info = D.setup()
     try:
-        return _train(args, info)
+        code = _train(args, info)
+        # Leave together: a rank that tears its process group down while rank 0 is still
+        # printing can make rank 0's gloo threads abort at exit (seen once in CI: SIGABRT,
+        # "terminate called without an active exception").
+        D.barrier(info)
+        return code
     finally:
         D.teardown(info)
 
