@@ -91,6 +91,12 @@ def _fmt_metrics(rows: list[tuple[str, dict]], ns=(20, 50)) -> str:
     out = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, m in rows:
         out.append(f"| {label} | " + " | ".join(f"{m[k]:.4f} ± {m[k + '_se']:.4f}" for k in names) + " |")
+    n = max(ns)
+    beside = [("interest cosine", "interest_cosine"), (f"diversity@{n}", f"diversity@{n}"),
+              (f"coverage@{n}", f"coverage@{n}"), (f"recall@{n}, top genre-entropy tercile", f"recall@{n}_entropy_high")]
+    for label, m in rows:   # mind/diversity.py's measures; None where they do not apply (one interest)
+        cells = [f"{name} {'n/a' if m.get(key) is None else format(m[key], '.3f')}" for name, key in beside]
+        out.append(f"{label}: " + ", ".join(cells))
     return "\n".join(out)
 
 

@@ -206,3 +206,13 @@ def test_faiss_index_serving_matches_exact(trained):
     for kind, params in (("exact", {}), ("ivf", {"nlist": 4, "nprobe": 4})):
         got = load(out / "model", index=kind, **params).recommend_batch(histories, n=10)
         assert [[r[0] for r in user] for user in got] == [[r[0] for r in user] for user in want]
+
+
+def test_cli_metric_table_prints_the_measures_beside_recall():
+    from mind.cli import _fmt_metrics
+    base = {f"{m}@{n}{s}": 0.5 for n in (20, 50) for m in ("recall", "hit_rate", "ndcg") for s in ("", "_se")}
+    k4 = {**base, "interest_cosine": 0.78, "diversity@50": 0.51, "coverage@50": 0.6, "recall@50_entropy_high": 0.37}
+    k1 = {**base, "interest_cosine": None, "diversity@50": 0.5, "coverage@50": 0.61, "recall@50_entropy_high": 0.39}
+    text = _fmt_metrics([("valid", k4), ("test", k1)])
+    assert "valid: interest cosine 0.780, diversity@50 0.510, coverage@50 0.600" in text
+    assert "test: interest cosine n/a, diversity@50 0.500" in text
