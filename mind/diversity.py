@@ -1,7 +1,8 @@
 """Measures beside accuracy: interest distinctness, list diversity, catalogue coverage, and
 recall split by how genre-diverse a user's history is.
 
-All functions are pure numpy (tensors are accepted and converted); shapes below use U users,
+All functions work on numpy arrays (tensors are accepted and converted; interest_cosine shares
+its torch computation with training's penalty); shapes below use U users,
 K interests, d dimensions, n list length, G genre slots per item, num_items items 1..num_items
 (index 0 is padding everywhere, as in :class:`mind.data.PreparedData`).
 
@@ -65,25 +66,22 @@ def interest_cosine(vectors, mask=None) -> np.ndarray:
     has fewer than 2 active interests.
 
     vectors: (U, K, d) raw interest vectors (not the retrieval copies); mask: (U, K) bool,
-    True = active (None = all active).
+    True = active (None = all active).  Computed in float64 by the function training's
+    diversity penalty uses (:func:`mind.loss.pairwise_interest_cosine`).
     """
-    v = _np(vectors).astype(np.float64)
-    if v.ndim != 3:
-        raise ValueError(f"vectors must be (U, K, d), got shape {v.shape}")
+    import torch
+
+    from .loss import pairwise_interest_cosine
+
+    v = torch.as_tensor(_np(vectors), dtype=torch.float64)
+    if v.dim() != 3:
+        raise ValueError(f"vectors must be (U, K, d), got shape {tuple(v.shape)}")
     U, K, _ = v.shape
-    m = np.ones((U, K), dtype=bool) if mask is None else _np(mask).astype(bool)
-    if m.shape != (U, K):
-        raise ValueError(f"mask must be {(U, K)}, got {m.shape}")
-    norms = np.linalg.norm(v, axis=2, keepdims=True)
-    vn = v / np.maximum(norms, 1e-12)
-    cos = np.einsum("ukd,ujd->ukj", vn, vn)
-    pair = m[:, :, None] & m[:, None, :] & np.triu(np.ones((K, K), dtype=bool), 1)[None]
-    count = pair.sum(axis=(1, 2))
-    total = np.where(pair, cos, 0.0).sum(axis=(1, 2))
-    out = np.full(U, np.nan)
-    ok = count > 0
-    out[ok] = total[ok] / count[ok]
-    return out
+    m = None if mask is None else torch.as_tensor(_np(mask).astype(bool))
+    if m is not None and tuple(m.shape) != (U, K):
+        raise ValueError(f"mask must be {(U, K)}, got {tuple(m.shape)}")
+    per_user, has_pairs = pairwise_interest_cosine(v, m)
+    return np.where(has_pairs.numpy(), per_user.numpy(), np.nan)
 
 
 def diversity_at_n(ranked, item_genres, n: int) -> np.ndarray:

@@ -221,6 +221,24 @@ class SoftmaxLoss:
                                             self.sampler.log_q(negatives), self.hard_negative_beta)
 
 
+def pairwise_interest_cosine(interests: torch.Tensor, interest_mask: Optional[torch.Tensor]):
+    """Per user, the mean pairwise cosine between its active interests (differentiable).
+
+    V (B, K, d); interest_mask (B, K) bool or None (all active).  Returns ``(per_user (B,),
+    has_pairs (B,) bool)``: per_user is 0 where a user has fewer than two active interests
+    (has_pairs False).  A zero vector has cosine 0 with everything.  Training's penalty and
+    the evaluation measure (:func:`mind.diversity.interest_cosine`) both use it.
+    """
+    B, K, _ = interests.shape
+    unit = F.normalize(interests, dim=2, eps=1e-8)
+    cos = unit @ unit.transpose(1, 2)                                        # (B, K, K)
+    active = (torch.ones(B, K, dtype=torch.bool, device=interests.device) if interest_mask is None
+              else interest_mask.to(torch.bool)).to(cos.dtype)
+    pair = active[:, :, None] * active[:, None, :] * (1 - torch.eye(K, dtype=cos.dtype, device=cos.device))
+    pairs = pair.sum((1, 2))
+    return (cos * pair).sum((1, 2)) / pairs.clamp_min(1.0), pairs > 0
+
+
 def interest_similarity_penalty(interests: torch.Tensor, interest_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean pairwise cosine between a user's active interests, averaged over users (a scalar).
 
@@ -228,15 +246,8 @@ def interest_similarity_penalty(interests: torch.Tensor, interest_mask: Optional
     SINE's and Re4's terms that push a user's interests apart).  Users with fewer than two
     active interests contribute 0.  V (B, K, d); interest_mask (B, K) bool or None.
     """
-    B, K, _ = interests.shape
-    if K < 2:
+    if interests.shape[1] < 2:
         return interests.new_zeros(())
-    unit = F.normalize(interests, dim=2, eps=1e-8)
-    cos = unit @ unit.transpose(1, 2)                                        # (B, K, K)
-    active = (torch.ones(B, K, dtype=torch.bool, device=interests.device) if interest_mask is None
-              else interest_mask.to(torch.bool)).to(cos.dtype)
-    pair = active[:, :, None] * active[:, None, :] * (1 - torch.eye(K, dtype=cos.dtype, device=cos.device))
-    pairs = pair.sum((1, 2))
-    per_user = (cos * pair).sum((1, 2)) / pairs.clamp_min(1.0)
-    users = (pairs > 0).to(cos.dtype)
+    per_user, has_pairs = pairwise_interest_cosine(interests, interest_mask)
+    users = has_pairs.to(per_user.dtype)
     return (per_user * users).sum() / users.sum().clamp_min(1.0)

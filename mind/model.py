@@ -29,6 +29,11 @@ from torch import nn
 from mind_kernels import B2IRouting, dynamic_interest_mask
 
 
+def _signed_power(x: torch.Tensor, p: float) -> torch.Tensor:
+    """sign(x) |x|^p; the clamp keeps the gradient of |x|^p finite at x = 0 for p < 1."""
+    return torch.sign(x) * x.abs().clamp_min(1e-12).pow(p)
+
+
 def label_aware_attention(
     interests: torch.Tensor,
     target: torch.Tensor,
@@ -79,7 +84,7 @@ def label_aware_attention(
     logits = torch.einsum("bkd,bd->bk", interests, target)
     neg_inf = torch.finfo(logits.dtype).min
     if stochastic:
-        powered = logits if math.isinf(p) else torch.sign(logits) * logits.abs().clamp_min(1e-12).pow(p)
+        powered = logits if math.isinf(p) else _signed_power(logits, p)
         probs = torch.softmax(powered.detach().masked_fill(~interest_mask, neg_inf), dim=1)
         probs = probs * interest_mask.to(probs.dtype)
         pick = torch.multinomial(probs.float(), 1).squeeze(1)
@@ -91,8 +96,7 @@ def label_aware_attention(
         best = logits.masked_fill(~interest_mask, neg_inf).argmax(dim=1)
         weights = torch.nn.functional.one_hot(best, K).to(interests.dtype)
     else:
-        # clamp keeps the gradient of |x|^p finite at x = 0 for p < 1.
-        powered = torch.sign(logits) * logits.abs().clamp_min(1e-12).pow(p)
+        powered = _signed_power(logits, p)
         weights = torch.softmax(powered.masked_fill(~interest_mask, neg_inf), dim=1)
         weights = weights * interest_mask.to(weights.dtype)
     return torch.einsum("bk,bkd->bd", weights, interests)

@@ -241,12 +241,8 @@ def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, h
     """One batch's loss: the softmax objective (+ lambda * the mean pairwise interest cosine).
 
     ``net`` is the model or its DDP wrapper (called for the forward, so DDP's hooks run);
-    ``model`` the bare MIND (item embeddings).  The paper's path, label-aware attention with
-    neither regulariser nor stochastic selection, is ``net(hist, feats, tgt, p)`` as before.
+    ``model`` the bare MIND (item embeddings).
     """
-    plain = config.scoring == "attention" and config.diversity_lambda == 0 and not config.stochastic_selection
-    if plain:
-        return loss_fn(net(hist, feats, tgt, p=config.p), model, tgt)
     vectors, interest_mask = net(hist, feats)
     if config.scoring == "max":
         loss = loss_fn((vectors, interest_mask), model, tgt)
