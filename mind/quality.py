@@ -52,7 +52,7 @@ MODELS = {
 BASELINES = ("MostPopular", "MIND K=1")
 
 
-def _aggregate(per_seed: list[dict]) -> dict:
+def aggregate(per_seed: list[dict]) -> dict:
     """Per metric: mean and std over seeds, mean user standard error, per-seed values.  A value
     that is missing or None in a seed's row (e.g. interest_cosine for MostPopular or K=1) is
     skipped; with no value at all mean/std/se_users are None (strict JSON: no NaN)."""
@@ -145,7 +145,7 @@ def run_quality(out_dir="runs/quality", seeds=(0, 1, 2), epochs=None, progress=F
             log(f"{name} seed {seed}: best epoch {res.best_epoch}, valid recall@50 {res.valid_metrics['recall@50']:.4f}, "
                 f"test recall@50 {res.test_metrics['recall@50']:.4f} [{time.time() - t:.0f}s]")
 
-    results = {method: {split: _aggregate(rows) for split, rows in splits.items()} for method, splits in raw.items()}
+    results = {method: {split: aggregate(rows) for split, rows in splits.items()} for method, splits in raw.items()}
     ok, checks = verdict(results)
     header = (f"MovieLens-100k ({data.summary()['valid_eval_users']} valid / {data.summary()['test_eval_users']} "
               f"test users), seeds {list(seeds)}, config {json.dumps(base)}, "

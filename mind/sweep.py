@@ -92,16 +92,10 @@ def _run(job: tuple) -> dict:
             "test": res.test_metrics, "seconds": time.time() - t}
 
 
-def _stats(values) -> dict:
-    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
-    if not len(v):
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
-
-
 def _summary(runs: list, split: str = "valid") -> dict:
-    keys = ("recall@50", "ndcg@50", "interest_cosine", "diversity@50", "coverage@50")
-    return {k: _stats([r[split].get(k) for r in runs]) for k in keys}
+    """Per metric over the runs' seeds: mean, std (ddof=1), ... (:func:`mind.quality.aggregate`)."""
+    from .quality import aggregate
+    return aggregate([r[split] for r in runs])
 
 
 def _fmt(s: dict, digits: int = 4) -> str:
@@ -156,9 +150,9 @@ def run_sweep(out_dir="runs/sweep", candidates=None, screen_seeds=(0,), seeds=(0
 
     log(f"screen: {len(candidates)} candidates x seeds {list(screen_seeds)}")
     train_all([(n, s) for n in candidates for s in screen_seeds])
-    screen = {n: _stats([runs[n][s]["valid"]["recall@50"] for s in screen_seeds])["mean"] for n in candidates}
-    screen_cos = {n: _stats([runs[n][s]["valid"].get("interest_cosine") for s in screen_seeds])["mean"]
-                  for n in candidates}
+    screened = {n: _summary([runs[n][s] for s in screen_seeds]) for n in candidates}
+    screen = {n: screened[n]["recall@50"]["mean"] for n in candidates}
+    screen_cos = {n: screened[n]["interest_cosine"]["mean"] for n in candidates}
     chosen_finalists = []
     for group in ("K=1", "K>1"):
         names = [n for n in candidates if _group(n, candidates[n]) == group and
