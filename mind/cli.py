@@ -139,6 +139,7 @@ def _train(args, info) -> int:
                       logit_scale=args.logit_scale, h_out_activation=args.h_out, scoring=args.scoring,
                       hard_negative_beta=args.hard_negative_beta, diversity_lambda=args.diversity_lambda,
                       stochastic_selection=args.stochastic_selection, target_window=args.target_window,
+                      optimizer=args.optimizer, compile=args.compile,
                       progress=not args.no_progress)
     result = train(data, cfg, resume=args.resume, dist=info)
     if not info.is_main:
@@ -323,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negatives", type=int, default=200, help="sampled negatives per batch (default 200)")
     g.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
     g.add_argument("--backend", default="auto", help="routing backend: auto, reference, cpp, triton, cuda")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "rowwise"],
+                   help="adamw (default) or rowwise: embedding tables updated on the rows a step touched only "
+                        "(pays for large catalogues with --loss sampled)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (one graph; compiling takes tens of seconds on a CPU)")
     g.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: this small model trains fastest single-threaded)")

@@ -81,24 +81,53 @@ class LogUniformSampler:
         return self._log_q_rank.to(items.device)[ranks]
 
 
+class _BestInterestScores(torch.autograd.Function):
+    """(B, N) = max_k V_k . e_n: one (B K, d) x (d, N) mm forward, two backward.
+
+    Autograd's own graph for the same expression (einsum, masked_fill, max) keeps a (B, K, N)
+    masked copy, runs batched matmuls and scatters through ``max``'s generic backward; here
+    the backward rebuilds the (B K, N) gradient from the saved argmax in one scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, interests, item_emb, inactive):
+        B, K, d = interests.shape
+        scores = (interests.reshape(B * K, d) @ item_emb.t()).view(B, K, item_emb.shape[0])
+        if inactive is not None:
+            scores = scores.masked_fill(inactive[:, :, None], _NEG_INF)
+        best, arg = scores.max(dim=1)
+        ctx.save_for_backward(interests, item_emb, arg)
+        return best
+
+    @staticmethod
+    def backward(ctx, grad):
+        interests, item_emb, arg = ctx.saved_tensors
+        B, K, d = interests.shape
+        g = grad.new_zeros(B, K, grad.shape[1]).scatter_(1, arg[:, None], grad[:, None]).view(B * K, -1)
+        d_int = (g @ item_emb).view(B, K, d) if ctx.needs_input_grad[0] else None
+        d_emb = g.t() @ interests.reshape(B * K, d) if ctx.needs_input_grad[1] else None
+        return d_int, d_emb, None
+
+
 def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
                          item_emb: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """max_k V_k . e_i over each user's active interests.
 
     Args:
-        interests: V (B, K, d); interest_mask: (B, K) bool or None (all active).
+        interests: V (B, K, d); interest_mask: (B, K) bool or None (all active; pass None
+            when every interest is active, it skips the masking).
         item_emb: (N, d) items scored for every user, or (B, d) one item per user with ``paired``.
 
     Returns:
-        (B, N), or (B,) with ``paired``.  The gradient flows through the winning interest.
+        (B, N), or (B,) with ``paired``.  The gradient flows through the winning interest
+        (ties: the one ``max`` returns).
     """
-    if paired:
-        scores = torch.einsum("bkd,bd->bk", interests, item_emb)
-    else:
-        scores = torch.einsum("bkd,nd->bkn", interests, item_emb)
-    if interest_mask is not None:
-        inactive = ~interest_mask.to(torch.bool)
-        scores = scores.masked_fill(inactive if paired else inactive[:, :, None], _NEG_INF)
+    inactive = None if interest_mask is None else ~interest_mask.to(torch.bool)
+    if not paired:
+        return _BestInterestScores.apply(interests, item_emb, inactive)
+    scores = torch.einsum("bkd,bd->bk", interests, item_emb)
+    if inactive is not None:
+        scores = scores.masked_fill(inactive, _NEG_INF)
     return scores.max(dim=1).values
 
 
@@ -191,13 +220,20 @@ class SoftmaxLoss:
         freq = (counts[1:] + 1.0) / (counts[1:] + 1.0).sum()
         self.log_freq = torch.cat([torch.zeros(1), torch.log(freq).float()])
 
+    def needs_item_table(self) -> bool:
+        """True when every step embeds the whole catalogue (the exact softmax)."""
+        return self.kind == "full"
+
     def __call__(self, user, model, targets: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, item_table: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+        """``item_table``: ``model.item_embeddings()`` when the caller has it already this step
+        (targets are then gathered from it), None = embed what is needed here."""
         if self.scoring == "max":
-            return self._max_scored(*user, model, targets, generator)
+            return self._max_scored(*user, model, targets, generator, item_table)
         if self.kind == "full":
-            return full_softmax_loss(user, model.item_embeddings(), targets)
-        target_emb = model.embed_items(targets)
+            return full_softmax_loss(user, model.item_embeddings() if item_table is None else item_table, targets)
+        target_emb = model.embed_items(targets) if item_table is None else item_table[targets]
         if self.kind == "in_batch":
             return in_batch_softmax_loss(user, target_emb, targets, self.log_freq.to(user.device)[targets])
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=user.device)
@@ -205,12 +241,13 @@ class SoftmaxLoss:
                                     self.sampler.log_q(targets), self.sampler.log_q(negatives),
                                     self.hard_negative_beta)
 
-    def _max_scored(self, interests, interest_mask, model, targets, generator):
+    def _max_scored(self, interests, interest_mask, model, targets, generator, item_table=None):
         """The three estimators with s(u, i) = max_k V_k . e_i in place of v_u . e_i."""
         if self.kind == "full":
-            logits = best_interest_scores(interests, interest_mask, model.item_embeddings()[1:])
+            table = model.item_embeddings() if item_table is None else item_table
+            logits = best_interest_scores(interests, interest_mask, table[1:])
             return F.cross_entropy(logits, targets - 1)
-        target_emb = model.embed_items(targets)
+        target_emb = model.embed_items(targets) if item_table is None else item_table[targets]
         if self.kind == "in_batch":
             return _in_batch_from_scores(best_interest_scores(interests, interest_mask, target_emb), targets,
                                          self.log_freq.to(interests.device)[targets])

@@ -238,10 +238,15 @@ class MIND(nn.Module):
         """
         if self.item_genres.shape[1] == 0:
             return self.item_id_embedding(items)
+        if torch.compiler.is_compiling():
+            # torch.unique has a data-dependent output size, a graph break under torch.compile;
+            # embedding every position directly gives the same values with static shapes.
+            return self._embed_unique(items)
         uniq, inverse = torch.unique(items.reshape(-1), return_inverse=True)
         return self._embed_unique(uniq)[inverse].reshape(*items.shape, self.dim)
 
     def _embed_unique(self, items: torch.Tensor) -> torch.Tensor:
+        """e_i for item indices of any shape (...,) -> (..., d), every position embedded (no de-duplication)."""
         emb = self.item_id_embedding(items)
         genres = self.item_genres[items]                                   # (n, G)
         valid = (genres != 0).to(emb.dtype)
@@ -267,13 +272,16 @@ class MIND(nn.Module):
         return torch.cat([emb(user_features[:, f]) for f, emb in enumerate(self.user_feature_embeddings)], dim=1)
 
     def interests(self, histories: torch.Tensor, user_features: Optional[torch.Tensor] = None,
-                  return_weights: bool = False):
+                  return_weights: bool = False, item_table: Optional[torch.Tensor] = None):
         """The K user vectors.
 
         Args:
             histories: (B, L) LongTensor of item indices, 0 = padding (any alignment).
             user_features: (B, F) LongTensor or None (unknown profile).
             return_weights: also return the routing coupling weights (B, K, L).
+            item_table: None, or :meth:`item_embeddings` (num_items + 1, d) already computed
+                this step (the full softmax needs it anyway): the behaviours are then rows
+                gathered from it, the same values as :meth:`embed_items` without embedding twice.
 
         Returns:
             V (B, K, d), interest_mask (B, K) bool [, weights (B, K, L)].
@@ -282,7 +290,7 @@ class MIND(nn.Module):
             raise ValueError(f"MIND: histories must be (B, L), got {tuple(histories.shape)}")
         B, L = histories.shape
         mask = histories != 0
-        behaviors = self.embed_items(histories)
+        behaviors = self.embed_items(histories) if item_table is None else item_table[histories]
         if self.dynamic_interests:
             interest_mask = dynamic_interest_mask(mask, self.num_interests)
         else:
@@ -297,15 +305,17 @@ class MIND(nn.Module):
             return vectors, interest_mask, weights
         return vectors, interest_mask
 
-    def forward(self, histories, user_features=None, targets=None, p: float = 2.0, stochastic: bool = False):
+    def forward(self, histories, user_features=None, targets=None, p: float = 2.0, stochastic: bool = False,
+                item_table: Optional[torch.Tensor] = None):
         """Training view.
 
         With ``targets``: v_u (B, d) by label-aware attention on the targets' embeddings.
         Without: the interests V (B, K, d) and the interest mask (B, K), for objectives that
         score items by the best interest (``mind.loss``'s ``scoring="max"``); going through
         ``forward`` keeps DistributedDataParallel's gradient hooks in the step.
+        ``item_table``: see :meth:`interests`.
         """
-        vectors, interest_mask = self.interests(histories, user_features)
+        vectors, interest_mask = self.interests(histories, user_features, item_table=item_table)
         if targets is None:
             return vectors, interest_mask
         return label_aware_attention(vectors, self.embed_items(targets), interest_mask, p, stochastic)

@@ -64,13 +64,14 @@ from .checkpoint import (CheckpointError, get_rng_state, load_checkpoint, save_c
                          seed_everything, set_rng_state)
 from .loss import SoftmaxLoss, interest_similarity_penalty
 from .model import MIND, label_aware_attention, retrieval_vectors
+from .optim import build_optimizer
 
 #: config fields that change the model or the optimisation; a resumed run must match them.
 _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr", "weight_decay", "batch_size",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
                       "routing_init_std", "softmax_over", "routing_weight_scale", "logit_scale",
                       "h_out_activation", "scoring", "hard_negative_beta", "diversity_lambda",
-                      "stochastic_selection", "target_window")
+                      "stochastic_selection", "target_window", "optimizer")
 
 
 @dataclasses.dataclass
@@ -107,6 +108,9 @@ class TrainConfig:
     diversity_lambda: float = 0.1  # weight of the mean pairwise interest cosine in the loss
     stochastic_selection: bool = False  # BaM: draw the target's interest instead of attending
     target_window: int = 1         # target = one of the next W items of the sequence, drawn per step (1 = next item)
+    # Speed levers (issue 13, bench/bench_train.py): each stays off until it wins end to end.
+    optimizer: str = "adamw"       # "adamw" | "rowwise" (embedding tables updated on touched rows only, mind/optim.py)
+    compile: bool = False          # torch.compile(fullgraph=True) of the training forward + loss (single process)
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -242,16 +246,23 @@ def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, h
 
     ``net`` is the model or its DDP wrapper (called for the forward, so DDP's hooks run);
     ``model`` the bare MIND (item embeddings).
+
+    With the exact softmax the whole item table is embedded once and the histories and
+    targets are rows of it (the same values as embedding them apart, one genre pooling
+    instead of two, and no data-dependent ``torch.unique``).  Without dynamic interests every
+    interest is active, so no mask is applied at all.
     """
-    vectors, interest_mask = net(hist, feats)
+    table = model.item_embeddings() if loss_fn.needs_item_table() else None
+    vectors, interest_mask = net(hist, feats, item_table=table)
+    mask = interest_mask if model.dynamic_interests else None
     if config.scoring == "max":
-        loss = loss_fn((vectors, interest_mask), model, tgt)
+        loss = loss_fn((vectors, mask), model, tgt, item_table=table)
     else:
-        user = label_aware_attention(vectors, model.embed_items(tgt), interest_mask, config.p,
-                                     config.stochastic_selection)
-        loss = loss_fn(user, model, tgt)
+        target_emb = model.embed_items(tgt) if table is None else table[tgt]
+        user = label_aware_attention(vectors, target_emb, mask, config.p, config.stochastic_selection)
+        loss = loss_fn(user, model, tgt, item_table=table)
     if config.diversity_lambda > 0:
-        loss = loss + config.diversity_lambda * interest_similarity_penalty(vectors, interest_mask)
+        loss = loss + config.diversity_lambda * interest_similarity_penalty(vectors, mask)
     return loss
 
 
@@ -300,7 +311,9 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     model = build_model(data, config)
     if info.enabled:
         model = model.to(info.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.compile and info.enabled:
+        raise ValueError("compile=True needs a single process (DDP splits a compiled graph at its buckets)")
+    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     loss_fn = SoftmaxLoss(resolve_loss(config.loss, int(data.num_items)), np.asarray(data.item_counts),
                           config.num_negatives,
                           scoring=config.scoring, hard_negative_beta=config.hard_negative_beta)
@@ -344,6 +357,13 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     future = future_targets(users, targets, config.target_window) if config.target_window > 1 else None
     feats_table = _long(data.user_features)
     n = targets.shape[0]
+    # torch.compile: one graph (fullgraph=True, static shapes) for the full batches; the last,
+    # shorter batch of an epoch runs eagerly rather than compiling a second graph.
+    step_loss = compiled = None
+    if config.compile:
+        def step_loss(hist, feats, tgt):
+            return training_loss(net, model, loss_fn, config, hist, feats, tgt)
+        compiled = torch.compile(step_loss, fullgraph=True, dynamic=False)
 
     for epoch in range(start_epoch, config.epochs + 1):
         if bad_epochs >= config.patience:
@@ -367,7 +387,10 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
                 tgt = draw_targets(future[idx])
             if dev is not None:
                 hist, tgt, feats = hist.to(dev), tgt.to(dev), feats.to(dev)
-            loss = training_loss(net, model, loss_fn, config, hist, feats, tgt)
+            if compiled is not None:
+                loss = (compiled if hist.shape[0] == step_batch else step_loss)(hist, feats, tgt)
+            else:
+                loss = training_loss(net, model, loss_fn, config, hist, feats, tgt)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
