@@ -1,0 +1,128 @@
+"""Issue 13's training-step levers: one graph under torch.compile, the lean best-interest scores,
+the item-table path, and the row-wise embedding optimizer (exactly resumable)."""
+
+import numpy as np
+import pytest
+import torch
+
+from mind.checkpoint import load_checkpoint
+from mind.loss import SoftmaxLoss, best_interest_scores
+from mind.optim import RowWiseAdamW, build_optimizer
+from mind.train import TrainConfig, build_model, train, training_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(data, n=32, max_len=10):
+    hist = torch.as_tensor(np.asarray(data.train_histories[:n]))[:, -max_len:]
+    users = torch.as_tensor(np.asarray(data.train_users[:n]))
+    feats = torch.as_tensor(np.asarray(data.user_features))[users]
+    return hist, feats, torch.as_tensor(np.asarray(data.train_targets[:n]))
+
+
+def _setup(data, loss, **kw):
+    cfg = TrainConfig(dim=16, max_len=10, num_negatives=20, loss=loss, backend="cpp", **kw)
+    torch.manual_seed(0)
+    model = build_model(data, cfg)
+    return cfg, model, SoftmaxLoss(loss, np.asarray(data.item_counts), 20, scoring=cfg.scoring)
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_training_forward_and_loss_is_one_graph(tiny, loss):
+    cfg, model, loss_fn = _setup(tiny, loss)
+    batch = _batch(tiny)
+
+    def step(h, f, t):
+        return training_loss(model, model, loss_fn, cfg, h, f, t)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(*batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    # fullgraph=True raises on any break; the "eager" backend keeps the test fast (no codegen)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.manual_seed(1)
+    got = compiled(*batch)
+    got.backward()
+    torch.manual_seed(1)
+    want = step(*batch)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got, want)
+    assert model.extractor.weight.grad is not None and model.item_id_embedding.weight.grad.abs().sum() > 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_best_interest_scores_match_autograd_of_the_formula(masked):
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    E = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool) if masked else None
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    got = best_interest_scores(V, mask, E)
+    dV, dE = torch.autograd.grad((got * w).sum(), (V, E))
+    s = torch.einsum("bkd,nd->bkn", V, E)
+    if masked:
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))
+    want = s.max(dim=1).values
+    wV, wE = torch.autograd.grad((want * w).sum(), (V, E))
+    assert torch.equal(got, want)
+    assert torch.allclose(dV, wV) and torch.allclose(dE, wE)
+    assert torch.autograd.gradcheck(lambda v, e: best_interest_scores(v, mask, e), (V, E))
+
+
+def test_item_table_path_gives_the_embed_path_values(tiny):
+    cfg, model, _ = _setup(tiny, "full")
+    hist, feats, _ = _batch(tiny)
+    with torch.no_grad():
+        a, _ = model(hist, feats)
+        torch.manual_seed(0)
+        v1, _ = model.interests(hist, feats)
+        torch.manual_seed(0)
+        v2, _ = model.interests(hist, feats, item_table=model.item_embeddings())
+    assert torch.equal(model.embed_items(hist), model.item_embeddings()[hist])
+    assert torch.equal(v1, v2)
+
+
+def test_rowwise_optimizer_updates_touched_rows_only_and_matches_adamw_on_them():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4)
+    ref = torch.nn.Embedding(10, 4)
+    ref.load_state_dict(emb.state_dict())
+    lin = torch.nn.Linear(4, 1)
+    opt = RowWiseAdamW(lin.parameters(), [emb.weight], lr=0.1, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1, weight_decay=0.01)
+    before = emb.weight.detach().clone()
+    rows = torch.tensor([1, 3, 3, 7])
+    for _ in range(3):           # the same rows every step: lazy Adam = AdamW on them
+        for m, o in ((emb, opt), (ref, ref_opt)):
+            o.zero_grad()
+            (m(rows) ** 2).sum().backward()
+            o.step()
+    untouched = torch.tensor([0, 2, 4, 5, 6, 8, 9])
+    assert torch.equal(emb.weight[untouched], before[untouched])
+    assert not torch.equal(emb.weight[rows], before[rows])
+    assert torch.allclose(emb.weight[rows], ref.weight[rows], atol=1e-6)
+    with pytest.raises(ValueError, match="other optimizer"):
+        opt.load_state_dict(ref_opt.state_dict())
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        build_optimizer(lin, "sgd", 0.1, 0.0)
+
+
+def test_rowwise_optimizer_resume_matches_uninterrupted_run(tiny, tmp_path):
+    def cfg(out, epochs):
+        return TrainConfig(dim=16, num_interests=4, max_len=10, batch_size=64, epochs=epochs, num_negatives=20,
+                           loss="sampled", optimizer="rowwise", patience=5, seed=3, progress=False,
+                           out_dir=str(tmp_path / out))
+    full = train(tiny, cfg("a", 2), log=lambda *_: None)
+    train(tiny, cfg("b", 1), log=lambda *_: None)
+    resumed = train(tiny, cfg("b", 2), resume=True, log=lambda *_: None)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for x, y in zip(a["optimizer"]["exp_avg_sq"], b["optimizer"]["exp_avg_sq"]):
+        assert torch.equal(x, y)
+    assert a["optimizer"]["step"] == b["optimizer"]["step"] > 0
+    assert full.test_metrics == resumed.test_metrics
+    # the optimizer is part of the optimisation: resuming a rowwise run with adamw is refused
+    with pytest.raises(Exception, match="optimizer"):
+        train(tiny, TrainConfig(**{**cfg("b", 3).to_dict(), "optimizer": "adamw", "eval_ns": (20, 50)}),
+              resume=True, log=lambda *_: None)
