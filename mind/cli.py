@@ -4,6 +4,7 @@ Typical session::
 
     python -m mind train --data ml-100k --out runs/mind          # fetch MovieLens-100k, train, test
     python -m mind export --checkpoint runs/mind/best.pt --out runs/mind/model
+    python -m mind export --checkpoint runs/mind/best.pt --out runs/mind/onnx --to onnx   # or --to aoti
     python -m mind recommend --model runs/mind/model --history 50,172,181 -n 10
     python -m mind explain --model runs/mind/model --history 50,172,181,1,121,9
     python -m mind quality --out runs/quality                      # the MostPopular / K=1 / K=4 table
@@ -186,11 +187,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .serve import export
+    from .export import export
 
+    if args.to == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--to onnx needs the packages onnx and onnxscript ({e}); "
+                             f"pip install onnx onnxscript onnxruntime") from None
     model, data, _ = _model_from_checkpoint(args)
-    path = export(model, data, args.out)
-    print(f"exported {data.num_items} items and the model to {path}")
+    path = export(model, data, args.out, to=args.to, index=args.index, threads=args.threads)
+    print(f"exported {data.num_items} items and the {args.to} user tower to {path}")
     print(f"try: python -m mind recommend --model {path} --history {','.join(str(x) for x in data.item_raw_ids[1:4])}")
     return 0
 
@@ -345,10 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a checkpoint for serving (item vectors, ids, titles, model)",
-                       description="Write a serving folder: item embeddings, raw ids, titles, genres and the model "
-                                   "that turns a history into interest vectors. Use the training data options.")
+                       description="Write a serving folder: item embeddings, raw ids, titles, genres, a faiss index "
+                                   "and the user tower that turns a history into interest vectors (native, "
+                                   "AOTInductor or ONNX; see mind/export/). Use the training data options.")
     p.add_argument("--checkpoint", required=True, help="best.pt written by train")
     p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--to", default="native", choices=["native", "aoti", "onnx"],
+                   help="user-tower format: native (model.pt, served by this package; default), aoti "
+                        "(AOTInductor .pt2: torch + mind_kernels only) or onnx (onnxruntime only); every "
+                        "format also writes item_embeddings.npy, items.json and a faiss index items.faiss")
+    p.add_argument("--index", default="exact", choices=["exact", "ivf", "hnsw"],
+                   help="kind of the faiss index items.faiss (mind.ann; default exact)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="--to aoti: threads compiled into the package's kernels (default: torch's)")
     _add_data_args(p)
     p.set_defaults(func=cmd_export)
 

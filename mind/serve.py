@@ -8,6 +8,10 @@ Export directory layout (``export(model, data, path)``)::
     meta.json             {"format": "mind-export/1", "max_len", "dim", "num_interests", "user_feature_names",
                            "user_feature_cardinalities", "dataset"}
 
+``python -m mind export --to aoti|onnx`` writes the same folder with a compiled user tower in place
+of model.pt (``mind/export/``: user_tower.pt2 or user_tower.onnx, plus items.faiss); ``load`` serves
+those too, the tower standing in for the model (no coupling weights: ``explain`` needs native).
+
 Serving (``load(path) -> Recommender``) is deterministic: the model runs in eval mode,
 whose routing logits are a fixed buffer, so the same history always gives the same
 interests and the same list.
@@ -57,6 +61,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .export.items import catalogue
 from .model import MIND, retrieval_vectors
 
 FORMAT = "mind-export/1"
@@ -83,13 +88,7 @@ def export(model: MIND, data, path) -> pathlib.Path:
         table = model.item_embeddings().float().numpy()
     save_checkpoint({"model": model.state_dict(), "model_config": model.config}, path / "model.pt")
     np.save(path / "item_embeddings.npy", table)
-    genres = np.asarray(data.item_genres)
-    items = {
-        "raw_ids": [int(x) if np.issubdtype(type(x), np.integer) else str(x) for x in np.asarray(data.item_raw_ids)],
-        "titles": [str(t) for t in data.item_titles],
-        "genres": [[data.genre_names[g] for g in row if g != 0] for row in genres.tolist()],
-    }
-    (path / "items.json").write_text(json.dumps(items))
+    (path / "items.json").write_text(json.dumps(catalogue(data)))
     meta = {"format": FORMAT, "max_len": int(data.max_len), "dim": model.dim, "num_interests": model.num_interests,
             "user_feature_names": list(data.user_feature_names),
             "user_feature_cardinalities": [int(c) for c in data.user_feature_cardinalities],
@@ -268,6 +267,18 @@ def _read_json(path: pathlib.Path, what: str):
                                f"column {e.colno}); re-export the model") from None
 
 
+def _load_native_model(path: pathlib.Path) -> MIND:
+    state = load_checkpoint(path / "model.pt", required=("model", "model_config"), writer="python -m mind export")
+    try:
+        model = MIND.from_config(state["model_config"])
+        model.load_state_dict(state["model"])
+    except Exception as e:  # wrong keys or shapes: a model.pt from elsewhere
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path / 'model.pt'} does not hold the model its model_config describes "
+                               f"({first}); re-export the model") from None
+    return model
+
+
 def load(path, index: Optional[str] = None, **index_params) -> Recommender:
     """Load a directory written by :func:`export`; ``index`` ("exact", "ivf", "hnsw") builds a faiss index
     (see :meth:`Recommender.use_index`), None keeps the exact brute-force retrieval.
@@ -285,17 +296,16 @@ def load(path, index: Optional[str] = None, **index_params) -> Recommender:
     if not meta_path.is_file():
         raise ModelFormatError(f"{path} is not a MIND export (no meta.json); {_EXPORT_HINT}")
     meta = _read_json(meta_path, "the export's metadata")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    from .export.load import TOWER_FORMATS, load_tower  # the aoti / onnx user towers (mind/export/)
+
+    if isinstance(meta, dict) and meta.get("format") in TOWER_FORMATS:
+        model = load_tower(path, meta)
+    elif not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ModelFormatError(f"{meta_path}: unsupported export format {got!r} (want {FORMAT!r})")
-    state = load_checkpoint(path / "model.pt", required=("model", "model_config"), writer="python -m mind export")
-    try:
-        model = MIND.from_config(state["model_config"])
-        model.load_state_dict(state["model"])
-    except Exception as e:  # wrong keys or shapes: a model.pt from elsewhere
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"{path / 'model.pt'} does not hold the model its model_config describes "
-                               f"({first}); re-export the model") from None
+        raise ModelFormatError(f"{meta_path}: unsupported export format {got!r} "
+                               f"(want one of {[FORMAT, *TOWER_FORMATS]})")
+    else:
+        model = _load_native_model(path)
     items = _read_json(path / "items.json", "the item catalogue")
     if not isinstance(items, dict) or not all(isinstance(items.get(k), list) for k in ("raw_ids", "titles", "genres")):
         raise ModelFormatError(f"{path / 'items.json'} is corrupt: want lists 'raw_ids', 'titles' and 'genres'")
