@@ -44,6 +44,11 @@ Multi-process (``torchrun --nproc_per_node W python -m mind train ...``, see min
   ``last.pt``.  At the end the ranks check that their parameters agree (a checksum) and
   raise if they do not.
 * The single-process path (no torchrun) is untouched: bit-identical to before.
+
+Speed (issue 13, ``bench/bench_train.py``): with the exact softmax each step embeds the item
+table once and gathers the histories and targets from it; ``compile=True`` runs the forward +
+loss as one ``torch.compile(fullgraph=True)`` graph (single process only); ``optimizer="rowwise"``
+updates only the embedding rows a step touched (``mind.optim``).  Both levers are off by default.
 """
 
 from __future__ import annotations

@@ -1,0 +1,413 @@
+"""End-to-end MIND training speed (issue 13): examples/s and epoch seconds, with ratios, in one run.
+
+    python bench/bench_train.py --quick            # ML-100k max_len 50 + a small synthetic set, 1 round
+    python bench/bench_train.py                    # everything below, 2 alternated rounds
+    python bench/bench_train.py --old /work/wt-9463034   # + commit 9463034 (a worktree with its extension built)
+
+1 thread throughout (torch.set_num_threads(1)).  The machine may be shared, so variants of one
+case run alternately round by round and the tables give medians and ratios to a baseline of
+the same round set.
+
+Sections (each writes rows to train.csv; train.md and profile.md are the tables):
+
+* ``ours``: ``mind.train.train`` for ``--epochs`` epochs per variant (fused ``cpp`` backend,
+  ``reference``, and each speed lever: ``compile``, ``rowwise``), valid evaluation included
+  (it is part of every epoch); epoch seconds = the last epoch's ``seconds`` (the first epoch
+  of ``compile`` also pays the compilation, reported apart).  Cases: ML-100k at max_len 20,
+  50, 200 and a synthetic set with histories of 50 to 200 items (``mind.data.make_synthetic``).
+* ``old``: ``python -m mind train`` of two checkouts as subprocesses, alternated: commit
+  9463034 (``--old``) at its defaults, this checkout with those same settings (sampled
+  softmax, label-aware attention with p = 0, ReLU last H layer, lambda = 0, sigma = 0.1), and
+  this checkout at its own defaults; ML-100k, max_len 50, 1 epoch, seconds from metrics.csv.
+* ``rechub``: torch-rechub 0.9.0's MIND trained by its own ``MatchTrainer`` (list-wise softmax,
+  Adam) on the same examples (our training histories, targets, user features; d = 64, K = 4,
+  batch 256), without and with ``mind_kernels.compat.patch()``.  Not comparable, and said so:
+  its negatives are 200 uniform items per row (ours: 200 log-uniform items shared by the
+  batch, or the exact softmax), it has no genre features and no H layers (one linear map),
+  and its epoch has no evaluation (we add ours afterwards for Recall@50).
+* ``profile``: one training step split by manual timers (module hooks and gradient hooks) into
+  routing fwd+bwd, embedding gather + its gradient, H layers, loss (+ penalty), optimizer and
+  other, for this checkout and (with ``--old``) commit 9463034, same process code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Settings commit 9463034 trained with by default (its CLI has no --scoring / --h-out / --diversity-lambda).
+OLD_DEFAULTS = ["--loss", "sampled", "--p", "0", "--routing-init-std", "0.1", "--h-out", "relu",
+                "--scoring", "attention", "--diversity-lambda", "0"]
+
+
+# ------------------------------------------------------------------------------------ data
+
+def load_case(case: str, quick: bool):
+    from mind import data as D
+    if case.startswith("ml-100k"):
+        L = int(case.split("L=")[1])
+        return D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=L)
+    # synthetic: histories of 50..200 items, a catalogue where the sampled softmax applies
+    users, items = (300, 5000) if quick else (1200, 30000)
+    raw, _ = D.make_synthetic(num_users=users, num_items=items, num_clusters=64, interests_per_user=(2, 4),
+                              seq_len=(50, 200), seed=0)
+    return D.prepare(raw, max_len=200, min_item_count=1)
+
+
+# ------------------------------------------------------------------------------------ ours
+
+VARIANTS = {
+    "cpp": dict(backend="cpp"),
+    "reference": dict(backend="reference"),
+    "cpp+compile": dict(backend="cpp", compile=True),
+    "cpp+rowwise": dict(backend="cpp", optimizer="rowwise"),
+}
+
+
+def run_ours(data, variant: dict, max_len: int, epochs: int) -> dict:
+    import torch
+    from mind.train import TrainConfig, train
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(max_len=max_len, epochs=epochs, patience=epochs + 1, progress=False, write_files=False,
+                          out_dir=tmp, **variant)
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        res = train(data, cfg, log=lambda *_: None)
+        total = time.perf_counter() - t0
+    secs = [r["seconds"] for r in res.history]
+    n = len(data.train_targets)
+    return dict(epoch_s=secs[-1], first_epoch_s=secs[0], examples_per_s=n / secs[-1], examples=n,
+                valid_recall50=res.history[-1]["valid_recall@50"], wall_s=total)
+
+
+def section_ours(args, rows):
+    cases = ["ml-100k L=50"] if args.quick else ["ml-100k L=20", "ml-100k L=50", "ml-100k L=200"]
+    cases.append("synthetic L=50..200")
+    variants = args.variants.split(",")
+    for case in cases:
+        data = load_case(case, args.quick)
+        L = data.max_len if hasattr(data, "max_len") else 200
+        L = int(case.split("L=")[1]) if case.startswith("ml-100k") else 200
+        results = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for v in variants:
+                res = run_ours(data, VARIANTS[v], L, args.epochs)
+                results[v].append(res)
+                print(f"[ours] {case} {v} round {r}: epoch {res['epoch_s']:.2f}s "
+                      f"({res['examples_per_s']:.0f} ex/s), first epoch {res['first_epoch_s']:.2f}s", flush=True)
+        base = statistics.median(x["epoch_s"] for x in results["cpp"]) if "cpp" in results else None
+        for v, rs in results.items():
+            med = statistics.median(x["epoch_s"] for x in rs)
+            rows.append(dict(section="ours", case=case, variant=v, epoch_s=med,
+                             examples_per_s=rs[0]["examples"] / med, examples=rs[0]["examples"],
+                             first_epoch_s=statistics.median(x["first_epoch_s"] for x in rs),
+                             speedup_vs_cpp=(base / med) if base else None, rounds=len(rs),
+                             note=f"{args.epochs} epoch(s), valid eval included"))
+
+
+# ------------------------------------------------------------------------------------ old commit
+
+def run_cli(checkout: str, extra: list, max_len: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "mind", "train", "--data", "ml-100k", "--max-len", str(max_len), "--epochs", "1",
+               "--threads", "1", "--backend", "cpp", "--no-progress", "--out", tmp, *extra]
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout), OMP_NUM_THREADS="1")
+        subprocess.run(cmd, env=env, cwd=os.path.abspath(checkout), check=True, capture_output=True, text=True)
+        with open(os.path.join(tmp, "metrics.csv")) as f:
+            row = list(csv.DictReader(f))[-1]
+        return float(row["seconds"])
+
+
+def section_old(args, rows):
+    from mind import data as D
+    n = len(D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=50).train_targets)
+    runs = {"9463034 (its defaults)": (args.old, []), "this checkout, 9463034's settings": (str(ROOT), OLD_DEFAULTS),
+            "this checkout, its defaults": (str(ROOT), [])}
+    times = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name, (path, extra) in runs.items():
+            times[name].append(run_cli(path, extra, 50))
+            print(f"[old] {name} round {r}: {times[name][-1]:.2f}s", flush=True)
+    base = statistics.median(times["9463034 (its defaults)"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(dict(section="vs 9463034", case="ml-100k L=50", variant=name, epoch_s=med, examples_per_s=n / med,
+                         examples=n, speedup_vs_9463034=base / med, rounds=len(ts),
+                         note="python -m mind train --epochs 1 --threads 1 --backend cpp; seconds from metrics.csv "
+                              "(valid eval included)"))
+
+
+# ------------------------------------------------------------------------------------ torch-rechub
+
+def rechub_model(data, patched: bool, L: int):
+    import contextlib
+    import torch
+    from torch_rechub.basic.features import SequenceFeature, SparseFeature
+    from torch_rechub.models.matching import mind as rechub_mind
+    from mind_kernels.compat import torch_rechub as compat
+
+    items = int(data.num_items) + 1
+    user = [SparseFeature(f"u{f}", int(c), embed_dim=16) for f, c in enumerate(data.user_feature_cardinalities)]
+    hist = [SequenceFeature("hist_item_id", items, embed_dim=64, pooling="concat", shared_with="item_id")]
+    item = [SparseFeature("item_id", items, embed_dim=64)]
+    neg = [SequenceFeature("neg_items", items, embed_dim=64, pooling="concat", shared_with="item_id")]
+    with compat.patched(backend="cpp") if patched else contextlib.nullcontext():
+        torch.manual_seed(0)
+        return rechub_mind.MIND(user, hist, item, neg, max_length=L, interest_num=4)
+
+
+def rechub_inputs(data, L: int, rows, negatives: int, seed: int):
+    import numpy as np
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    users = torch.as_tensor(np.asarray(data.train_users))[rows]
+    feats = torch.as_tensor(np.asarray(data.user_features))[users]
+    x = {f"u{f}": feats[:, f] for f in range(feats.shape[1])}
+    x["hist_item_id"] = torch.as_tensor(np.asarray(data.train_histories))[rows][:, -L:]
+    x["item_id"] = torch.as_tensor(np.asarray(data.train_targets))[rows]
+    x["neg_items"] = torch.randint(1, int(data.num_items) + 1, (len(rows), negatives), generator=g)
+    return x
+
+
+def rechub_recall(model, data, L: int) -> float:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from mind.evaluate import evaluate_rankings, retrieve_topk
+    split = data.valid
+    feats = torch.as_tensor(np.asarray(data.user_features))[torch.as_tensor(np.asarray(split.user_index))]
+    x = {f"u{f}": feats[:, f] for f in range(feats.shape[1])}
+    x["hist_item_id"] = torch.as_tensor(np.asarray(split.histories))[:, -L:]
+    model.eval()
+    model.mode = "user"
+    with torch.no_grad():
+        uv = model(x)
+        table = F.normalize(model.embedding.embed_dict["item_id"].weight, dim=-1)
+    model.mode = None
+    ranked, _ = retrieve_topk(uv, table, 50, exclude=split.full_histories)
+    return evaluate_rankings(ranked, split.targets, ns=(20, 50))["recall@50"]
+
+
+def section_rechub(args, rows):
+    import numpy as np
+    import torch
+    from torch_rechub.trainers import MatchTrainer
+    from torch_rechub.utils.data import MatchDataGenerator
+    torch.set_num_threads(1)
+    for L in ([50] if args.quick else [20, 50]):
+        from mind import data as D
+        data = D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=L)
+        n_all = len(data.train_targets)
+        n = min(n_all, args.rechub_examples) if args.rechub_examples else n_all
+        rows_idx = torch.arange(n)
+        res = {}
+        for patched in (False, True):
+            model = rechub_model(data, patched, L)
+            x = rechub_inputs(data, L, rows_idx, 200, seed=0)
+            y = torch.zeros(n, dtype=torch.long)          # the positive is column 0 of (1 + S) logits
+            loader = MatchDataGenerator(x, y).dataset
+            dl = torch.utils.data.DataLoader(loader, batch_size=256, shuffle=True, num_workers=0)
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = MatchTrainer(model, mode=2, optimizer_params={"lr": 3e-3, "weight_decay": 1e-4},
+                                       n_epoch=1, device="cpu", model_path=tmp)
+                secs = []
+                for e in range(args.rechub_epochs):
+                    t0 = time.perf_counter()
+                    trainer.train_one_epoch(dl, log_interval=10**9)
+                    secs.append(time.perf_counter() - t0)
+            recall = rechub_recall(model, data, L) if n == n_all else None
+            name = "torch-rechub MIND + compat.patch()" if patched else "torch-rechub MIND"
+            res[name] = (statistics.median(secs) * n_all / n, recall)
+            print(f"[rechub] L={L} {name}: epoch {res[name][0]:.1f}s"
+                  f"{' (extrapolated from %d examples)' % n if n < n_all else ''}, valid recall@50 {recall}",
+                  flush=True)
+        for name, (sec, recall) in res.items():
+            rows.append(dict(section="torch-rechub", case=f"ml-100k L={L}", variant=name, epoch_s=sec,
+                             examples_per_s=n_all / sec, examples=n_all, valid_recall50=recall,
+                             rounds=args.rechub_epochs,
+                             note=("its MatchTrainer, Adam lr 3e-3, 200 uniform negatives per row, no eval in epoch"
+                                   + (f"; timed on {n} examples, scaled" if n < n_all else
+                                      f"; recall after {args.rechub_epochs} epoch(s)"))))
+
+
+# ------------------------------------------------------------------------------------ profile
+
+PROFILER = r'''
+import json, sys, time, numpy as np, torch
+torch.set_num_threads(1)
+from mind import data as D
+import mind.train as T
+from mind.loss import SoftmaxLoss
+L, settings, steps = int(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+data = D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=L)
+cfg = T.TrainConfig(max_len=L, backend="cpp", progress=False, **settings)
+torch.manual_seed(0)
+model = T.build_model(data, cfg)
+opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+kind = T.resolve_loss(cfg.loss, int(data.num_items)) if hasattr(T, "resolve_loss") else cfg.loss
+kw = {"scoring": cfg.scoring} if hasattr(cfg, "scoring") else {}
+loss_fn = SoftmaxLoss(kind, np.asarray(data.item_counts), cfg.num_negatives, **kw)
+users = torch.as_tensor(np.asarray(data.train_users)); hists = torch.as_tensor(np.asarray(data.train_histories))[:, -L:]
+tg = torch.as_tensor(np.asarray(data.train_targets)); ft = torch.as_tensor(np.asarray(data.user_features))
+marks = {}
+now = time.perf_counter
+def mark(k):
+    marks[k] = now()
+def ext_pre(m, a):
+    mark("ext_in")
+    if a[0].requires_grad:
+        a[0].register_hook(lambda g: mark("b_beh"))
+def ext_post(m, a, out):
+    mark("ext_out")
+    (out[0] if isinstance(out, tuple) else out).register_hook(lambda g: mark("b_caps"))
+def h_pre(m, a):
+    mark("h_in"); a[0].register_hook(lambda g: mark("b_hin"))
+def h_post(m, a, out):
+    mark("h_out"); out.register_hook(lambda g: mark("b_hout"))
+model.extractor.register_forward_pre_hook(ext_pre); model.extractor.register_forward_hook(ext_post)
+model.h_layers.register_forward_pre_hook(h_pre); model.h_layers.register_forward_hook(h_post)
+parts = {k: 0.0 for k in ("routing fwd+bwd", "embedding gather + grad", "H layers", "loss (+ penalty)", "optimizer", "other")}
+order = torch.randperm(len(tg), generator=torch.Generator().manual_seed(0))
+total = 0.0
+for i in range(steps + 5):
+    idx = order[(i * 256) % (len(tg) - 256):][:256]
+    marks.clear(); t0 = now()
+    hist, t, f = hists[idx], tg[idx], ft[users[idx]]
+    if hasattr(T, "training_loss"):
+        loss = T.training_loss(model, model, loss_fn, cfg, hist, f, t)
+    else:
+        loss = loss_fn(model(hist, f, t, p=cfg.p), model, t)
+    t_fwd = now(); opt.zero_grad(set_to_none=True); t_bwd0 = now()
+    loss.backward(); t_bwd = now(); opt.step(); t_end = now()
+    if i < 5:
+        continue
+    m = marks
+    parts["embedding gather + grad"] += (m["ext_in"] - t0) + (t_bwd - m["b_beh"])
+    parts["routing fwd+bwd"] += (m["ext_out"] - m["ext_in"]) + (m["b_beh"] - m["b_caps"])
+    parts["H layers"] += (m["h_out"] - m["h_in"]) + (m["b_hin"] - m["b_hout"])
+    parts["loss (+ penalty)"] += (t_fwd - m["h_out"]) + (m["b_hout"] - t_bwd0)
+    parts["optimizer"] += (t_bwd0 - t_fwd) + (t_end - t_bwd)
+    parts["other"] += (m["h_in"] - m["ext_out"]) + (m["b_caps"] - m["b_hin"])
+    total += t_end - t0
+print(json.dumps({"step_ms": 1e3 * total / steps, "parts_ms": {k: 1e3 * v / steps for k, v in parts.items()}}))
+'''
+
+
+def run_profile(checkout: str, settings: dict, steps: int, L: int = 50) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", PROFILER, str(L), json.dumps(settings), str(steps)], env=env,
+                         cwd=os.path.abspath(checkout), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def section_profile(args, rows) -> str:
+    old_settings = dict(loss="sampled", p=0.0, routing_init_std=0.1)
+    cols = {}
+    if args.old:
+        cols["9463034, its defaults"] = (args.old, old_settings)
+    cols["now, 9463034's settings"] = (str(ROOT), dict(old_settings, h_out_activation="relu", scoring="attention",
+                                                        diversity_lambda=0.0))
+    cols["now, defaults"] = (str(ROOT), {})
+    got = {k: [] for k in cols}
+    for _ in range(args.rounds):
+        for name, (path, settings) in cols.items():
+            got[name].append(run_profile(path, settings, args.profile_steps))
+    med = {}
+    for name, rs in got.items():
+        step = statistics.median(r["step_ms"] for r in rs)
+        parts = {k: statistics.median(r["parts_ms"][k] for r in rs) for k in rs[0]["parts_ms"]}
+        med[name] = (step, parts)
+        for k, v in parts.items():
+            rows.append(dict(section="profile", case="ml-100k L=50 B=256", variant=name, part=k, ms=v,
+                             share=v / step, step_ms=step, rounds=len(rs)))
+    names = list(med)
+    lines = ["| part of one step (ML-100k, max_len 50, B=256, cpp, 1 thread) | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for k in med[names[0]][1]:
+        lines.append(f"| {k} | " + " | ".join(f"{med[n][1][k]:.2f} ms ({100 * med[n][1][k] / med[n][0]:.0f}%)"
+                                             for n in names) + " |")
+    lines.append("| **step** | " + " | ".join(f"**{med[n][0]:.2f} ms**" for n in names) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="ML-100k max_len 50 + a small synthetic set, fewer repeats")
+    ap.add_argument("--old", default=None, help="a checkout of commit 9463034 with its extension built")
+    ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 1 quick, 2 full)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per run of ours (default 1 quick, 2 full)")
+    ap.add_argument("--variants", default="cpp,reference,cpp+compile,cpp+rowwise")
+    ap.add_argument("--sections", default="ours,old,rechub,profile")
+    ap.add_argument("--rechub-epochs", type=int, default=1)
+    ap.add_argument("--rechub-examples", type=int, default=None,
+                    help="time torch-rechub on this many examples and scale (default: 8192 quick, all full)")
+    ap.add_argument("--profile-steps", type=int, default=None)
+    ap.add_argument("--out", default=str(HERE / "measured" / "train"))
+    args = ap.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.epochs = args.epochs or (1 if args.quick else 2)
+    args.profile_steps = args.profile_steps or (10 if args.quick else 40)
+    if args.rechub_examples is None and args.quick:
+        args.rechub_examples = 8192
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(1)
+    sections = args.sections.split(",")
+    if "old" in sections and not args.old:
+        print("[old] skipped: no --old checkout given", flush=True)
+        sections.remove("old")
+
+    rows, profile_md = [], None
+    t0 = time.time()
+    if "ours" in sections:
+        section_ours(args, rows)
+    if "old" in sections:
+        section_old(args, rows)
+    if "rechub" in sections:
+        section_rechub(args, rows)
+    if "profile" in sections:
+        profile_md = section_profile(args, rows)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("section", "case", "variant"), k))
+    with open(out / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    head = (f"`python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
+            f"torch {torch.__version__}, 1 thread, {time.time() - t0:.0f} s; medians over {args.rounds} alternated "
+            f"round(s)\n")
+    md = [head, "| section | case | variant | epoch s | examples/s | ratio | note |", "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        if r["section"] == "profile":
+            continue
+        ratio = r.get("speedup_vs_cpp") or r.get("speedup_vs_9463034")
+        extra = f"valid recall@50 {r['valid_recall50']:.4f}; " if r.get("valid_recall50") is not None else ""
+        md.append(f"| {r['section']} | {r['case']} | {r['variant']} | {r['epoch_s']:.2f} | {r['examples_per_s']:.0f} | "
+                  f"{'' if ratio is None else f'{ratio:.2f}x'} | {extra}{r.get('note', '')} |")
+    (out / "train.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if profile_md:
+        (out / "profile.md").write_text(head + "\n" + profile_md + "\n")
+        print(profile_md)
+    print(f"wrote {out}/train.csv, train.md" + (", profile.md" if profile_md else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
