@@ -1,8 +1,10 @@
 """Build mind-kernels: the C++ routing kernels always, the CUDA ones where torch has CUDA and nvcc is found.
 
-Install after torch, without build isolation (the extension compiles against the torch you run)::
+Metadata and extras are in pyproject.toml. Install after torch, without build isolation (the extension
+compiles against the torch you run; README "Install" says why a plain ``pip install .`` stops)::
 
-    pip install --no-build-isolation .        # or -e . for development
+    pip install --no-build-isolation ".[mind]"   # or "." (kernels only), or -e . for development
+    python -m build --no-isolation               # sdist + a wheel for this torch (dist/)
 
 Environment:
     MIND_KERNELS_SKIP_CUDA=1        build the CPU kernels only, even where CUDA is available
@@ -16,10 +18,29 @@ import json
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+#: Printed (and the build stopped, exit status 1) when torch cannot be imported here: under pip's default
+#: build isolation, or before torch is installed. tests/test_packaging.py checks this text.
+NO_TORCH_MESSAGE = """
+error: mind-kernels cannot import torch in this build environment ({exc}).
+
+Its C++ (and CUDA) kernels are compiled against the torch that will run them, so torch must be
+installed first and the build must see it. pip builds in an isolated environment by default, which
+hides the torch you installed; an isolated build would fetch the newest torch from PyPI (several GB)
+and compile kernels for a torch other than yours. Type:
+
+    pip install torch                              # skip if torch is already installed
+    pip install --no-build-isolation ".[mind]"     # "." for the kernels only, "-e ." to develop
+
+(python -m build: add --no-isolation.)
+"""
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as _exc:  # ModuleNotFoundError, or a torch that is installed but broken
+    sys.exit(NO_TORCH_MESSAGE.format(exc=_exc))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +74,8 @@ def _want_cuda():
     return True, None
 
 
-def extensions():
+def _build_plan():
+    """(extension, build info): what to compile, and the versions to record beside the binary."""
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fdiagnostics-color=always"]
     build_cuda, why_not = _want_cuda()
@@ -89,26 +111,50 @@ def extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    # Recorded beside the binary; mind_kernels.ops warns at import when the running versions differ.
-    with open(os.path.join(HERE, "mind_kernels", "_build_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    return [ext]
+    return ext, info
+
+
+EXTENSION, BUILD_INFO = _build_plan()
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, which also writes ``mind_kernels/_build_info.json`` beside the binary.
+
+    Written here, not at import, so that reading metadata or making an sdist leaves the source tree alone;
+    next to ``_C*.so`` wherever it goes (the source tree for -e, the wheel's build folder otherwise).
+    mind_kernels.ops warns at import when the running versions differ from these.
+    """
+
+    def run(self):
+        print(
+            "mind-kernels: building the C++ kernels"
+            + (f" and the CUDA kernels for compute capabilities {BUILD_INFO['cuda_archs']}"
+               if BUILD_INFO["built_cuda"] else f" only (no CUDA kernels: {BUILD_INFO['cuda_skipped_because']})")
+            + f", against torch {BUILD_INFO['torch']}",
+            flush=True,
+        )
+        super().run()
+        package_dir = os.path.dirname(self.get_ext_fullpath(EXTENSION.name))
+        os.makedirs(package_dir, exist_ok=True)
+        with open(os.path.join(package_dir, "_build_info.json"), "w") as f:
+            json.dump(BUILD_INFO, f, indent=2)
+
+
+def _torch_requirement():
+    """torch==<major>.<minor>.* of the torch compiled against: its C++ ABI is what the binary links to.
+
+    Always satisfied by the torch installed for a source build (nothing more is installed); for a wheel it
+    makes pip refuse, or swap in, a torch the binary was not built for instead of a failed load at import.
+    A local label such as +cpu or +cu130 is ignored by pip when matching, so either build of that release
+    satisfies it.
+    """
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
 
 
 setup(
-    name="mind-kernels",
-    version="0.1.0",
-    description="Fused MIND multi-interest (B2I dynamic routing) kernels for PyTorch, and the MIND recommender",
-    packages=find_packages(include=["mind_kernels", "mind_kernels.*", "mind", "mind.*"]),
-    package_data={"mind_kernels": ["_build_info.json"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={
-        "mind": ["faiss-cpu", "matplotlib", "pandas"],
-        "test": ["pytest", "hypothesis", "expecttest"],
-        "bench": ["pytest-benchmark", "matplotlib", "torch-rechub==0.9.0"],
-    },
-    ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    install_requires=[_torch_requirement()],
+    ext_modules=[EXTENSION],
+    cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )
