@@ -46,7 +46,8 @@ def _have(module: str) -> bool:
 
 
 HAVE_ONNX = _have("onnxruntime") and _have("onnxscript") and _have("onnx")
-needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx export needs onnx, onnxscript and onnxruntime (requirements/dev.txt)")
+needs_onnx = pytest.mark.skipif(
+    not HAVE_ONNX, reason="the onnx export needs onnx, onnxscript and onnxruntime (requirements/dev.txt)")
 
 
 def _data_with_features():
