@@ -20,10 +20,11 @@ HAVE_GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 BIN := $(VENV)/bin
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
-# pip's stdout is filtered to its result lines (its errors, on stderr, pass through); pipefail keeps its exit status.
+# pip's output is filtered to its result line, or everything from its first error on (this machine's local
+# index also makes it warn about every package it does not hold); pipefail keeps pip's exit status.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
-RESULT_LINES := sed -n -e '/^Successfully/p'
+RESULT_LINES := sed -n -e '/^Successfully/p' -e '/^\(ERROR\|error\)/,$$p'
 export MAX_JOBS ?= 2
 
 # What installing $(TORCH_SPEC) means, for the step line (times measured here; sizes are the venv's growth).
@@ -48,15 +49,15 @@ endif
 
 $(BIN)/python:
 	@echo "[setup 1/4] creating the virtual environment $(VENV) with $(PYTHON) and upgrading its pip (~5 s)"
-	$(PYTHON) -m venv $(VENV)
-	@$(PIP) install --upgrade pip --progress-bar off | $(RESULT_LINES)
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip --progress-bar off 2>&1 | $(RESULT_LINES)
 
 $(VENV)/.deps: $(BIN)/python requirements/dev.txt
 	@echo "[setup 2/4] installing $(TORCH_SPEC) into $(VENV) ($(TORCH_WHAT))"
-	@start=$$(date +%s); $(PIP) install "$(TORCH_SPEC)" --progress-bar off | $(RESULT_LINES); \
+	@start=$$(date +%s); $(PIP) install "$(TORCH_SPEC)" --progress-bar off 2>&1 | $(RESULT_LINES); \
 	  echo "            took $$(( $$(date +%s) - start )) s"
 	@echo "[setup 3/4] installing requirements/dev.txt: pandas, faiss-cpu, pytest, onnx, torch-rechub... (~2 min, about 0.7 GB)"
-	@start=$$(date +%s); $(PIP) install "$(TORCH_SPEC)" -r requirements/dev.txt --progress-bar off | $(RESULT_LINES); \
+	@start=$$(date +%s); $(PIP) install "$(TORCH_SPEC)" -r requirements/dev.txt --progress-bar off 2>&1 | $(RESULT_LINES); \
 	  echo "            took $$(( $$(date +%s) - start )) s"
 	@touch $@
 
@@ -67,7 +68,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	else \
 	  echo "[setup 4/4] compiling the C++ kernels against $(TORCH_SPEC) (no CUDA compile: no CUDA in this torch, or no nvcc), MAX_JOBS=$(MAX_JOBS) (~3 min)"; \
 	fi
-	@start=$$(date +%s); $(PIP) install --no-build-isolation --no-deps -e . --progress-bar off | $(RESULT_LINES); \
+	@start=$$(date +%s); $(PIP) install --no-build-isolation --no-deps -e . --progress-bar off 2>&1 | $(RESULT_LINES); \
 	  echo "            took $$(( $$(date +%s) - start )) s; built: $$(tr -d '\n' < mind_kernels/_build_info.json)"
 	@mkdir -p $(dir $(INPLACE_FOR)) && echo "$(abspath $(VENV))" > $(INPLACE_FOR)
 	@touch $@
