@@ -84,9 +84,11 @@ class LogUniformSampler:
 class _BestInterestScores(torch.autograd.Function):
     """(B, N) = max_k V_k . e_n: one (B K, d) x (d, N) mm forward, two backward.
 
-    Autograd's own graph for the same expression (einsum, masked_fill, max) keeps a (B, K, N)
-    masked copy, runs batched matmuls and scatters through ``max``'s generic backward; here
-    the backward rebuilds the (B K, N) gradient from the saved argmax in one scatter.
+    The winner is not stored as an index: ``max(dim=1)`` with indices costs ~40x ``amax`` on
+    the CPU (5 ms against 0.13 ms at B=256, K=4, N=1349 on one thread).  The backward finds
+    it again by comparing the saved scores with the best one (a tie goes to the lowest k, as
+    with ``max``): fwd + bwd 11.6 ms against 15.8 ms with ``max``'s index (/tmp micro-benchmark,
+    same sizes).
     """
 
     @staticmethod
@@ -95,15 +97,21 @@ class _BestInterestScores(torch.autograd.Function):
         scores = (interests.reshape(B * K, d) @ item_emb.t()).view(B, K, item_emb.shape[0])
         if inactive is not None:
             scores = scores.masked_fill(inactive[:, :, None], _NEG_INF)
-        best, arg = scores.max(dim=1)
-        ctx.save_for_backward(interests, item_emb, arg)
+        best = scores.amax(dim=1)
+        ctx.save_for_backward(interests, item_emb, scores, best)
         return best
 
     @staticmethod
     def backward(ctx, grad):
-        interests, item_emb, arg = ctx.saved_tensors
+        interests, item_emb, scores, best = ctx.saved_tensors
         B, K, d = interests.shape
-        g = grad.new_zeros(B, K, grad.shape[1]).scatter_(1, arg[:, None], grad[:, None]).view(B * K, -1)
+        won = scores == best[:, None, :]                                   # (B, K, N)
+        if torch.compiler.is_compiling() or int(won.sum()) != best.numel():
+            # A tie (two interests with the very same score, e.g. equal vectors): the gradient
+            # goes to the lowest k alone, as max's does.  Eagerly the check costs one reduction;
+            # a compiled graph cannot branch on data, so it always applies the tie-break.
+            won &= won.cumsum(dim=1) == 1
+        g = won.to(grad.dtype).mul_(grad[:, None, :]).view(B * K, -1)
         d_int = (g @ item_emb).view(B, K, d) if ctx.needs_input_grad[0] else None
         d_emb = g.t() @ interests.reshape(B * K, d) if ctx.needs_input_grad[1] else None
         return d_int, d_emb, None

@@ -69,6 +69,23 @@ def test_best_interest_scores_match_autograd_of_the_formula(masked):
     assert torch.autograd.gradcheck(lambda v, e: best_interest_scores(v, mask, e), (V, E))
 
 
+
+def test_best_interest_scores_tie_sends_the_gradient_to_the_lowest_interest():
+    # Interests 1 and 2 are the same vector, so they tie on every item wherever they win
+    # (small integers: every product and sum is exact, whatever order the mm adds in).
+    g = torch.Generator().manual_seed(1)
+    V = torch.randint(-3, 4, (4, 3, 5), generator=g).double()
+    V[:, 2] = V[:, 1]
+    V[:, 0] = -10 * V[:, 1].abs() - 1                 # interest 0 loses to 1 and 2 on positive items
+    V.requires_grad_(True)
+    E = torch.randint(1, 4, (6, 5), generator=g).double().requires_grad_(True)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    dV, dE = torch.autograd.grad((best_interest_scores(V, None, E) * w).sum(), (V, E))
+    want_dV = torch.zeros_like(V)
+    want_dV[:, 1] = w @ E.detach()                    # all of it to interest 1, none to its twin
+    assert torch.allclose(dV, want_dV)
+    assert torch.allclose(dE, w.t() @ V.detach()[:, 1])
+
 def test_item_table_path_gives_the_embed_path_values(tiny):
     cfg, model, _ = _setup(tiny, "full")
     hist, feats, _ = _batch(tiny)
