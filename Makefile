@@ -62,11 +62,12 @@ $(VENV)/.deps: $(BIN)/python requirements/dev.txt
 	@touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	@if [ "$$($(BIN)/python -c 'import torch; print(bool(torch.version.cuda))' 2>/dev/null)" = True ] \
-	    && [ "$${MIND_KERNELS_SKIP_CUDA:-0}" != 1 ] && { command -v nvcc || [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; } >/dev/null; then \
-	  echo "[setup 4/4] compiling the C++ and CUDA kernels (sm_80, sm_90) against $(TORCH_SPEC), MAX_JOBS=$(MAX_JOBS) (~7 min)"; \
+	@torch=$$($(BIN)/python -c 'import torch; print(torch.__version__, "cuda" if torch.version.cuda else "cpu")'); \
+	if [ "$${torch#* }" = cuda ] && [ "$${MIND_KERNELS_SKIP_CUDA:-0}" != 1 ] \
+	    && { command -v nvcc || [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; } >/dev/null; then \
+	  echo "[setup 4/4] compiling the C++ and CUDA kernels (sm_80, sm_90) against torch $${torch% *}, MAX_JOBS=$(MAX_JOBS) (~7 min)"; \
 	else \
-	  echo "[setup 4/4] compiling the C++ kernels against $(TORCH_SPEC) (no CUDA compile: no CUDA in this torch, or no nvcc), MAX_JOBS=$(MAX_JOBS) (~3 min)"; \
+	  echo "[setup 4/4] compiling the C++ kernels against torch $${torch% *} (no CUDA compile: no CUDA in this torch, or no nvcc), MAX_JOBS=$(MAX_JOBS) (~2 min)"; \
 	fi
 	@start=$$(date +%s); $(PIP) install --no-build-isolation --no-deps -e . --progress-bar off 2>&1 | $(RESULT_LINES); \
 	  echo "            took $$(( $$(date +%s) - start )) s; built: $$(tr -d '\n' < mind_kernels/_build_info.json)"

@@ -30,14 +30,14 @@ step 1/4 "python -m build --no-isolation: sdist, then a wheel from it, against $
 WHEEL=$(ls "$WORK"/dist/mind_kernels-*.whl)
 echo "built $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KB) and $(basename "$(ls "$WORK"/dist/*.tar.gz)")"
 "$CPU_VENV/bin/python" - "$WHEEL" <<'EOF'
-import json, sys, zipfile
+import json, re, sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 so = [n for n in names if n.startswith("mind_kernels/_C") and n.endswith(".so")]
 assert so, f"no compiled extension in the wheel: {names}"
 assert "mind_kernels/_build_info.json" in names and "mind/cli.py" in names, names
 info = json.loads(zipfile.ZipFile(sys.argv[1]).read("mind_kernels/_build_info.json"))
 meta = zipfile.ZipFile(sys.argv[1]).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-torch_req = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
+torch_req = [l for l in meta.splitlines() if re.match(r"Requires-Dist: torch\b(?!-)", l)]
 print(f"wheel holds {so[0]}; built for torch {info['torch']}, CUDA kernels: {info['built_cuda']}; {torch_req[0]}")
 major_minor = ".".join(info["torch"].split("+")[0].split(".")[:2])
 assert torch_req == [f"Requires-Dist: torch=={major_minor}.*"], torch_req
