@@ -153,7 +153,9 @@ def _torch_requirement():
 
 
 setup(
-    install_requires=[_torch_requirement()],
+    # numpy: torch warns at every import without it ("Failed to initialize NumPy"), seen in a venv with the
+    # wheel alone; the kernels themselves need torch only.
+    install_requires=[_torch_requirement(), "numpy"],
     ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

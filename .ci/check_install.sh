@@ -69,7 +69,6 @@ head -n 2 "$WORK/help.txt"
 "$V" -m mind train --data synthetic --synthetic-users 60 --synthetic-items 80 --epochs 1 --dim 16 \
   --out "$WORK/run" --no-progress > "$WORK/train.log" 2>&1 || { tail -n 30 "$WORK/train.log"; fail "mind train"; }
 tail -n 2 "$WORK/train.log"
-cd "$REPO"
 
 step 4/4 "plain pip install . (build isolation on) must stop at once, saying what to type"
 start=$(date +%s)
@@ -82,8 +81,10 @@ took=$(( $(date +%s) - start ))
 grep -q 'pip install --no-build-isolation ".\[mind\]"' "$WORK/plain.log" || { cat "$WORK/plain.log"; fail "no hint in the output"; }
 ! grep -q "Traceback" "$WORK/plain.log" || { cat "$WORK/plain.log"; fail "a traceback"; }
 [ "$took" -le 120 ] || fail "took $took s to fail"
-"$V" -c "import mind_kernels, sys; sys.exit(0 if 'site-packages' in mind_kernels.__file__ else 1)"   # still the wheel
+"$V" -c "import mind_kernels, sys; sys.exit(0 if 'site-packages' in mind_kernels.__file__ else 1)" \
+  || fail "the failed plain install changed the installed package"
 echo "failed as documented in $took s (exit $rc), the message:"
 sed -n '/error: mind-kernels cannot import torch/,/add --no-isolation/p' "$WORK/plain.log"
 
+cd "$REPO"
 echo; echo "check-install passed in $(( $(date +%s) - T0 )) s"

@@ -125,13 +125,14 @@ def test_setup_py_without_torch_says_what_to_type():
 
 
 def test_metadata_pins_the_torch_it_builds_against(tmp_path):
-    # setup.py egg_info computes the metadata (no compile): torch==<major>.<minor>.* of the running torch.
+    # setup.py egg_info computes the metadata (no compile): torch==<major>.<minor>.* of the running torch,
+    # and numpy (torch warns at import without it).
     proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     requires = (tmp_path / "mind_kernels.egg-info" / "requires.txt").read_text().split("\n[")[0].split()
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    assert requires == [f"torch=={major}.{minor}.*"]
+    assert requires == [f"torch=={major}.{minor}.*", "numpy"]
 
 
 @pytest.mark.parametrize("spec,version,ok", [("torch==2.13.*", "2.13.0+cpu", True),
