@@ -258,7 +258,7 @@ model = T.build_model(data, cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 kind = T.resolve_loss(cfg.loss, int(data.num_items)) if hasattr(T, "resolve_loss") else cfg.loss
 kw = {"scoring": cfg.scoring} if hasattr(cfg, "scoring") else {}
-loss_fn = SoftmaxLoss(kind, np.asarray(data.item_counts), cfg.num_negatives, **kw)
+loss_fn = T.build_loss(data, cfg) if hasattr(T, "build_loss") else SoftmaxLoss(kind, np.asarray(data.item_counts), cfg.num_negatives, **kw)
 users = torch.as_tensor(np.asarray(data.train_users)); hists = torch.as_tensor(np.asarray(data.train_histories))[:, -L:]
 tg = torch.as_tensor(np.asarray(data.train_targets)); ft = torch.as_tensor(np.asarray(data.user_features))
 marks = {}
@@ -272,13 +272,12 @@ def ext_pre(m, a):
 def ext_post(m, a, out):
     mark("ext_out")
     (out[0] if isinstance(out, tuple) else out).register_hook(lambda g: mark("b_caps"))
-def h_pre(m, a):
-    mark("h_in"); a[0].register_hook(lambda g: mark("b_hin"))
 def h_post(m, a, out):
     mark("h_out"); out.register_hook(lambda g: mark("b_hout"))
 model.extractor.register_forward_pre_hook(ext_pre); model.extractor.register_forward_hook(ext_post)
-model.h_layers.register_forward_pre_hook(h_pre); model.h_layers.register_forward_hook(h_post)
-parts = {k: 0.0 for k in ("routing fwd+bwd", "embedding gather + grad", "H layers", "loss (+ penalty)", "optimizer", "other")}
+# the last H module runs as a module in every version (the first may be split into two matmuls)
+model.h_layers[-1].register_forward_hook(h_post)
+parts = {k: 0.0 for k in ("routing fwd+bwd", "embedding gather + grad", "H layers (+ profile)", "loss (+ penalty)", "optimizer", "other")}
 order = torch.randperm(len(tg), generator=torch.Generator().manual_seed(0))
 total = 0.0
 for i in range(steps + 5):
@@ -294,12 +293,14 @@ for i in range(steps + 5):
     if i < 5:
         continue
     m = marks
-    parts["embedding gather + grad"] += (m["ext_in"] - t0) + (t_bwd - m["b_beh"])
-    parts["routing fwd+bwd"] += (m["ext_out"] - m["ext_in"]) + (m["b_beh"] - m["b_caps"])
-    parts["H layers"] += (m["h_out"] - m["h_in"]) + (m["b_hin"] - m["b_hout"])
-    parts["loss (+ penalty)"] += (t_fwd - m["h_out"]) + (m["b_hout"] - t_bwd0)
-    parts["optimizer"] += (t_bwd0 - t_fwd) + (t_end - t_bwd)
-    parts["other"] += (m["h_in"] - m["ext_out"]) + (m["b_caps"] - m["b_hin"])
+    known = {"H layers (+ profile)": (m["h_out"] - m["ext_out"]) + (m["b_caps"] - m["b_hout"]),
+             "loss (+ penalty)": (t_fwd - m["h_out"]) + (m["b_hout"] - t_bwd0),
+             "optimizer": (t_bwd0 - t_fwd) + (t_end - t_bwd)}
+    known["embedding gather + grad"] = (m["ext_in"] - t0) + (t_bwd - m["b_beh"])
+    known["routing fwd+bwd"] = (m["ext_out"] - m["ext_in"]) + (m["b_beh"] - m["b_caps"])
+    known["other"] = (t_end - t0) - sum(known.values())
+    for k, v in known.items():
+        parts[k] += v
     total += t_end - t0
 print(json.dumps({"step_ms": 1e3 * total / steps, "parts_ms": {k: 1e3 * v / steps for k, v in parts.items()}}))
 '''
@@ -342,6 +343,129 @@ def section_profile(args, rows) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------ levers (step level)
+
+#: second-round levers, each against the same config with that lever off (the defaults have all on).
+ROUND1 = dict(split_h=False, genre_matmul=False, pad_items=1, item_table="loss")
+LEVER_CASES = {
+    "ml-100k L=50 exact softmax": ("ml-100k L=50", {}, {
+        "round 1 (levers off)": ROUND1,
+        "+ split_h": dict(ROUND1, split_h=True),
+        "+ genre_matmul": dict(ROUND1, genre_matmul=True),
+        "+ pad_items=16": dict(ROUND1, pad_items=16),
+        "all (defaults)": {},
+    }),
+    "ml-100k L=50 sampled softmax": ("ml-100k L=50", dict(loss="sampled"), {
+        "item_table=loss": dict(item_table="loss"),
+        "item_table=auto (defaults)": {},
+    }),
+    "synthetic L=200 sampled softmax": ("synthetic L=50..200", {}, {
+        "item_table=loss": dict(item_table="loss"),
+        "item_table=auto (defaults)": {},
+    }),
+}
+
+
+class _Stepper:
+    """One model + AdamW + objective of a config; ``run(n)`` times n training steps (median ms, faults/step)."""
+
+    def __init__(self, data, L: int, settings: dict):
+        import numpy as np
+        import torch
+        import mind.train as T
+        self.cfg = T.TrainConfig(max_len=L, backend="cpp", progress=False, **settings)
+        torch.manual_seed(0)
+        self.model = T.build_model(data, self.cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.loss_fn = T.build_loss(data, self.cfg)
+        self.users = torch.as_tensor(np.asarray(data.train_users))
+        self.hists = torch.as_tensor(np.asarray(data.train_histories))[:, -L:]
+        self.tg = torch.as_tensor(np.asarray(data.train_targets))
+        self.ft = torch.as_tensor(np.asarray(data.user_features))
+        self.order = torch.randperm(len(self.tg), generator=torch.Generator().manual_seed(0))
+        self.i = 0
+        self.run(3)
+
+    def run(self, n: int):
+        import resource
+        import mind.train as T
+        B = self.cfg.batch_size
+        times = []
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            idx = self.order[(self.i * B) % (len(self.tg) - B):][:B]
+            self.i += 1
+            t0 = time.perf_counter()
+            loss = T.training_loss(self.model, self.model, self.loss_fn, self.cfg, self.hists[idx],
+                                   self.ft[self.users[idx]], self.tg[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            times.append(time.perf_counter() - t0)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
+        return 1e3 * statistics.median(times), faults
+
+
+ALLOC_WORKER = r'''
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+import bench_train as BT
+from mind.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[2] == "on" else False
+data = BT.load_case("ml-100k L=50", True)
+st = BT._Stepper(data, 50, {})
+ms, faults = st.run(int(sys.argv[3]))
+print(json.dumps({"ms": ms, "faults": faults, "applied": applied}))
+'''
+
+
+def section_levers(args, rows):
+    """Step time of each lever in one process, variants alternated round by round (medians of medians)."""
+    steps = 10 if args.quick else 20
+    rounds = max(args.rounds, 3)
+    for name, (case, base, variants) in LEVER_CASES.items():
+        data = load_case(case, args.quick)
+        L = int(case.split("L=")[1]) if case.startswith("ml-100k") else 200
+        steppers = {v: _Stepper(data, L, {**base, **kw}) for v, kw in variants.items()}
+        got = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v, st in steppers.items():
+                got[v].append(st.run(steps))
+        ref = statistics.median(ms for ms, _ in got[next(iter(variants))])
+        for v, rs in got.items():
+            med = statistics.median(ms for ms, _ in rs)
+            rows.append(dict(section="levers", case=name, variant=v, step_ms=med, speedup=ref / med,
+                             faults_per_step=statistics.median(f for _, f in rs), rounds=rounds,
+                             note=f"{steps} steps x {rounds} alternated rounds, one process, B=256"))
+            print(f"[levers] {name} {v}: {med:.2f} ms/step ({ref / med:.2f}x)", flush=True)
+    # keep_freed_memory is process-wide and one-way: alternated subprocesses instead.
+    got = {"keep_freed_memory off (default)": [], "keep_freed_memory on": []}
+    for _ in range(rounds):
+        for v in got:
+            out = subprocess.run([sys.executable, "-c", ALLOC_WORKER, str(HERE), "on" if " on" in v else "off",
+                                  str(steps * 3)], env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                                 cwd=str(ROOT), check=True, capture_output=True, text=True)
+            got[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ref = statistics.median(r["ms"] for r in got["keep_freed_memory off (default)"])
+    for v, rs in got.items():
+        med = statistics.median(r["ms"] for r in rs)
+        rows.append(dict(section="levers", case="ml-100k L=50 exact softmax", variant=v, step_ms=med, speedup=ref / med,
+                         faults_per_step=statistics.median(r["faults"] for r in rs), rounds=rounds,
+                         note=f"{steps * 3} steps per process, {rounds} alternated processes; mallopt applied: "
+                              f"{rs[0]['applied']}"))
+        print(f"[levers] allocator {v}: {med:.2f} ms/step ({ref / med:.2f}x)", flush=True)
+
+
+def levers_md(rows) -> list:
+    md = ["", "| case | lever | step ms | ratio | page faults / step | note |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        if r["section"] == "levers":
+            md.append(f"| {r['case']} | {r['variant']} | {r['step_ms']:.2f} | {r['speedup']:.2f}x | "
+                      f"{r['faults_per_step']:.0f} | {r['note']} |")
+    return md
+
+
 # ------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
@@ -351,7 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 1 quick, 2 full)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run of ours (default 1 quick, 2 full)")
     ap.add_argument("--variants", default="cpp,reference,cpp+compile,cpp+rowwise")
-    ap.add_argument("--sections", default="ours,old,rechub,profile")
+    ap.add_argument("--sections", default="ours,old,rechub,levers,profile")
     ap.add_argument("--rechub-epochs", type=int, default=1)
     ap.add_argument("--rechub-examples", type=int, default=None,
                     help="time torch-rechub on this many examples and scale (default: 8192 quick, all full)")
@@ -379,6 +503,8 @@ def main(argv=None) -> int:
         section_old(args, rows)
     if "rechub" in sections:
         section_rechub(args, rows)
+    if "levers" in sections:
+        section_levers(args, rows)
     if "profile" in sections:
         profile_md = section_profile(args, rows)
 
@@ -394,12 +520,14 @@ def main(argv=None) -> int:
             f"round(s)\n")
     md = [head, "| section | case | variant | epoch s | examples/s | ratio | note |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        if r["section"] == "profile":
+        if r["section"] in ("profile", "levers"):
             continue
         ratio = r.get("speedup_vs_cpp") or r.get("speedup_vs_9463034")
         extra = f"valid recall@50 {r['valid_recall50']:.4f}; " if r.get("valid_recall50") is not None else ""
         md.append(f"| {r['section']} | {r['case']} | {r['variant']} | {r['epoch_s']:.2f} | {r['examples_per_s']:.0f} | "
                   f"{'' if ratio is None else f'{ratio:.2f}x'} | {extra}{r.get('note', '')} |")
+    if any(r["section"] == "levers" for r in rows):
+        md += levers_md(rows)
     (out / "train.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     if profile_md:

@@ -141,6 +141,8 @@ def _train(args, info) -> int:
                       hard_negative_beta=args.hard_negative_beta, diversity_lambda=args.diversity_lambda,
                       stochastic_selection=args.stochastic_selection, target_window=args.target_window,
                       optimizer=args.optimizer, compile=args.compile,
+                      keep_freed_memory=args.keep_freed_memory, item_table=args.item_table, pad_items=args.pad_items,
+                      split_h=args.split_h, genre_matmul=args.genre_matmul,
                       progress=not args.no_progress)
     result = train(data, cfg, resume=args.resume, dist=info)
     if not info.is_main:
@@ -337,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pays for large catalogues with --loss sampled)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (one graph; compiling takes tens of seconds on a CPU)")
+    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU on glibc: keep freed heap memory in the process, so each step's big temporaries "
+                        "are not mapped and faulted in anew (default on; the resident size stays at its peak)")
+    g.add_argument("--item-table", default="loss", choices=["loss", "auto"],
+                   help="loss (default): embed the whole item table once a step only for the exact softmax; "
+                        "auto: also for the sampled / in-batch softmax when num_items + 1 <= batch x max_len")
+    g.add_argument("--pad-items", type=int, default=16,
+                   help="exact softmax: pad the scored items to a multiple of this (default 16; 1 = off)")
+    g.add_argument("--no-split-h", dest="split_h", action="store_false",
+                   help="first H layer on the concatenated [C_k ; p_u] (default: profile part once per user)")
+    g.add_argument("--no-genre-matmul", dest="genre_matmul", action="store_false",
+                   help="genre pooling by gather + mean (default: one matmul with the item-genre matrix)")
     g.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: this small model trains fastest single-threaded)")

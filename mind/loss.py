@@ -142,6 +142,26 @@ def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.
     return scores.max(dim=1).values
 
 
+def padded_best_interest_logits(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
+                                item_table: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Best-interest logits over the whole table with its rows padded to a multiple of ``multiple``.
+
+    item_table (N + 1, d) with row 0 = padding; returns (B, N_pad), N_pad = N + 1 rounded up,
+    where column i is max_k V_k . e_i for items i = 1..N and -inf for column 0 and the padding
+    columns, so ``cross_entropy(logits, targets)`` with the item ids as classes is the exact
+    softmax over items 1..N.  Why: MKL's sgemm runs the (B K, d) x (d, N) score product and its
+    two backward products ~1.5x slower when N is odd (1349 on ML-100k) than at a multiple of 8
+    (``bench/bench_train.py --sections levers``); the extra columns cost N_pad - N dot products.
+    """
+    rows, d = item_table.shape
+    pad = (-rows) % multiple
+    emb = F.pad(item_table, (0, 0, 0, pad)) if pad else item_table
+    bias = torch.zeros(rows + pad, dtype=interests.dtype, device=interests.device)
+    bias[0] = _NEG_INF
+    bias[rows:] = _NEG_INF
+    return best_interest_scores(interests, interest_mask, emb) + bias
+
+
 def _sampled_softmax_from_scores(pos: torch.Tensor, neg: torch.Tensor, targets: torch.Tensor,
                                  negatives: torch.Tensor, target_log_q: torch.Tensor, neg_log_q: torch.Tensor,
                                  hard_negative_beta: float = 0.0) -> torch.Tensor:
@@ -213,7 +233,7 @@ class SoftmaxLoss:
     SCORINGS = ("attention", "max")
 
     def __init__(self, kind: str, item_counts, num_negatives: int = 100, scoring: str = "attention",
-                 hard_negative_beta: float = 0.0):
+                 hard_negative_beta: float = 0.0, pad_items: int = 1):
         if kind not in self.KINDS:
             raise ValueError(f"loss must be one of {self.KINDS}, got {kind!r}")
         if scoring not in self.SCORINGS:
@@ -222,7 +242,10 @@ class SoftmaxLoss:
             raise ValueError(f"hard_negative_beta must be a finite number >= 0, got {hard_negative_beta!r}")
         if hard_negative_beta > 0 and kind != "sampled":
             raise ValueError(f"hard_negative_beta needs the sampled loss, not {kind!r}")
+        if isinstance(pad_items, bool) or not isinstance(pad_items, int) or pad_items < 1:
+            raise ValueError(f"pad_items must be an int >= 1, got {pad_items!r}")
         self.kind, self.num_negatives, self.scoring = kind, int(num_negatives), scoring
+        self.pad_items = pad_items
         self.hard_negative_beta = float(hard_negative_beta)
         counts = torch.as_tensor(item_counts, dtype=torch.float64)
         if kind == "sampled":
@@ -248,7 +271,8 @@ class SoftmaxLoss:
         if self.kind == "in_batch":
             return in_batch_softmax_loss(user, target_emb, targets, self.log_freq.to(user.device)[targets])
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=user.device)
-        return sampled_softmax_loss(user, target_emb, targets, model.embed_items(negatives), negatives,
+        neg_emb = model.embed_items(negatives) if item_table is None else item_table[negatives]
+        return sampled_softmax_loss(user, target_emb, targets, neg_emb, negatives,
                                     self.sampler.log_q(targets), self.sampler.log_q(negatives),
                                     self.hard_negative_beta)
 
@@ -256,6 +280,9 @@ class SoftmaxLoss:
         """The three estimators with s(u, i) = max_k V_k . e_i in place of v_u . e_i."""
         if self.kind == "full":
             table = model.item_embeddings() if item_table is None else item_table
+            if self.pad_items > 1:
+                return F.cross_entropy(padded_best_interest_logits(interests, interest_mask, table, self.pad_items),
+                                       targets)
             logits = best_interest_scores(interests, interest_mask, table[1:])
             return F.cross_entropy(logits, targets - 1)
         target_emb = model.embed_items(targets) if item_table is None else item_table[targets]
@@ -264,7 +291,8 @@ class SoftmaxLoss:
                                          self.log_freq.to(interests.device)[targets])
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=interests.device)
         pos = best_interest_scores(interests, interest_mask, target_emb, paired=True)
-        neg = best_interest_scores(interests, interest_mask, model.embed_items(negatives))
+        neg = best_interest_scores(interests, interest_mask,
+                                   model.embed_items(negatives) if item_table is None else item_table[negatives])
         return _sampled_softmax_from_scores(pos, neg, targets, negatives, self.sampler.log_q(targets),
                                             self.sampler.log_q(negatives), self.hard_negative_beta)
 

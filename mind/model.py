@@ -214,6 +214,14 @@ class MIND(nn.Module):
             nn.Linear(hidden, dim), *out_act,
         )
 
+    # Training-step levers (issue 13; set by mind.train.build_model from TrainConfig).  They are
+    # not part of ``config`` or the state_dict and apply in training mode only, so evaluation,
+    # serving and the exported tower compute exactly what they did.
+    #: H layers: W1 [C_k ; p_u] = W1c C_k + W1p p_u with W1p p_u computed once per user, not K times.
+    split_h: bool = False
+    #: genre pooling as one (n, num_genres) x (num_genres, d) matmul instead of a (n, G, d) gather.
+    genre_matmul: bool = False
+
     @classmethod
     def from_config(cls, config: dict, item_genres: Optional[torch.Tensor] = None) -> "MIND":
         """Rebuild from ``model.config`` (item_genres comes back with the state_dict)."""
@@ -248,11 +256,45 @@ class MIND(nn.Module):
     def _embed_unique(self, items: torch.Tensor) -> torch.Tensor:
         """e_i for item indices of any shape (...,) -> (..., d), every position embedded (no de-duplication)."""
         emb = self.item_id_embedding(items)
+        if self.genre_matmul and self.training:
+            return emb + self.genre_pooling_matrix(items) @ self.genre_embedding.weight
         genres = self.item_genres[items]                                   # (n, G)
         valid = (genres != 0).to(emb.dtype)
         pooled = (self.genre_embedding(genres) * valid[..., None]).sum(-2)
         pooled = pooled / valid.sum(-1, keepdim=True).clamp_min(1.0)      # items without genres: 0
         return emb + pooled
+
+    def genre_pooling_matrix(self, items: torch.Tensor) -> torch.Tensor:
+        """P (..., num_genres) with P[i, g] = [g in genres(i)] / |genres(i)| (g != 0; items without genres: 0).
+
+        ``P @ E_genre`` is the mean genre embedding of :meth:`_embed_unique`: a matmul whose
+        backward is ``P^T grad`` (num_genres x d), where the gather form materialises (n, G, d)
+        twice and scatters its gradient row by row.  Column 0 (padding) is always 0.
+        """
+        genres = self.item_genres[items]                                   # (..., G)
+        valid = (genres != 0).to(self.genre_embedding.weight.dtype)
+        w = valid / valid.sum(-1, keepdim=True).clamp_min(1.0)
+        out = torch.zeros(*genres.shape[:-1], self.genre_embedding.num_embeddings, dtype=w.dtype,
+                          device=w.device)
+        return out.scatter_add_(-1, genres, w)
+
+    def _h(self, caps: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        """V = H([c_k ; p_u]) for caps (B, K, d) and profile (B, P) -> (B, K, d).
+
+        With ``split_h`` (training only) the first layer runs as W1c c_k + (W1p p_u + b1), the
+        same nn.Linear weight sliced at compute time: the profile part is computed once per user
+        and broadcast over K (equal to the concatenated form up to float rounding).
+        """
+        B, K, d = caps.shape
+        if self.split_h and self.training and isinstance(self.h_layers[0], nn.Linear):
+            first = self.h_layers[0]
+            x = torch.nn.functional.linear(caps, first.weight[:, :d])
+            x = x + torch.nn.functional.linear(profile, first.weight[:, d:], first.bias)[:, None, :]
+            for layer in self.h_layers[1:]:
+                x = layer(x)
+            return x
+        h_in = torch.cat([caps, profile[:, None, :].expand(B, K, profile.shape[1])], dim=2)
+        return self.h_layers(h_in)
 
     def item_embeddings(self) -> torch.Tensor:
         """(num_items + 1, d): the table used as target embedding and for retrieval; row 0 = 0."""
@@ -290,7 +332,10 @@ class MIND(nn.Module):
             raise ValueError(f"MIND: histories must be (B, L), got {tuple(histories.shape)}")
         B, L = histories.shape
         mask = histories != 0
-        behaviors = self.embed_items(histories) if item_table is None else item_table[histories]
+        # F.embedding, not item_table[histories]: the same rows, and its backward (a dense
+        # embedding backward) is ~2x faster than advanced indexing's index_put_ with accumulate.
+        behaviors = (self.embed_items(histories) if item_table is None
+                     else torch.nn.functional.embedding(histories, item_table))
         if self.dynamic_interests:
             interest_mask = dynamic_interest_mask(mask, self.num_interests)
         else:
@@ -299,8 +344,7 @@ class MIND(nn.Module):
         # the coupling softmax; we recompute it here only to report it.
         caps, weights = self.extractor(behaviors, mask, return_weights=True)
         profile = self.profile(user_features, B)
-        h_in = torch.cat([caps, profile[:, None, :].expand(B, self.num_interests, profile.shape[1])], dim=2)
-        vectors = self.h_layers(h_in)
+        vectors = self._h(caps, profile)
         if return_weights:
             return vectors, interest_mask, weights
         return vectors, interest_mask

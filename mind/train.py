@@ -49,6 +49,13 @@ Speed (issue 13, ``bench/bench_train.py``): with the exact softmax each step emb
 table once and gathers the histories and targets from it; ``compile=True`` runs the forward +
 loss as one ``torch.compile(fullgraph=True)`` graph (single process only); ``optimizer="rowwise"``
 updates only the embedding rows a step touched (``mind.optim``).  Both levers are off by default.
+Second round, on by default (measured step by step in one process, ``--sections levers``):
+``pad_items`` pads the exact softmax's score rows to a multiple of 16 (MKL's sgemm is ~1.5x slower
+at an odd item count), ``split_h`` computes the profile part of the first H layer once per user,
+``genre_matmul`` pools genres by one matmul, and ``keep_freed_memory`` keeps freed heap memory in
+the process on glibc (``mind.allocator``; the resident size stays at its peak).  ``item_table="auto"``
+(embed the whole table for the sampled softmax too when N + 1 <= B L) stays off: it won on
+ML-100k and lost on a 5,000 to 30,000-item synthetic catalogue.
 """
 
 from __future__ import annotations
@@ -116,6 +123,13 @@ class TrainConfig:
     # Speed levers (issue 13, bench/bench_train.py): each stays off until it wins end to end.
     optimizer: str = "adamw"       # "adamw" | "rowwise" (embedding tables updated on touched rows only, mind/optim.py)
     compile: bool = False          # torch.compile(fullgraph=True) of the training forward + loss (single process)
+    # Second round (issue 13, ``bench/bench_train.py --sections levers``); none changes the model's
+    # math beyond float rounding, so none is part of _RESUME_MUST_MATCH.
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory (mind/allocator.py); RSS stays at its peak
+    split_h: bool = True           # first H layer as W1c C_k + W1p p_u, the profile part once per user
+    genre_matmul: bool = True      # genre pooling as a (n, genres) x (genres, d) matmul
+    pad_items: int = 16            # exact softmax: score rows padded to a multiple of this (1 = off)
+    item_table: str = "loss"       # "loss": whole table embedded only for the exact softmax; "auto": also when N + 1 <= B * L
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -149,7 +163,7 @@ class TrainResult:
 
 def build_model(data, config: TrainConfig) -> MIND:
     """A fresh MIND sized for ``data`` (items, genres, user features) and ``config``."""
-    return MIND(
+    model = MIND(
         num_items=int(data.num_items), item_genres=torch.as_tensor(np.asarray(data.item_genres), dtype=torch.long),
         num_genres=len(data.genre_names), user_feature_cardinalities=list(data.user_feature_cardinalities),
         dim=config.dim, num_interests=config.num_interests, num_iters=config.num_iters,
@@ -158,6 +172,32 @@ def build_model(data, config: TrainConfig) -> MIND:
         routing_init_std=config.routing_init_std, softmax_over=config.softmax_over,
         routing_weight_scale=config.routing_weight_scale, logit_scale=config.logit_scale,
         h_out_activation=config.h_out_activation)
+    model.split_h, model.genre_matmul = bool(config.split_h), bool(config.genre_matmul)
+    return model
+
+
+def build_loss(data, config: TrainConfig) -> SoftmaxLoss:
+    """The training objective of ``config`` for ``data``."""
+    if config.item_table not in ("auto", "loss"):
+        raise ValueError(f"item_table must be 'auto' or 'loss', got {config.item_table!r}")
+    return SoftmaxLoss(resolve_loss(config.loss, int(data.num_items)), np.asarray(data.item_counts),
+                       config.num_negatives, scoring=config.scoring, hard_negative_beta=config.hard_negative_beta,
+                       pad_items=int(config.pad_items))
+
+
+def use_item_table(model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist: torch.Tensor) -> bool:
+    """Whether a step embeds the whole item table once and gathers every item it needs from it.
+
+    Always for the exact softmax (it scores every item).  Otherwise, with ``item_table="auto"``,
+    when the table has no more rows than the batch has history positions (N + 1 <= B L): then
+    one pass over the table costs no more than embedding the batch's items, and it needs no
+    data-dependent ``torch.unique``.  ``"loss"`` keeps the table to the exact softmax.
+    """
+    if loss_fn.needs_item_table():
+        return True
+    if config.item_table not in ("auto", "loss"):
+        raise ValueError(f"item_table must be 'auto' or 'loss', got {config.item_table!r}")
+    return config.item_table == "auto" and model.num_items + 1 <= hist.numel()
 
 
 def _long(x) -> torch.Tensor:
@@ -257,7 +297,7 @@ def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, h
     instead of two, and no data-dependent ``torch.unique``).  Without dynamic interests every
     interest is active, so no mask is applied at all.
     """
-    table = model.item_embeddings() if loss_fn.needs_item_table() else None
+    table = model.item_embeddings() if use_item_table(model, loss_fn, config, hist) else None
     vectors, interest_mask = net(hist, feats, item_table=table)
     mask = interest_mask if model.dynamic_interests else None
     if config.scoring == "max":
@@ -319,9 +359,10 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     if config.compile and info.enabled:
         raise ValueError("compile=True needs a single process (DDP splits a compiled graph at its buckets)")
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay)
-    loss_fn = SoftmaxLoss(resolve_loss(config.loss, int(data.num_items)), np.asarray(data.item_counts),
-                          config.num_negatives,
-                          scoring=config.scoring, hard_negative_beta=config.hard_negative_beta)
+    loss_fn = build_loss(data, config)
+    if config.keep_freed_memory and model.item_genres.device.type == "cpu":
+        from .allocator import keep_freed_memory
+        keep_freed_memory()
 
     start_epoch, history = 1, []
     best_metric, best_epoch, bad_epochs = -math.inf, 0, 0

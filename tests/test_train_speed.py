@@ -143,3 +143,84 @@ def test_rowwise_optimizer_resume_matches_uninterrupted_run(tiny, tmp_path):
     with pytest.raises(Exception, match="optimizer"):
         train(tiny, TrainConfig(**{**cfg("b", 3).to_dict(), "optimizer": "adamw", "eval_ns": (20, 50)}),
               resume=True, log=lambda *_: None)
+
+
+# ----- second round: split H, genre matmul, padded exact softmax, item table rule, allocator
+
+def _pair(data, **kw):
+    """Two models with the same weights: round-1 forms (levers off) and the given levers."""
+    cfg0, m0, _ = _setup(data, "full", split_h=False, genre_matmul=False)
+    cfg1, m1, _ = _setup(data, "full", **kw)
+    m1.load_state_dict(m0.state_dict())
+    return m0, m1
+
+
+def test_split_h_and_genre_matmul_equal_the_concatenated_and_gathered_forms(tiny):
+    m0, m1 = _pair(tiny, split_h=True, genre_matmul=True)
+    assert m1.split_h and m1.genre_matmul and not m0.split_h
+    hist, feats, _ = _batch(tiny)
+    torch.manual_seed(0)
+    v0, _ = m0(hist, feats, item_table=m0.item_embeddings())
+    torch.manual_seed(0)
+    v1, _ = m1(hist, feats, item_table=m1.item_embeddings())
+    assert torch.allclose(v0, v1, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(v0)
+    g0 = torch.autograd.grad((v0 * w).sum(), list(m0.parameters()), allow_unused=True)
+    g1 = torch.autograd.grad((v1 * w).sum(), list(m1.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(m0.named_parameters(), g0, g1):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    # the genre matrix: rows sum to 1 for items with genres, column 0 (padding) is 0
+    P = m1.genre_pooling_matrix(torch.arange(m1.num_items + 1))
+    has = (m1.item_genres != 0).any(1)
+    assert torch.allclose(P.sum(1)[has], torch.ones(int(has.sum()))) and P[:, 0].abs().sum() == 0
+    # eval mode (serving, export) keeps the round-1 forms: bit-identical outputs
+    m0.eval(), m1.eval()
+    assert torch.equal(m0.interests(hist, feats)[0], m1.interests(hist, feats)[0])
+    assert torch.equal(m0.item_embeddings(), m1.item_embeddings())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_padded_exact_softmax_equals_the_unpadded_one(masked):
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(6, 3, 8, generator=g, requires_grad=True)
+    table = torch.randn(12, 8, generator=g)          # 11 items + padding row 0: 12 rows, padded to 16
+    table[0] = 0
+    table.requires_grad_(True)
+    mask = torch.tensor([[1, 1, 0]] * 6, dtype=torch.bool) if masked else None
+    targets = torch.tensor([1, 5, 11, 3, 3, 7])
+    from mind.loss import padded_best_interest_logits
+    logits = padded_best_interest_logits(V, mask, table, 16)
+    assert logits.shape == (6, 16) and torch.isinf(logits[:, 0]).all() and torch.isinf(logits[:, 12:]).all()
+    got = torch.nn.functional.cross_entropy(logits, targets)
+    want = torch.nn.functional.cross_entropy(best_interest_scores(V, mask, table[1:]), targets - 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    gV, gT = torch.autograd.grad(got, (V, table))
+    wV, wT = torch.autograd.grad(want, (V, table))
+    assert torch.allclose(gV, wV, atol=1e-6) and torch.allclose(gT, wT, atol=1e-6)
+    with pytest.raises(ValueError, match="pad_items"):
+        SoftmaxLoss("full", np.ones(12), pad_items=0)
+
+
+def test_item_table_auto_gives_the_same_sampled_loss(tiny):
+    from mind.train import build_loss, use_item_table
+    hist, feats, tgt = _batch(tiny)
+    losses = []
+    for rule in ("loss", "auto"):
+        cfg, model, _ = _setup(tiny, "sampled", item_table=rule)
+        loss_fn = build_loss(tiny, cfg)
+        assert use_item_table(model, loss_fn, cfg, hist) == (rule == "auto")   # tiny: N + 1 <= B L
+        torch.manual_seed(3)
+        losses.append(training_loss(model, model, loss_fn, cfg, hist, feats, tgt))
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    with pytest.raises(ValueError, match="item_table"):
+        build_loss(tiny, TrainConfig(item_table="always"))
+
+
+def test_keep_freed_memory_applies_on_glibc_only():
+    import platform
+    from mind.allocator import keep_freed_memory
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    assert keep_freed_memory() is glibc          # idempotent
