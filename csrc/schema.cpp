@@ -24,4 +24,17 @@ TORCH_LIBRARY(mind_kernels, m) {
   m.def(
       "routing_backward(Tensor grad_capsules, Tensor behaviors, Tensor weight, Tensor coupling, "
       "Tensor preactivation) -> (Tensor, Tensor)");
+  // Jagged batches (ROUTING.md, "Jagged batches"): values (N, D_in), offsets (B + 1) int64 (offsets[0] = 0,
+  // non-decreasing, offsets[B] = N), b0 (K, L_max) or (B, K, L_max) with L_max >= every history's length.
+  // capsules (B, K, D_out) in values' dtype; coupling w as (N, K) (row offsets[u] + i: behaviour i of user u)
+  // and preactivation z (B, K, D_out) in the accumulation dtype.
+  m.def(
+      "routing_jagged_forward(Tensor values, Tensor offsets, Tensor weight, Tensor init_logits, "
+      "Tensor? interest_mask, int num_iters, bool over_behaviors, float logit_scale=1.0) "
+      "-> (Tensor, Tensor, Tensor)");
+  // dvalues (N, D_in) in values' dtype and dS (D_out, D_in) in S's dtype, for detach_routing=True.
+  m.def(
+      "routing_jagged_backward(Tensor grad_capsules, Tensor values, Tensor offsets, Tensor weight, "
+      "Tensor coupling, Tensor preactivation) -> (Tensor, Tensor)");
 }
+
