@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from . import dispatch
 from .dispatch import RoutingCall
+from .jagged import is_jagged_nested, unpack_nested
 from .reference import compute_dtype
-from .validation import check_routing_inputs
+from .validation import check_jagged_inputs, check_routing_inputs
 
 
 def _call_of(behaviors, weight, shape, softmax_over, detach_routing) -> RoutingCall:
@@ -71,6 +72,77 @@ def b2i_routing(
         return capsules
     capsules, weights = chosen.run(
         behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, detach_routing, logit_scale
+    )
+    return (capsules, weights) if return_weights else capsules
+
+
+def b2i_routing_jagged(
+    values,
+    offsets,
+    weight,
+    init_logits,
+    interest_mask=None,
+    num_iters=3,
+    softmax_over="interests",
+    detach_routing=True,
+    logit_scale=1.0,
+    return_weights=False,
+    backend="auto",
+):
+    """B2I routing of a jagged batch: histories of different lengths without padding (ROUTING.md, "Jagged batches").
+
+    Args:
+        values: (N, D_in), every user's behaviours, user after user, oldest first (float32 / float16 /
+            bfloat16; float64 for testing); or a torch nested tensor with ``layout=torch.jagged`` of
+            shape (B, j, D_in), with ``offsets=None``.
+        offsets: (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = N: user u's behaviours
+            are values[offsets[u] : offsets[u + 1]] (TorchRec's ``JaggedTensor`` layout).  n_u = 0 is allowed.
+        weight: S (D_out, D_in), values' dtype or float32.
+        init_logits: b0 (K, L_max) or (B, K, L_max), with L_max >= every n_u; user u reads its first n_u
+            columns ("behaviors" mode: all L_max, the padding sitting in the softmax denominator).
+        interest_mask, num_iters, softmax_over, detach_routing, logit_scale, backend: as :func:`b2i_routing`.
+        return_weights: also return the final coupling weights as (N, K) float32, row offsets[u] + i
+            holding behaviour i's weight in each interest.
+
+    Returns:
+        capsules (B, K, D_out) in values' dtype (zeros for a user with n_u = 0); and w (N, K) when
+        ``return_weights``.
+
+    The result equals :func:`b2i_routing` on the zero-padded batch (B, L_max, D_in) with mask
+    position < n_u.  Gradients flow to ``values`` and ``weight``.  The cpp backend (CPU) runs a jagged
+    kernel whose cost follows N; the reference, cuda and triton backends pad to (B, L_max) on the
+    device and run their padded kernel (cost B x L_max).  The offsets are checked on the host (one
+    synchronisation on a GPU).
+    """
+    if is_jagged_nested(values):
+        if offsets is not None:
+            raise ValueError("b2i_routing_jagged: give `offsets=None` with a nested `values` (its offsets are used)")
+        values, offsets = unpack_nested(values)
+    shape = check_jagged_inputs(
+        values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, backend, logit_scale
+    )
+    logit_scale = float(logit_scale)
+    call = RoutingCall(
+        device_type=dispatch._device_type(values.device),
+        dtype=values.dtype,
+        weight_dtype=weight.dtype,
+        detach_routing=bool(detach_routing),
+        softmax_over=softmax_over,
+        batch=shape.batch,
+        length=shape.length,
+        interests=shape.interests,
+        in_dim=shape.in_dim,
+        out_dim=shape.out_dim,
+        jagged=True,
+    )
+    chosen = dispatch.select(call, backend)  # before the B = 0 shortcut: a refused backend raises either way
+    if shape.batch == 0:
+        capsules = values.new_zeros((0, shape.interests, shape.out_dim))
+        if return_weights:
+            return capsules, values.new_zeros((shape.rows, shape.interests), dtype=compute_dtype(values.dtype))
+        return capsules
+    capsules, weights = chosen.run_jagged(
+        values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing, logit_scale
     )
     return (capsules, weights) if return_weights else capsules
 

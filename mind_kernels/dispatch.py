@@ -17,6 +17,11 @@ normally serve the device (for example the C++ kernels for
 ``detach_routing=False``), the fallback is logged once per reason on the
 ``mind_kernels`` logger.
 
+Jagged calls (``b2i_routing_jagged``: values (N, D_in) + offsets, ``RoutingCall.jagged``; ``length`` is
+then b0's L_max) go through the same choice and each backend's ``run_jagged``: cpp runs the truly
+jagged CPU kernel (cost follows N); reference, cuda and triton pad the batch to (B, L_max) on the
+device and run their padded kernel (:func:`mind_kernels.jagged.via_padding`; cost follows B x L_max).
+
 The fused GPU kernels (cuda, triton) have not been verified on every GPU (see
 ``mind_kernels.selftest.VERIFIED``): the first call in a process that a GPU
 backend serves on a CUDA tensor logs once, at WARNING level on the same logger,
@@ -53,6 +58,7 @@ class RoutingCall(NamedTuple):
     interests: int
     in_dim: int
     out_dim: int
+    jagged: bool = False  # values + offsets (b2i_routing_jagged); length is then L_max
 
 
 @dataclass
@@ -61,7 +67,8 @@ class Backend:
 
     ``unavailable`` says why the backend cannot run at all on a device type
     (not built, not installed), or None; ``refuses`` lists the reasons it
-    cannot take one call; ``run`` computes (capsules, coupling weights).
+    cannot take one call; ``run`` computes (capsules, coupling weights);
+    ``run_jagged`` the same for a jagged batch (values, offsets, ...), with w as (N, K).
     """
 
     name: str
@@ -69,6 +76,7 @@ class Backend:
     unavailable: Callable[[str], Optional[str]]
     refuses: Callable[[RoutingCall], List[str]]
     run: Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+    run_jagged: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = None
 
     def not_supported_reasons(self, call: RoutingCall) -> List[str]:
         if call.device_type not in self.devices:
@@ -141,11 +149,52 @@ def _triton_run(
     )
 
 
+def _reference_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
+                          detach_routing, logit_scale=1.0):
+    return reference.b2i_routing_jagged_reference(
+        values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing, True,
+        logit_scale=logit_scale,
+    )
+
+
+def _cpp_refuses(call: RoutingCall) -> List[str]:
+    reasons = _fused_refuses(call)
+    if call.jagged:
+        from . import ops
+
+        why = ops.jagged_kernel_unavailable_reason("cpu")
+        if why is not None:
+            reasons.append(why)
+    return reasons
+
+
+def _cpp_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing,
+                    logit_scale=1.0):
+    from . import ops
+
+    return ops.routing_jagged_fused(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
+                                    logit_scale)
+
+
+def _padding_runner(run):
+    """A jagged ``run`` that pads on the device and calls the padded ``run`` (cost follows B x L_max)."""
+
+    def run_jagged(*args, **kwargs):
+        from .jagged import via_padding
+
+        return via_padding(run, *args, **kwargs)
+
+    return run_jagged
+
+
 BACKENDS: Dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), lambda d: None, lambda c: [], _reference_run),
-    "cpp": Backend("cpp", ("cpu",), _compiled_unavailable, _fused_refuses, _compiled_run),
-    "cuda": Backend("cuda", ("cuda",), _compiled_unavailable, _fused_refuses, _compiled_run),
-    "triton": Backend("triton", ("cuda", "cpu"), _triton_unavailable, _triton_refuses, _triton_run),
+    "reference": Backend("reference", ("cpu", "cuda"), lambda d: None, lambda c: [], _reference_run,
+                         _reference_run_jagged),
+    "cpp": Backend("cpp", ("cpu",), _compiled_unavailable, _cpp_refuses, _compiled_run, _cpp_run_jagged),
+    "cuda": Backend("cuda", ("cuda",), _compiled_unavailable, _fused_refuses, _compiled_run,
+                    _padding_runner(_compiled_run)),
+    "triton": Backend("triton", ("cuda", "cpu"), _triton_unavailable, _triton_refuses, _triton_run,
+                      _padding_runner(_triton_run)),
 }
 
 #: "auto" tries these in order; triton serves CPU tensors only when asked for by name (interpreter).
@@ -221,7 +270,8 @@ def _select(call: RoutingCall, requested: str, env: Optional[str]) -> Backend:
         reasons = backend.not_supported_reasons(call)
         if reasons:
             source = f"backend={requested!r}" if requested != "auto" else f"{ENV_VAR}={forced!r}"
-            raise ValueError(f"b2i_routing: {source} cannot serve this call: " + "; ".join(reasons))
+            op = "b2i_routing_jagged" if call.jagged else "b2i_routing"
+            raise ValueError(f"{op}: {source} cannot serve this call: " + "; ".join(reasons))
         return backend
 
     order = PREFERENCE.get(call.device_type)

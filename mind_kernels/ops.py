@@ -8,6 +8,15 @@ The schema is defined once in C++ (``csrc/schema.cpp``, ``TORCH_LIBRARY``)::
     mind_kernels::routing_backward(Tensor grad_capsules, Tensor behaviors, Tensor weight,
         Tensor coupling, Tensor preactivation) -> (Tensor grad_behaviors, Tensor grad_weight)
 
+    mind_kernels::routing_jagged_forward(Tensor values, Tensor offsets, Tensor weight, Tensor init_logits,
+        Tensor? interest_mask, int num_iters, bool over_behaviors, float logit_scale=1.0)
+        -> (Tensor capsules, Tensor coupling, Tensor preactivation)
+    mind_kernels::routing_jagged_backward(Tensor grad_capsules, Tensor values, Tensor offsets, Tensor weight,
+        Tensor coupling, Tensor preactivation) -> (Tensor grad_values, Tensor grad_weight)
+
+The jagged pair (ROUTING.md, "Jagged batches"; CPU only, csrc/routing_jagged_cpu.cpp) takes histories as
+values (N, D_in) + offsets (B + 1,); its coupling is (N, K), aligned with values' rows.
+
 ``capsules`` (B, K, D_out) has E's dtype; ``coupling`` w (B, K, L) and
 ``preactivation`` z (B, K, D_out) are in the accumulation dtype (float64 for
 float64 inputs, else float32).  ``logit_scale`` s scales the logit update
@@ -92,6 +101,23 @@ def _kernel_unavailable_reason(device_type: str) -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result
+def jagged_kernel_unavailable_reason(device_type: str) -> Optional[str]:
+    """None when the compiled jagged routing kernel exists for ``device_type``, else why not."""
+    return _jagged_kernel_unavailable_reason(device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _jagged_kernel_unavailable_reason(device_type: str) -> Optional[str]:
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    for op in ("routing_jagged_forward", "routing_jagged_backward"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mind_kernels::{op}", key):
+            return f"mind_kernels._C has no {key} kernel for {op} (rebuild the extension)"
+    return None
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -143,6 +169,51 @@ if _C is not None:
 
     torch.library.register_autograd("mind_kernels::routing_forward", _backward, setup_context=_setup_context)
 
+    if hasattr(torch.ops.mind_kernels, "routing_jagged_forward"):  # an older build may lack the jagged ops
+
+        @torch.library.register_fake("mind_kernels::routing_jagged_forward")
+        def _routing_jagged_forward_fake(
+            values, offsets, weight, init_logits, interest_mask, num_iters, over_behaviors, logit_scale=1.0
+        ):
+            # Every output size is known from the input sizes: B from offsets, N from values.
+            B = offsets.shape[0] - 1
+            K = init_logits.shape[-2]
+            D_out = weight.shape[0]
+            acc = _acc_dtype(values.dtype)
+            capsules = values.new_empty((B, K, D_out))
+            coupling = values.new_empty((values.shape[0], K), dtype=acc)
+            preactivation = values.new_empty((B, K, D_out), dtype=acc)
+            return capsules, coupling, preactivation
+
+        @torch.library.register_fake("mind_kernels::routing_jagged_backward")
+        def _routing_jagged_backward_fake(grad_capsules, values, offsets, weight, coupling, preactivation):
+            return torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(
+                weight, memory_format=torch.contiguous_format
+            )
+
+        def _jagged_setup_context(ctx, inputs, output):
+            values, offsets, weight = inputs[0], inputs[1], inputs[2]
+            _, coupling, preactivation = output
+            ctx.save_for_backward(values, offsets, weight, coupling, preactivation)
+
+        def _jagged_backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
+            values, offsets, weight, coupling, preactivation = ctx.saved_tensors
+            if grad_capsules is None:
+                return (None,) * 8
+            grad_values, grad_weight = torch.ops.mind_kernels.routing_jagged_backward(
+                grad_capsules, values, offsets, weight, coupling, preactivation
+            )
+            return (
+                grad_values if ctx.needs_input_grad[0] else None,
+                None,  # offsets
+                grad_weight if ctx.needs_input_grad[2] else None,
+                None, None, None, None, None,  # init_logits, interest_mask, num_iters, over_behaviors, logit_scale
+            )
+
+        torch.library.register_autograd(
+            "mind_kernels::routing_jagged_forward", _jagged_backward, setup_context=_jagged_setup_context
+        )
+
 
 def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, logit_scale=1.0):
     """Run the compiled op (CPU or CUDA by the tensors' device); returns (capsules, coupling).
@@ -175,6 +246,24 @@ def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters
             capsules, coupling, _ = torch.ops.mind_kernels.routing_forward(*args)
     else:
         capsules, coupling, _ = torch.ops.mind_kernels.routing_forward(*args)
+    return capsules, coupling
+
+
+def routing_jagged_fused(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
+                         logit_scale=1.0):
+    """Run the compiled jagged op (CPU); returns (capsules (B, K, D_out), coupling (N, K))."""
+    acc = _acc_dtype(values.dtype)
+    if interest_mask is not None and interest_mask.dtype != torch.bool:
+        interest_mask = interest_mask != 0
+    if init_logits.dtype != acc:
+        init_logits = init_logits.to(acc)
+    args = (values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over == "behaviors",
+            float(logit_scale))
+    if _autograd_not_needed(values, weight):
+        with torch._C._AutoDispatchBelowAutograd():
+            capsules, coupling, _ = torch.ops.mind_kernels.routing_jagged_forward(*args)
+    else:
+        capsules, coupling, _ = torch.ops.mind_kernels.routing_jagged_forward(*args)
     return capsules, coupling
 
 

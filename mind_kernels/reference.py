@@ -169,3 +169,42 @@ def b2i_routing_reference(
     if return_weights:
         return capsules, w.detach()
     return capsules
+
+
+def b2i_routing_jagged_reference(
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    init_logits: torch.Tensor,
+    interest_mask: Optional[torch.Tensor] = None,
+    num_iters: int = 3,
+    softmax_over: str = "interests",
+    detach_routing: bool = True,
+    return_weights: bool = False,
+    logit_scale: float = 1.0,
+):
+    """B2I routing of a jagged batch (ROUTING.md, "Jagged batches"), by definition: the padded op on the padded batch.
+
+    Args:
+        values: (N, D_in), every user's behaviours one user after another.
+        offsets: (B + 1,) int64; user u's behaviours are values[offsets[u] : offsets[u + 1]].
+        weight, num_iters, softmax_over, detach_routing, logit_scale: as :func:`b2i_routing_reference`.
+        init_logits: b0 (K, L_max) or (B, K, L_max); user u reads its first n_u columns (all L_max in
+            "behaviors" mode, where the padding sits in the softmax denominator).
+        interest_mask: (B, K) or None.
+
+    Returns:
+        capsules (B, K, D_out) in values' dtype, and the final coupling w (N, K) when ``return_weights``.
+
+    The batch is padded to (B, L_max, D_in) with zero rows (:func:`mind_kernels.jagged.pad`), so this
+    costs B x L_max, not N: it is the spec and the oracle, not the fast path.  Gradients flow to values
+    (through the padding) and S.
+    """
+    from .jagged import coupling_to_jagged, pad
+
+    E, mask = pad(values, offsets, init_logits.shape[-1])
+    capsules, w = b2i_routing_reference(E, weight, init_logits, mask, interest_mask, num_iters, softmax_over,
+                                        detach_routing, True, logit_scale=logit_scale)
+    if return_weights:
+        return capsules, coupling_to_jagged(w, offsets, values.shape[0])
+    return capsules
