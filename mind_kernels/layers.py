@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .api import b2i_routing
+from .api import b2i_routing, b2i_routing_jagged
+from .jagged import is_jagged_nested, lengths as jagged_lengths, longest, unpack_nested
 from .validation import check_logit_scale
 
 #: Eval-mode logits are drawn in chunks of this many positions, each from its own seeded
@@ -40,6 +41,11 @@ def dynamic_interest_mask(mask: Optional[torch.Tensor], num_interests: int, leng
                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
             )
         counts = (mask != 0).sum(dim=1)
+    return _interest_mask_from_counts(counts, num_interests)
+
+
+def _interest_mask_from_counts(counts: torch.Tensor, num_interests: int) -> torch.Tensor:
+    """(B, K) bool: j < K'_u for the (B,) history lengths ``counts``."""
     # floor(log2 n) for integers n >= 1, exactly: bit length - 1 (float log2 can round 2^k - 1 up).
     k_u = torch.zeros_like(counts)
     n = counts.clone()
@@ -79,6 +85,9 @@ class B2IRouting(nn.Module):
     * ``logit_scale`` s (finite float > 0, a plain attribute, not a parameter):
       the routing's logit update is b_ij += s * (c_j . u_i); EasyRec's MIND uses
       s around 20, 1 is the paper's update.
+    * ``forward_jagged(values (N, in_dim), offsets (B + 1,), max_len=None)``: the same
+      layer on a jagged batch (:func:`mind_kernels.b2i_routing_jagged`); equals
+      ``forward`` on the batch padded to ``max_len`` (the same b0 draws and buffer).
     """
 
     def __init__(
@@ -155,6 +164,55 @@ class B2IRouting(nn.Module):
             self.weight,
             self.initial_logits(B, L, behaviors.device),
             mask=mask,
+            interest_mask=interest_mask,
+            num_iters=self.num_iters,
+            softmax_over=self.softmax_over,
+            logit_scale=self.logit_scale,
+            return_weights=return_weights,
+            backend=self.backend,
+        )
+
+    def forward_jagged(
+        self,
+        values: torch.Tensor,
+        offsets: Optional[torch.Tensor] = None,
+        max_len: Optional[int] = None,
+        return_weights: bool = False,
+    ):
+        """The layer on a jagged batch: values (N, in_dim) + offsets (B + 1,) int64, or a jagged nested tensor.
+
+        ``max_len`` is L_max, the positions b0 covers (default: the longest history in the batch, which
+        reads the offsets: one synchronisation on a GPU).  The result equals :meth:`forward` on the batch
+        zero-padded to ``max_len`` with mask position < n_u: training mode draws b0 (B, K, max_len) from
+        the same generator, eval mode slices the same buffer, and ``dynamic_interests`` counts the same
+        n_u.  ``max_len`` matters beyond b0's size only with ``softmax_over="behaviors"`` (padding sits in
+        that softmax's denominator).  Returns capsules (B, K, out_dim), and w (N, K) with ``return_weights``.
+        """
+        if is_jagged_nested(values):
+            if offsets is not None:
+                raise ValueError("B2IRouting.forward_jagged: give `offsets=None` with a nested `values`")
+            values, offsets = unpack_nested(values)
+        if not isinstance(values, torch.Tensor) or values.dim() != 2:
+            raise ValueError(
+                "B2IRouting.forward_jagged: `values` must be a (N, in_dim) tensor or a jagged nested tensor, got "
+                f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
+            )
+        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.shape[0] < 1:
+            raise ValueError("B2IRouting.forward_jagged: `offsets` must be a (B + 1,) int64 tensor, got "
+                             f"{tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets).__name__}")
+        B = offsets.shape[0] - 1
+        if max_len is None:
+            max_len = max(1, longest(offsets))
+        elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"B2IRouting.forward_jagged: `max_len` must be an int >= 1, got {max_len!r}")
+        interest_mask = None
+        if self.dynamic_interests:
+            interest_mask = _interest_mask_from_counts(jagged_lengths(offsets), self.num_interests)
+        return b2i_routing_jagged(
+            values,
+            offsets,
+            self.weight,
+            self.initial_logits(B, max_len, values.device),
             interest_mask=interest_mask,
             num_iters=self.num_iters,
             softmax_over=self.softmax_over,
