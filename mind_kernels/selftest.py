@@ -3,7 +3,7 @@
 On each device present it runs every built fused backend (cpp on CPU; cuda and triton on a CUDA device;
 triton on CPU only under ``TRITON_INTERPRET=1``, on tiny shapes) through the public API over a small grid:
 the paper shape (L=50, D=64, K=4, r=3) and odd shapes, float32 / float16 / bfloat16, behaviour masks
-(with an empty user), the dynamic interest mask and random interest masks (with a user whose interests
+(with an empty user), jagged batches (values + offsets, ``b2i_routing_jagged``), the dynamic interest mask and random interest masks (with a user whose interests
 are all inactive), both softmax axes, logit_scale 1 and 20, B=0, B=1, forward (capsules, coupling) and
 gradients (dE, dS).  Each result is compared with the reference run in float64 on the same inputs, with
 ROUTING.md's tolerances (:mod:`mind_kernels.checks`).  It prints a pass/fail table and one timing line per
@@ -69,6 +69,7 @@ class Case:
     batched_logits: bool = True
     r: int = 3
     long_reductions: bool = False  # float32 dS over B * L rows: held to the same-dtype rule (mind_kernels.checks)
+    jagged: bool = False  # the same users as values + offsets through b2i_routing_jagged (w is then (N, K))
 
 
 def _interpreting(backend: str, device: str) -> bool:
@@ -90,6 +91,8 @@ def grid(backend: str, device: str, quick: bool = False) -> List[Case]:
             cases += [Case("L=D=K=1", 4, 1, 1, 1, 1, F32, imask="random"),
                       Case("through S, K=5", 4, 7, 12, 5, 5, F32, "behaviors", imask="random")]
         cases += [Case("B=1", 1, 5, 3, 6, 3, F32), Case("B=0", 0, 5, 3, 6, 3, F32)]
+        cases += [Case("jagged tiny", *T, F32, over, 20.0, imask="random", jagged=True)
+                  for over in (("behaviors",) if quick else ("interests", "behaviors"))]
         return cases
 
     P = PAPER
@@ -119,6 +122,12 @@ def grid(backend: str, device: str, quick: bool = False) -> List[Case]:
     if not quick:
         cases += [Case("B=1", 1, *P[1:], F32, "behaviors"), Case("B=1", 1, *P[1:], BF16, "interests")]
     cases.append(Case("B=0", 0, *P[1:], F32))
+    # Jagged batches: the same users as values + offsets (mind_kernels.jagged), w compared as (N, K).
+    cases += [Case("jagged", *P, F32, "interests", jagged=True), Case("jagged", *P, F32, "behaviors", 20.0, jagged=True)]
+    if not quick:
+        cases += [Case("jagged", *P, BF16, "interests", 20.0, jagged=True),
+                  Case("jagged, odd, through S", 4, 11, 12, 5, 5, F32, "behaviors", imask="random", jagged=True),
+                  Case("jagged B=1", 1, *P[1:], F32, jagged=True), Case("jagged B=0", 0, *P[1:], F32, jagged=True)]
     return cases
 
 
@@ -169,6 +178,26 @@ def _api(backend: str):
     return fn
 
 
+def _api_jagged(backend: str):
+    """``_api``'s signature for a jagged call: E is values (N, D_in) and the mask slot holds the offsets."""
+    from .api import b2i_routing_jagged
+
+    def fn(V, S, b0, offsets, interest_mask, r, over, logit_scale=1.0):
+        return b2i_routing_jagged(V, offsets, S, b0, interest_mask, r, over, logit_scale=logit_scale,
+                                  return_weights=True, backend=backend)
+
+    return fn
+
+
+def _as_jagged(E, mask):
+    """(values, offsets) of the users of ``make_inputs`` with each one's valid count kept as a prefix."""
+    from .jagged import jagged_from_padded
+
+    B, L, _ = E.shape
+    n = (mask != 0).sum(dim=1) if mask is not None else torch.full((B,), L, device=E.device)
+    return jagged_from_padded(E, torch.arange(L, device=E.device)[None, :] < n[:, None])
+
+
 @dataclass
 class Row:
     backend: str
@@ -194,13 +223,17 @@ def run_case(backend: str, device: str, case: Case, seed: int = 0) -> Row:
     start = time.perf_counter()
     try:
         E, S, b0, mask, im, G = make_inputs(case, device, seed)
+        api = _api
+        if case.jagged:
+            E, mask = _as_jagged(E, mask)  # mask now holds the offsets
+            api = _api_jagged
         args = (mask, im, G, case.r, case.over)
-        got = run_op(_api(backend), E, S, b0, *args, logit_scale=case.scale)
-        oracle = run_op(_api("reference"), E.double(), S.double(), b0.double(), mask, im, G.double(), case.r,
+        got = run_op(api(backend), E, S, b0, *args, logit_scale=case.scale)
+        oracle = run_op(api("reference"), E.double(), S.double(), b0.double(), mask, im, G.double(), case.r,
                         case.over, logit_scale=case.scale)
         same = None
         if case.dtype in HALF_DTYPES or case.long_reductions:
-            same = run_op(_api("reference"), E, S, b0, *args, logit_scale=case.scale)
+            same = run_op(api("reference"), E, S, b0, *args, logit_scale=case.scale)
         errs = compare(got, oracle, same, case.dtype)
         row.errors = {e.name: e.max_err for e in errs}
         row.used = max(e.used for e in errs)
@@ -211,9 +244,12 @@ def run_case(backend: str, device: str, case: Case, seed: int = 0) -> Row:
         want = {"capsules": (c.dtype, case.dtype), "coupling": (w.dtype, F32), "dE": (dE.dtype, case.dtype),
                 "dS": (dS.dtype, S.dtype)}
         notes += [f"{n} is {DTYPE_NAMES.get(a, a)}, not {DTYPE_NAMES.get(b, b)}" for n, (a, b) in want.items() if a != b]
-        if mask is not None and B > 1 and not ((c[0] == 0).all() and (w[0] == 0).all() and (dE[0] == 0).all()):
+        if case.jagged:
+            if B > 1 and int(mask[1]) == 0 and not (c[0] == 0).all():
+                notes.append("the user without behaviours did not get zeros")
+        elif mask is not None and B > 1 and not ((c[0] == 0).all() and (w[0] == 0).all() and (dE[0] == 0).all()):
             notes.append("the user without behaviours did not get zeros")
-        if case.imask == "random" and B > 2 and not ((c[1] == 0).all() and (w[1] == 0).all()):
+        if case.imask == "random" and B > 2 and not ((c[1] == 0).all() and (case.jagged or (w[1] == 0).all())):
             notes.append("the user without active interests did not get zeros")
         if device == "cuda":
             torch.cuda.synchronize()
