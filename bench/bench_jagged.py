@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     B, L = args.batch, args.max_len
     head = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-            f"thread(s), git {git_revision()}; B={B} L_max={L} D={D} K={K} r={R} float32; ms, median of {args.reps}")
+            f"thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, git {git_revision()}; B={B} L_max={L} D={D} K={K} r={R} float32; ms, median of {args.reps}")
     print(head)
     lines = ["| lengths | mean n_u | ideal | softmax over | jagged fwd | padded fwd | fwd ratio | jagged fwd+bwd "
              "| padded fwd+bwd | fwd+bwd ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
