@@ -19,8 +19,9 @@ normally serve the device (for example the C++ kernels for
 
 Jagged calls (``b2i_routing_jagged``: values (N, D_in) + offsets, ``RoutingCall.jagged``; ``length`` is
 then b0's L_max) go through the same choice and each backend's ``run_jagged``: cpp runs the truly
-jagged CPU kernel (cost follows N); reference, cuda and triton pad the batch to (B, L_max) on the
-device and run their padded kernel (:func:`mind_kernels.jagged.via_padding`; cost follows B x L_max).
+jagged CPU kernel (cost follows N); triton runs its kernels in jagged mode (memory traffic follows N,
+arithmetic on (K, L_max) tiles); reference and cuda pad the batch to (B, L_max) on the device and run
+their padded kernel (:func:`mind_kernels.jagged.via_padding`; cost follows B x L_max).
 
 The fused GPU kernels (cuda, triton) have not been verified on every GPU (see
 ``mind_kernels.selftest.VERIFIED``): the first call in a process that a GPU
@@ -176,6 +177,14 @@ def _cpp_run_jagged(values, offsets, weight, init_logits, interest_mask, num_ite
                                     logit_scale)
 
 
+def _triton_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing,
+                       logit_scale=1.0):
+    from .triton import routing as triton_routing
+
+    return triton_routing.routing_jagged_triton(values, offsets, weight, init_logits, interest_mask, num_iters,
+                                                softmax_over, logit_scale)
+
+
 def _padding_runner(run):
     """A jagged ``run`` that pads on the device and calls the padded ``run`` (cost follows B x L_max)."""
 
@@ -194,7 +203,7 @@ BACKENDS: Dict[str, Backend] = {
     "cuda": Backend("cuda", ("cuda",), _compiled_unavailable, _fused_refuses, _compiled_run,
                     _padding_runner(_compiled_run)),
     "triton": Backend("triton", ("cuda", "cpu"), _triton_unavailable, _triton_refuses, _triton_run,
-                      _padding_runner(_triton_run)),
+                      _triton_run_jagged),
 }
 
 #: "auto" tries these in order; triton serves CPU tensors only when asked for by name (interpreter).

@@ -34,6 +34,10 @@ def main() -> None:
     print()
     print("backend    where  status")
     print(backends())
+    jagged_cpu = ops.jagged_kernel_unavailable_reason("cpu")
+    print("jagged batches (b2i_routing_jagged): cpp " + ("runs the jagged CPU kernel (cost follows N)" if jagged_cpu
+                                                        is None else f"unavailable: {jagged_cpu}")
+          + "; reference, cuda and triton pad to (B, L_max) on the device and run their padded kernel")
     print()
     print("verified on real hardware (device, date; mind_kernels.selftest.VERIFIED):")
     for name, where in VERIFIED.items():

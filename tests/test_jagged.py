@@ -5,9 +5,9 @@ against the padded op on the same users; gradients to values and S; gradcheck in
 B = 0, B = 1; nested tensors; the layer's ``forward_jagged``; bad input errors; torch.library opcheck
 and torch.compile of the CPU op.
 
-Triton runs under its interpreter in a child process (``TRITON_INTERPRET=1`` must be set before
-triton's first import; tests/test_triton.py does the same): ``test_triton_interpreter_suite`` re-runs
-this file's ``interp`` tests there.  The cuda backend serves jagged calls by padding on the device
+Triton (its kernels with ``JAGGED=True``) runs under its interpreter in a child process
+(``TRITON_INTERPRET=1`` must be set before triton's first import; tests/test_triton.py does the same):
+``test_triton_interpreter_suite`` re-runs this file's ``interp`` tests there.  The cuda backend serves jagged calls by padding on the device
 (mind_kernels.jagged.via_padding) and running its padded kernel, which tests/test_cuda_kernel.py checks
 (on a GPU, and through the CPU emulation); here ``via_padding`` is checked with the CPU padded kernel
 in its place.
@@ -381,6 +381,18 @@ def test_torch_compile_fullgraph():
     assert torch.equal(Vg.grad, Ve.grad)
 
 
+@needs_cpp
+def test_torch_compile_fullgraph_of_the_public_api():
+    """Under torch.compile the offsets' values are left to the kernel's own checks: no graph break."""
+    V, off, S, b0, im, G = make_jagged([3, 0, 5, 2], 6, 7, 3, imask="random")
+
+    def f(v, o, s, b, m):
+        return b2i_routing_jagged(v, o, s, b, m, backend="cpp")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(V, off, S, b0, im), f(V, off, S, b0, im))
+
+
 # ------------------------------------------------------------------ Triton, under the interpreter
 
 
@@ -414,3 +426,30 @@ def test_interp_triton_batch_zero_and_one():
     assert b2i_routing_jagged(V, off, S, b0, backend="triton").shape == (0, 3, 6)
     V, off, S, b0, _, G = make_jagged([4], 3, 6, 3)
     check_against_reference("triton", V, off, S, b0, None, G, 3, "behaviors", 1.0)
+
+
+@interp
+@pytest.mark.parametrize("over", ["interests", "behaviors"])
+def test_interp_triton_equals_padded_triton_on_the_same_users(over):
+    V, off, S, b0, im, G = make_jagged([2, 0, 6, 3], 4, 6, 3, L_max=7, imask="random", seed=5)
+    c, w, dV, dS = run_jagged("triton", V, off, S, b0, im, G, 3, over, 20.0)
+    E, mask = pad(V, off, 7)
+    Ep, Sp = E.clone().requires_grad_(), S.clone().requires_grad_()
+    cp, wp = b2i_routing(Ep, Sp, b0, mask, im, 3, over, logit_scale=20.0, return_weights=True, backend="triton")
+    cp.backward(G)
+    torch.testing.assert_close(c, cp.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w, coupling_to_jagged(wp, off, V.shape[0]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dV, Ep.grad[mask], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dS, Sp.grad, atol=1e-6, rtol=1e-5)
+
+
+@interp
+def test_interp_triton_through_s_shared_logits_and_empty_users():
+    # D_in >= 2 D_out: the iterations go through S, not Q; b0 shared (K, L_max); users with no behaviour.
+    V, off, S, b0, im, G = make_jagged([0, 3, 0, 5], 8, 3, 2, L_max=6, per_user_b0=False, seed=6)
+    for over in ("interests", "behaviors"):
+        c, *_ = check_against_reference("triton", V, off, S, b0, im, G, 3, over, 1.0)
+        assert (c[0] == 0).all() and (c[2] == 0).all()
+    V, off, S, b0, im, G = make_jagged([0, 0], 3, 4, 2, L_max=3)
+    c, w, dV, dS = run_jagged("triton", V, off, S, b0, im, G)
+    assert (c == 0).all() and w.shape == (0, 2) and (dS == 0).all()

@@ -389,7 +389,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(dtype, over):
     if not isinstance(kernels.routing_fwd_kernel, JITFunction):
         pytest.skip("triton was imported under the interpreter in this process")
     compiled = triton_routing.compile_for_sm90(dtype, over_behaviors=over)
-    assert len(compiled) == 4
+    assert len(compiled) == 6  # forward through Q, through S and jagged; backward padded and jagged; Gram
     for label, kernel, _ in compiled:
         assert kernel.asm.get("cubin"), f"{label}: no cubin"
         name = label.split()[0]

@@ -33,6 +33,12 @@ computed once per call by ``gram_kernel``, and never form z:
 K D_in^2 multiply-adds instead of 2 K D_in D_out per iteration (the same
 formulation as the CPU kernel; 22% fewer FLOPs at L=50, D=64, K=4, r=3).
 
+Jagged batches (``JAGGED``): E is values (N, D_IN) with offsets (B + 1) int64; user b's rows start at
+offsets[b] and n_b of them are real.  The tile's rows past n_b are masked to zero on load (the zero
+padding the padded op would see: no memory traffic for them), the validity mask is i < n_b, the
+coupling w is stored as (N, K) rows and dE as (N, D_IN) rows.  Memory traffic follows N; the
+arithmetic still runs on the (BK, BL) tile, BL = L_max rounded up to a power of two.
+
 Half inputs are cast to float32 right after loading; all accumulation is in
 float32 (no libdevice, no inline asm, no block pointers: interpreter-friendly).
 """
@@ -106,14 +112,16 @@ def gram_kernel(S_ptr, Q_ptr, D_IN, D_OUT, ROWS: tl.constexpr, BDI: tl.constexpr
 
 @triton.jit
 def routing_fwd_kernel(
-    E_ptr, S_ptr, Q_ptr, B0_ptr, M_ptr, IM_ptr,  # inputs
+    E_ptr, OFF_ptr, S_ptr, Q_ptr, B0_ptr, M_ptr, IM_ptr,  # inputs (OFF_ptr: jagged offsets, unused unless JAGGED)
     C_ptr, W_ptr, Z_ptr,  # outputs: capsules (E's dtype), coupling w (fp32), preactivation z (fp32)
     B, L, K, D_IN, D_OUT, b0_stride_b, num_iters, logit_scale,
     HAS_MASK: tl.constexpr, HAS_IMASK: tl.constexpr, OVER_BEHAVIORS: tl.constexpr, USE_GRAM: tl.constexpr,
     BL: tl.constexpr, BK: tl.constexpr, BDI: tl.constexpr, BDO: tl.constexpr,
-    EPS: tl.constexpr,
+    EPS: tl.constexpr, JAGGED: tl.constexpr = False,
 ):
     """Forward routing for users pid, pid + P, ...; all tensors contiguous.
+
+    JAGGED: E is values (N, D_IN) with offsets (B + 1) at OFF_ptr, L is L_max, no M_ptr, and w is (N, K).
 
     E (B, L, D_IN); S (D_OUT, D_IN); Q = S^T S (D_IN, D_IN) fp32 when USE_GRAM;
     b0 (B or 1, K, L) fp32 with batch stride ``b0_stride_b`` (0 = broadcast);
@@ -140,12 +148,18 @@ def routing_fwd_kernel(
 
     for b in range(pid, B, nprog):
         b64 = tl.cast(b, tl.int64)  # B * L * D_IN may pass 2^31
-        E = tl.load(E_ptr + b64 * L * D_IN + offs_l[:, None] * D_IN + offs_i[None, :], mask=tile_e, other=0.0)
-        E = E.to(tl.float32)
-        if HAS_MASK:
-            valid_l = (tl.load(M_ptr + b64 * L + offs_l, mask=in_l, other=0) != 0) & in_l
+        if JAGGED:
+            row0 = tl.load(OFF_ptr + b64)
+            valid_l = offs_l < (tl.load(OFF_ptr + b64 + 1) - row0)  # n_b <= L (validated)
+            E = tl.load(E_ptr + (row0 + offs_l[:, None]) * D_IN + offs_i[None, :],
+                        mask=valid_l[:, None] & in_i[None, :], other=0.0)
         else:
-            valid_l = in_l
+            E = tl.load(E_ptr + b64 * L * D_IN + offs_l[:, None] * D_IN + offs_i[None, :], mask=tile_e, other=0.0)
+            if HAS_MASK:
+                valid_l = (tl.load(M_ptr + b64 * L + offs_l, mask=in_l, other=0) != 0) & in_l
+            else:
+                valid_l = in_l
+        E = E.to(tl.float32)
         if HAS_IMASK:
             active_k = (tl.load(IM_ptr + b64 * K + offs_k, mask=in_k, other=0) != 0) & in_k
         else:
@@ -183,16 +197,19 @@ def routing_fwd_kernel(
         out_ko = b64 * K * D_OUT + offs_k[:, None] * D_OUT + offs_o[None, :]
         tl.store(C_ptr + out_ko, c.to(C_ptr.dtype.element_ty), mask=tile_ko)
         tl.store(Z_ptr + out_ko, z, mask=tile_ko)
-        tl.store(W_ptr + b64 * K * L + offs_k[:, None] * L + offs_l[None, :], w, mask=tile_kl)
+        if JAGGED:
+            tl.store(W_ptr + (row0 + offs_l[None, :]) * K + offs_k[:, None], w, mask=in_k[:, None] & valid_l[None, :])
+        else:
+            tl.store(W_ptr + b64 * K * L + offs_k[:, None] * L + offs_l[None, :], w, mask=tile_kl)
 
 
 @triton.jit
 def routing_bwd_kernel(
-    G_ptr, E_ptr, S_ptr, W_ptr, Z_ptr,  # inputs: dL/dc, E, S, saved w and z
+    G_ptr, E_ptr, OFF_ptr, S_ptr, W_ptr, Z_ptr,  # inputs: dL/dc, E, (jagged offsets), S, saved w and z
     DE_ptr, DSP_ptr,  # outputs: dE (E's dtype), dS partials (P, D_OUT, D_IN) fp32
     B, L, K, D_IN, D_OUT,
     BL: tl.constexpr, BK: tl.constexpr, BDI: tl.constexpr, BDO: tl.constexpr,
-    EPS: tl.constexpr,
+    EPS: tl.constexpr, JAGGED: tl.constexpr = False,
 ):
     """Backward of the detached routing for users pid, pid + P, ...:
 
@@ -201,7 +218,7 @@ def routing_bwd_kernel(
         dS  += sum_i du_i e_i^T = sum_j dz_j x_j^T       with x_j = sum_i w_ij e_i
 
     Program p writes its own dS partial (no atomics), summed in fixed order by
-    the launcher, so the result is deterministic.
+    the launcher, so the result is deterministic.  JAGGED: E and dE are (N, D_IN) rows, w is (N, K).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -223,12 +240,21 @@ def routing_bwd_kernel(
 
     for b in range(pid, B, nprog):
         b64 = tl.cast(b, tl.int64)
-        e_off = b64 * L * D_IN + offs_l[:, None] * D_IN + offs_i[None, :]
-        E = tl.load(E_ptr + e_off, mask=tile_e, other=0.0).to(tl.float32)
+        if JAGGED:
+            row0 = tl.load(OFF_ptr + b64)
+            real_l = offs_l < (tl.load(OFF_ptr + b64 + 1) - row0)
+            e_off = (row0 + offs_l[:, None]) * D_IN + offs_i[None, :]
+            e_tile = real_l[:, None] & in_i[None, :]
+            w = tl.load(W_ptr + (row0 + offs_l[None, :]) * K + offs_k[:, None], mask=in_k[:, None] & real_l[None, :],
+                        other=0.0)
+        else:
+            e_off = b64 * L * D_IN + offs_l[:, None] * D_IN + offs_i[None, :]
+            e_tile = tile_e
+            w = tl.load(W_ptr + b64 * K * L + offs_k[:, None] * L + offs_l[None, :], mask=tile_kl, other=0.0)
+        E = tl.load(E_ptr + e_off, mask=e_tile, other=0.0).to(tl.float32)
         ko = b64 * K * D_OUT + offs_k[:, None] * D_OUT + offs_o[None, :]
         G = tl.load(G_ptr + ko, mask=tile_ko, other=0.0).to(tl.float32)
         z = tl.load(Z_ptr + ko, mask=tile_ko, other=0.0)
-        w = tl.load(W_ptr + b64 * K * L + offs_k[:, None] * L + offs_l[None, :], mask=tile_kl, other=0.0)
 
         n2 = tl.sum(z * z, axis=1)
         s = tl.sqrt(n2 + EPS)
@@ -240,7 +266,7 @@ def routing_bwd_kernel(
 
         g = tl.sum(dz[:, :, None] * S[None, :, :], axis=1)  # S^T dz_j  (BK, BDI)
         dE = tl.sum(w[:, :, None] * g[:, None, :], axis=0)  # (BL, BDI); masked rows have w = 0
-        tl.store(DE_ptr + e_off, dE.to(DE_ptr.dtype.element_ty), mask=tile_e)
+        tl.store(DE_ptr + e_off, dE.to(DE_ptr.dtype.element_ty), mask=e_tile)
 
         # Rows no interest draws on (masked ones) contribute exactly 0; zeroing them keeps NaN/Inf padding
         # out of dS (0 * NaN), as the forward did.

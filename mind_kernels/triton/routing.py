@@ -13,6 +13,16 @@ Ops (``torch.library.triton_op`` + ``wrap_triton``, so torch.compile can see the
         -> (Tensor capsules, Tensor coupling, Tensor preactivation)
     mind_kernels::routing_backward_triton(Tensor grad_capsules, Tensor behaviors, Tensor weight,
         Tensor coupling, Tensor preactivation) -> (Tensor grad_behaviors, Tensor grad_weight)
+    mind_kernels::routing_jagged_forward_triton(Tensor values, Tensor offsets, Tensor weight,
+        Tensor init_logits, Tensor? interest_mask, int num_iters, bool over_behaviors, float logit_scale=1.0)
+        -> (Tensor capsules, Tensor coupling, Tensor preactivation)
+    mind_kernels::routing_jagged_backward_triton(Tensor grad_capsules, Tensor values, Tensor offsets,
+        Tensor weight, Tensor coupling, Tensor preactivation, int max_len)
+        -> (Tensor grad_values, Tensor grad_weight)
+
+The jagged pair (ROUTING.md, "Jagged batches") runs the same kernels with ``JAGGED=True``: values
+(N, D_in) + offsets (B + 1,), coupling (N, K).  Rows past a user's length are never read or written, so
+memory traffic follows N; the arithmetic runs on the same (BK, BL) tiles as a padded call at L_max.
 
 capsules c (B, K, D_out) in E's dtype; coupling w (B, K, L) and preactivation
 z (B, K, D_out, the final pre-squash aggregate) in float32.  The forward saves
@@ -154,19 +164,24 @@ def compile_for_sm90(dtype: str = "fp32", over_behaviors: bool = False):
     blocks = {"BL": BL, "BK": BK, "BDI": BDI, "BDO": BDO, "EPS": kernels.SQUASH_EPS}
     ints = {n: "i32" for n in ("B", "L", "K", "D_IN", "D_OUT")}
     flags = {"HAS_MASK": True, "HAS_IMASK": True, "OVER_BEHAVIORS": over_behaviors}
-    fwd_sig = {"E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
+    fwd_sig = {"E_ptr": f"*{dtype}", "OFF_ptr": "*i64", "S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "B0_ptr": "*fp32", "M_ptr": "*u8",
                "IM_ptr": "*u8", "C_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32", **ints, "b0_stride_b": "i32",
-               "num_iters": "i32", "logit_scale": "fp32", **{n: "constexpr" for n in (*flags, "USE_GRAM", *blocks)}}
-    bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "S_ptr": f"*{dtype}", "W_ptr": "*fp32", "Z_ptr": "*fp32",
-               "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints, **{n: "constexpr" for n in blocks}}
+               "num_iters": "i32", "logit_scale": "fp32",
+               **{n: "constexpr" for n in (*flags, "USE_GRAM", *blocks, "JAGGED")}}
+    bwd_sig = {"G_ptr": f"*{dtype}", "E_ptr": f"*{dtype}", "OFF_ptr": "*i64", "S_ptr": f"*{dtype}", "W_ptr": "*fp32",
+               "Z_ptr": "*fp32", "DE_ptr": f"*{dtype}", "DSP_ptr": "*fp32", **ints,
+               **{n: "constexpr" for n in (*blocks, "JAGGED")}}
     gram_sig = {"S_ptr": f"*{dtype}", "Q_ptr": "*fp32", "D_IN": "i32", "D_OUT": "i32", "ROWS": "constexpr",
                 "BDI": "constexpr"}
     cases = [
         ("routing_fwd_kernel (through Q)", kernels.routing_fwd_kernel, fwd_sig,
-         {**flags, "USE_GRAM": True, **blocks}, warps),
+         {**flags, "USE_GRAM": True, **blocks, "JAGGED": False}, warps),
         ("routing_fwd_kernel (through S)", kernels.routing_fwd_kernel, fwd_sig,
-         {**flags, "USE_GRAM": False, **blocks}, warps),
-        ("routing_bwd_kernel", kernels.routing_bwd_kernel, bwd_sig, blocks, warps),
+         {**flags, "USE_GRAM": False, **blocks, "JAGGED": False}, warps),
+        ("routing_fwd_kernel (jagged)", kernels.routing_fwd_kernel, fwd_sig,
+         {**flags, "HAS_MASK": False, "USE_GRAM": True, **blocks, "JAGGED": True}, warps),
+        ("routing_bwd_kernel", kernels.routing_bwd_kernel, bwd_sig, {**blocks, "JAGGED": False}, warps),
+        ("routing_bwd_kernel (jagged)", kernels.routing_bwd_kernel, bwd_sig, {**blocks, "JAGGED": True}, warps),
         ("gram_kernel", kernels.gram_kernel, gram_sig, {"ROWS": GRAM_ROWS, "BDI": BDI}, 4),
     ]
     target = GPUTarget("cuda", 90, 32)
@@ -227,7 +242,7 @@ def _ops():
             gram = b0  # unused
         grid = (_num_programs(B, E.device),)
         wrap_triton(kernels.routing_fwd_kernel)[grid](
-            E, S, gram, b0, m, im,
+            E, E, S, gram, b0, m, im,  # the second E: the unused offsets pointer
             capsules, coupling, preactivation,
             B, L, K, D_in, D_out, b0_stride_b, num_iters, float(logit_scale),
             HAS_MASK=mask is not None, HAS_IMASK=interest_mask is not None, OVER_BEHAVIORS=over_behaviors,
@@ -260,7 +275,7 @@ def _ops():
         P = _num_programs(B, E.device)
         partials = E.new_empty((P, D_out, D_in), dtype=torch.float32)
         wrap_triton(kernels.routing_bwd_kernel)[(P,)](
-            G, E, S, w, z,
+            G, E, E, S, w, z,  # the second E: the unused offsets pointer
             grad_behaviors, partials,
             B, L, K, D_in, D_out,
             BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS,
@@ -289,6 +304,110 @@ def _ops():
         )
 
     routing_forward_triton.register_autograd(backward, setup_context=setup_context)
+
+    @triton_op("mind_kernels::routing_jagged_forward_triton", mutates_args={})
+    def routing_jagged_forward_triton(
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        weight: torch.Tensor,
+        init_logits: torch.Tensor,
+        interest_mask: Optional[torch.Tensor],
+        num_iters: int,
+        over_behaviors: bool,
+        logit_scale: float = 1.0,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        V = values.contiguous()
+        off = offsets.contiguous()
+        S = weight.contiguous()
+        N, D_in = V.shape
+        B = off.shape[0] - 1
+        K, L = init_logits.shape[-2], init_logits.shape[-1]
+        D_out = S.shape[0]
+        b0 = init_logits.to(torch.float32).contiguous()
+        b0_stride_b = K * L if b0.dim() == 3 else 0
+        capsules = V.new_empty((B, K, D_out))
+        coupling = V.new_empty((N, K), dtype=torch.float32)
+        preactivation = V.new_empty((B, K, D_out), dtype=torch.float32)
+        if B == 0:
+            return capsules, coupling, preactivation
+        im = (interest_mask != 0).to(torch.uint8).contiguous() if interest_mask is not None else V
+        BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
+        use_gram = uses_gram(D_in, D_out, num_iters)
+        if use_gram:
+            gram = V.new_empty((D_in, D_in), dtype=torch.float32)
+            wrap_triton(kernels.gram_kernel)[(triton.cdiv(D_in, GRAM_ROWS),)](
+                S, gram, D_in, D_out, ROWS=GRAM_ROWS, BDI=BDI
+            )
+        else:
+            gram = b0  # unused
+        wrap_triton(kernels.routing_fwd_kernel)[(_num_programs(B, V.device),)](
+            V, off, S, gram, b0, V, im,
+            capsules, coupling, preactivation,
+            B, L, K, D_in, D_out, b0_stride_b, num_iters, float(logit_scale),
+            HAS_MASK=False, HAS_IMASK=interest_mask is not None, OVER_BEHAVIORS=over_behaviors,
+            USE_GRAM=use_gram, BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS, JAGGED=True,
+            num_warps=_num_warps(BL, BK, BDI, BDO),
+        )
+        return capsules, coupling, preactivation
+
+    @triton_op("mind_kernels::routing_jagged_backward_triton", mutates_args={})
+    def routing_jagged_backward_triton(
+        grad_capsules: torch.Tensor,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        weight: torch.Tensor,
+        coupling: torch.Tensor,
+        preactivation: torch.Tensor,
+        max_len: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        G = grad_capsules.contiguous()
+        V = values.contiguous()
+        off = offsets.contiguous()
+        S = weight.contiguous()
+        w = coupling.contiguous()
+        z = preactivation.contiguous()
+        N, D_in = V.shape
+        B = off.shape[0] - 1
+        K = w.shape[1]
+        D_out = S.shape[0]
+        # Rows of no user (none: offsets[B] = N) aside, every row is written by its user's program.
+        grad_values = torch.empty_like(V)
+        if B == 0 or N == 0:
+            return grad_values.zero_(), torch.zeros_like(S)
+        L = max_len  # the forward's L_max (b0's positions): the tile covers every history
+        BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
+        P = _num_programs(B, V.device)
+        partials = V.new_empty((P, D_out, D_in), dtype=torch.float32)
+        wrap_triton(kernels.routing_bwd_kernel)[(P,)](
+            G, V, off, S, w, z,
+            grad_values, partials,
+            B, L, K, D_in, D_out,
+            BL=BL, BK=BK, BDI=BDI, BDO=BDO, EPS=kernels.SQUASH_EPS, JAGGED=True,
+            num_warps=_num_warps(BL, BK, BDI, BDO),
+        )
+        return grad_values, partials.sum(dim=0).to(S.dtype)
+
+    def jagged_setup_context(ctx, inputs, output):
+        values, offsets, weight, init_logits = inputs[0], inputs[1], inputs[2], inputs[3]
+        _, coupling, preactivation = output
+        ctx.save_for_backward(values, offsets, weight, coupling, preactivation)
+        ctx.max_len = init_logits.shape[-1]
+
+    def jagged_backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
+        values, offsets, weight, coupling, preactivation = ctx.saved_tensors
+        if grad_capsules is None:
+            return (None,) * 8
+        grad_values, grad_weight = torch.ops.mind_kernels.routing_jagged_backward_triton(
+            grad_capsules, values, offsets, weight, coupling, preactivation, ctx.max_len
+        )
+        return (
+            grad_values if ctx.needs_input_grad[0] else None,
+            None,  # offsets
+            grad_weight if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None,  # init_logits, interest_mask, num_iters, over_behaviors, logit_scale
+        )
+
+    routing_jagged_forward_triton.register_autograd(jagged_backward, setup_context=jagged_setup_context)
     _OPS = (torch.ops.mind_kernels.routing_forward_triton, torch.ops.mind_kernels.routing_backward_triton)
     return _OPS
 
@@ -309,6 +428,23 @@ def routing_triton(behaviors, weight, init_logits, mask, interest_mask, num_iter
         interest_mask,
         int(num_iters),
         softmax_over == "behaviors",
+        float(logit_scale),
+    )
+    return capsules, coupling
+
+
+def routing_jagged_triton(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
+                          logit_scale=1.0):
+    """Jagged B2I routing with the Triton kernels; returns (capsules (B, K, D_out), coupling (N, K) float32).
+
+    Inputs already validated (every history at most L_max = init_logits.shape[-1] long); differentiable
+    with respect to ``values`` and ``weight``.  Memory traffic follows N; the per-user arithmetic runs on
+    tiles of L_max rounded up to a power of two (the padded kernel's), so a batch of short histories with
+    one long one costs like the long one per user.
+    """
+    _ops()
+    capsules, coupling, _ = torch.ops.mind_kernels.routing_jagged_forward_triton(
+        values, offsets, weight, init_logits.detach(), interest_mask, int(num_iters), softmax_over == "behaviors",
         float(logit_scale),
     )
     return capsules, coupling
