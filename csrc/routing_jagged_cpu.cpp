@@ -285,9 +285,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_jagged_forward_cpu(
 std::tuple<at::Tensor, at::Tensor> routing_jagged_backward_cpu(const at::Tensor& grad_capsules,
                                                                const at::Tensor& values, const at::Tensor& offsets,
                                                                const at::Tensor& weight, const at::Tensor& coupling,
-                                                               const at::Tensor& preactivation) {
+                                                               const at::Tensor& preactivation, int64_t max_len) {
   constexpr const char* op = "routing_jagged_backward";
   auto [offs, longest] = check_jagged(values, offsets, op);
+  TORCH_CHECK(longest <= max_len, "mind_kernels::", op, ": a history of ", longest,
+              " behaviours is longer than max_len = ", max_len);
   check_cpu(grad_capsules, op, "grad_capsules");
   check_cpu(weight, op, "weight");
   check_cpu(coupling, op, "coupling");

@@ -32,9 +32,10 @@ TORCH_LIBRARY(mind_kernels, m) {
       "routing_jagged_forward(Tensor values, Tensor offsets, Tensor weight, Tensor init_logits, "
       "Tensor? interest_mask, int num_iters, bool over_behaviors, float logit_scale=1.0) "
       "-> (Tensor, Tensor, Tensor)");
-  // dvalues (N, D_in) in values' dtype and dS (D_out, D_in) in S's dtype, for detach_routing=True.
+  // dvalues (N, D_in) in values' dtype and dS (D_out, D_in) in S's dtype, for detach_routing=True;
+  // max_len is the forward's L_max (>= every history's length: it sizes the kernels' per-user scratch).
   m.def(
       "routing_jagged_backward(Tensor grad_capsules, Tensor values, Tensor offsets, Tensor weight, "
-      "Tensor coupling, Tensor preactivation) -> (Tensor, Tensor)");
+      "Tensor coupling, Tensor preactivation, int max_len) -> (Tensor, Tensor)");
 }
 

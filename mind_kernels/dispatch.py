@@ -19,9 +19,11 @@ normally serve the device (for example the C++ kernels for
 
 Jagged calls (``b2i_routing_jagged``: values (N, D_in) + offsets, ``RoutingCall.jagged``; ``length`` is
 then b0's L_max) go through the same choice and each backend's ``run_jagged``: cpp runs the truly
-jagged CPU kernel (cost follows N); triton runs its kernels in jagged mode (memory traffic follows N,
-arithmetic on (K, L_max) tiles); reference and cuda pad the batch to (B, L_max) on the device and run
-their padded kernel (:func:`mind_kernels.jagged.via_padding`; cost follows B x L_max).
+jagged CPU kernel (cost follows N); cuda runs its kernels with the offsets (each user's n_u rows read
+and written, the products over them; an extension built before the jagged kernels pads instead);
+triton runs its kernels in jagged mode (memory traffic follows N, arithmetic on (K, L_max) tiles); the
+reference pads the batch to (B, L_max) and runs the padded reference
+(:func:`mind_kernels.jagged.via_padding` is the padding path).
 
 The fused GPU kernels (cuda, triton) have not been verified on every GPU (see
 ``mind_kernels.selftest.VERIFIED``): the first call in a process that a GPU
@@ -169,12 +171,24 @@ def _cpp_refuses(call: RoutingCall) -> List[str]:
     return reasons
 
 
-def _cpp_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing,
-                    logit_scale=1.0):
+def _compiled_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
+                         detach_routing, logit_scale=1.0):
     from . import ops
 
     return ops.routing_jagged_fused(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
                                     logit_scale)
+
+
+def _cuda_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing,
+                     logit_scale=1.0):
+    from . import ops
+
+    if ops.jagged_kernel_unavailable_reason("cuda") is None:
+        return _compiled_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
+                                    detach_routing, logit_scale)
+    # An extension built before the jagged CUDA kernels: the padded kernel on the padded batch.
+    return _padding_runner(_compiled_run)(values, offsets, weight, init_logits, interest_mask, num_iters,
+                                          softmax_over, detach_routing, logit_scale)
 
 
 def _triton_run_jagged(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, detach_routing,
@@ -199,9 +213,8 @@ def _padding_runner(run):
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", ("cpu", "cuda"), lambda d: None, lambda c: [], _reference_run,
                          _reference_run_jagged),
-    "cpp": Backend("cpp", ("cpu",), _compiled_unavailable, _cpp_refuses, _compiled_run, _cpp_run_jagged),
-    "cuda": Backend("cuda", ("cuda",), _compiled_unavailable, _fused_refuses, _compiled_run,
-                    _padding_runner(_compiled_run)),
+    "cpp": Backend("cpp", ("cpu",), _compiled_unavailable, _cpp_refuses, _compiled_run, _compiled_run_jagged),
+    "cuda": Backend("cuda", ("cuda",), _compiled_unavailable, _fused_refuses, _compiled_run, _cuda_run_jagged),
     "triton": Backend("triton", ("cuda", "cpu"), _triton_unavailable, _triton_refuses, _triton_run,
                       _triton_run_jagged),
 }

@@ -37,8 +37,10 @@ def main() -> None:
     jagged_cpu = ops.jagged_kernel_unavailable_reason("cpu")
     print("jagged batches (b2i_routing_jagged): cpp " + ("runs the jagged CPU kernel (cost follows N)" if jagged_cpu
                                                         is None else f"unavailable: {jagged_cpu}")
-          + "; triton runs its kernels in jagged mode (memory follows N, arithmetic on L_max tiles); reference "
-          "and cuda pad to (B, L_max) on the device and run their padded kernel")
+          + "; cuda " + ("runs its jagged kernels" if ops.jagged_kernel_unavailable_reason("cuda") is None
+                         else "pads to (B, L_max) (no jagged CUDA kernel in this build)")
+          + "; triton runs its kernels in jagged mode (memory follows N, arithmetic on L_max tiles); the "
+          "reference pads to (B, L_max)")
     print()
     print("verified on real hardware (device, date; mind_kernels.selftest.VERIFIED):")
     for name, where in VERIFIED.items():

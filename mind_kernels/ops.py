@@ -12,10 +12,11 @@ The schema is defined once in C++ (``csrc/schema.cpp``, ``TORCH_LIBRARY``)::
         Tensor? interest_mask, int num_iters, bool over_behaviors, float logit_scale=1.0)
         -> (Tensor capsules, Tensor coupling, Tensor preactivation)
     mind_kernels::routing_jagged_backward(Tensor grad_capsules, Tensor values, Tensor offsets, Tensor weight,
-        Tensor coupling, Tensor preactivation) -> (Tensor grad_values, Tensor grad_weight)
+        Tensor coupling, Tensor preactivation, int max_len) -> (Tensor grad_values, Tensor grad_weight)
 
-The jagged pair (ROUTING.md, "Jagged batches"; CPU only, csrc/routing_jagged_cpu.cpp) takes histories as
-values (N, D_in) + offsets (B + 1,); its coupling is (N, K), aligned with values' rows.
+The jagged pair (ROUTING.md, "Jagged batches"; csrc/routing_jagged_cpu.cpp, and csrc/cuda/routing.cu
+where the CUDA kernels are built) takes histories as values (N, D_in) + offsets (B + 1,); its coupling
+is (N, K), aligned with values' rows; backward's max_len is the forward's L_max (b0's positions).
 
 ``capsules`` (B, K, D_out) has E's dtype; ``coupling`` w (B, K, L) and
 ``preactivation`` z (B, K, D_out) are in the accumulation dtype (float64 for
@@ -113,7 +114,9 @@ def _jagged_kernel_unavailable_reason(device_type: str) -> Optional[str]:
         return _LOAD_ERROR
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     for op in ("routing_jagged_forward", "routing_jagged_backward"):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mind_kernels::{op}", key):
+        if not hasattr(torch.ops.mind_kernels, op) or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"mind_kernels::{op}", key
+        ):
             return f"mind_kernels._C has no {key} kernel for {op} (rebuild the extension)"
     return None
 
@@ -186,22 +189,23 @@ if _C is not None:
             return capsules, coupling, preactivation
 
         @torch.library.register_fake("mind_kernels::routing_jagged_backward")
-        def _routing_jagged_backward_fake(grad_capsules, values, offsets, weight, coupling, preactivation):
+        def _routing_jagged_backward_fake(grad_capsules, values, offsets, weight, coupling, preactivation, max_len):
             return torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(
                 weight, memory_format=torch.contiguous_format
             )
 
         def _jagged_setup_context(ctx, inputs, output):
-            values, offsets, weight = inputs[0], inputs[1], inputs[2]
+            values, offsets, weight, init_logits = inputs[0], inputs[1], inputs[2], inputs[3]
             _, coupling, preactivation = output
             ctx.save_for_backward(values, offsets, weight, coupling, preactivation)
+            ctx.max_len = init_logits.shape[-1]
 
         def _jagged_backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
             values, offsets, weight, coupling, preactivation = ctx.saved_tensors
             if grad_capsules is None:
                 return (None,) * 8
             grad_values, grad_weight = torch.ops.mind_kernels.routing_jagged_backward(
-                grad_capsules, values, offsets, weight, coupling, preactivation
+                grad_capsules, values, offsets, weight, coupling, preactivation, ctx.max_len
             )
             return (
                 grad_values if ctx.needs_input_grad[0] else None,

@@ -12,6 +12,9 @@ float64 on the same (rounded) inputs, with ROUTING.md's tolerances:
   ~0 (coupling w, or dS for a float32 S) the float32 rounding of either side is
   the honest bound.
 
+Jagged batches (values + offsets, the same kernels with the offsets set) are checked the same way,
+on the GPU and through the emulation, against the jagged reference.
+
 Shapes cover L = 1, D = 1, K = 1, odd sizes (D = 3, L = 37, K = 3, 5), D_out != D_in,
 K > 4 (two interest chunks), B = 1, a large B (more users than thread blocks,
 grid-stride), sizes whose workspace / E / S / dS accumulator do not fit in
@@ -43,7 +46,7 @@ import torch
 import mind_kernels
 from mind_kernels import b2i_routing, dynamic_interest_mask, ops
 from mind_kernels.reference import b2i_routing_reference
-from routing_checks import run_op
+from routing_checks import assert_within_tolerance, run_op
 
 HAS_CUDA_KERNEL = ops.kernel_unavailable_reason("cuda") is None
 needs_cuda_kernel = pytest.mark.skipif(
@@ -356,9 +359,10 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip(ops.extension_error())
     if not ops.build_info().get("built_cuda"):
         pytest.skip("mind_kernels._C was built without the CUDA kernels")
-    for op in ("routing_forward", "routing_backward"):
+    for op in ("routing_forward", "routing_backward", "routing_jagged_forward", "routing_jagged_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mind_kernels::{op}", "CUDA"), op
     assert ops.kernel_unavailable_reason("cuda") is None
+    assert ops.jagged_kernel_unavailable_reason("cuda") is None
 
 
 # ----------------------------------------------------------------- CPU emulation of the kernels
@@ -582,3 +586,132 @@ def test_emulated_empty_batch(emu):
     assert c.shape == (0, 3, 6) and w.shape == (0, 3, 5) and z.shape == (0, 3, 6)
     dE, dS = emu.backward(torch.zeros(0, 3, 6), E, S, w, z, 4, BIG_SMEM)
     assert dE.shape == (0, 5, 8) and (dS == 0).all()
+
+
+# ----------------------------------------------------------------- jagged batches (values + offsets)
+
+
+def make_jagged_case(lengths, D_in, D_out, K, L_max, dtype, seed=0, device="cpu", weight_dtype=None):
+    """(values, S, b0, offsets, interest_mask, G): user 2 (when there) has every interest inactive."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    V = torch.randn(int(offsets[-1]), D_in, generator=g).to(dtype)
+    S = (torch.randn(D_out, D_in, generator=g) / D_in**0.5).to(weight_dtype or dtype)
+    b0 = torch.randn(B, K, L_max, generator=g)
+    imask = torch.rand(B, K, generator=g) > 0.4
+    imask[:, 0] = True
+    if B > 2:
+        imask[2] = False
+    G = torch.randn(B, K, D_out, generator=g).to(dtype)
+    return [t.to(device) for t in (V, S, b0, offsets, imask, G)]
+
+
+def jagged_reference_fn(V, S, b0, offsets, imask, r, over, logit_scale=1.0):
+    return mind_kernels.b2i_routing_jagged(V, offsets, S, b0, imask, r, "behaviors" if over else "interests",
+                                           logit_scale=logit_scale, return_weights=True, backend="reference")
+
+
+def emulated_jagged_fn(emu, grid, max_smem):
+    """The emulated jagged op with run_op's call shape (the offsets in the mask slot); w is (N, K)."""
+
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, V, S, b0, offsets, imask, r, over, logit_scale):
+            acc = torch.float64 if V.dtype == torch.float64 else torch.float32
+            c, w, z = emu.jagged_forward(V, offsets, S, b0.to(acc), imask, r, over, logit_scale, grid, max_smem)
+            ctx.save_for_backward(V, offsets, S, w, z)
+            ctx.max_len = b0.shape[-1]
+            ctx.mark_non_differentiable(w)
+            return c, w
+
+        @staticmethod
+        def backward(ctx, G, _gw):
+            V, offsets, S, w, z = ctx.saved_tensors
+            dV, dS = emu.jagged_backward(G.contiguous(), V, offsets, S, w, z, ctx.max_len, grid, max_smem)
+            return dV, dS, None, None, None, None, None, None
+
+    def fn(V, S, b0, offsets, imask, r, over, logit_scale=1.0):
+        return Op.apply(V, S, b0, offsets, imask, r, over, logit_scale)
+
+    return fn
+
+
+def check_jagged_emulated(emu, case, r, over, grid, max_smem, logit_scale=1.0):
+    V, S, b0, offsets, imask, G = case
+    got = run_op(emulated_jagged_fn(emu, grid, max_smem), V, S, b0, offsets, imask, G, r, over,
+                 logit_scale=logit_scale)
+    oracle = run_op(jagged_reference_fn, V.double(), S.double(), b0.double(), offsets, imask, G.double(), r, over,
+                    logit_scale=logit_scale)
+    same = run_op(jagged_reference_fn, V, S, b0, offsets, imask, G, r, over, logit_scale=logit_scale) \
+        if V.dtype in LOW else None
+    for name, x in zip(NAMES, got):
+        assert torch.isfinite(x).all(), f"{name} has non-finite values (an unwritten or NaN-garbage read?)"
+    if V.dtype == torch.float64:
+        for name, x, ref in zip(NAMES, got, oracle):
+            torch.testing.assert_close(x, ref, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+    else:
+        assert_within_tolerance(got, oracle, same, V.dtype)
+    return got
+
+
+JAGGED_EMU = [
+    ([5, 0, 40, 1, 17], 33, 6, 5, 40),  # an empty user, one at L_max > 32, K = 5 (two chunks), through S
+    ([3, 9, 0, 12], 12, 40, 4, 14),  # through Q = S^T S, L_max above every length
+    ([1, 1, 1], 1, 1, 1, 1),  # L = D = K = 1
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_smem", [BIG_SMEM, 0, 3000], ids=["smem", "global", "mixed"])
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+@pytest.mark.parametrize("shape", JAGGED_EMU, ids=["through_S", "through_Q", "ones"])
+def test_emulated_jagged_kernels_match_reference(emu, shape, over, max_smem):
+    # float64, grid 2 < B: the grid-stride loop over users, rows read at each user's offset, w as (N, K).
+    check_jagged_emulated(emu, make_jagged_case(*shape, torch.float64), 3, over, grid=2, max_smem=max_smem,
+                          logit_scale=20.0 if over else 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+def test_emulated_jagged_paper_shape_low_precision(emu, over):
+    lengths = [50, 0, 7, 33, 50, 21]
+    check_jagged_emulated(emu, make_jagged_case(lengths, 64, 64, 4, 50, torch.float32, seed=1), 3, over, grid=2,
+                          max_smem=BIG_SMEM)
+    got = check_jagged_emulated(emu, make_jagged_case(lengths, 64, 64, 4, 50, torch.bfloat16, seed=2,
+                                                      weight_dtype=torch.float32), 3, over, grid=3, max_smem=0)
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_emulated_jagged_equals_emulated_padded_on_the_same_users(emu):
+    """The jagged kernel's capsules equal the padded kernel's on the zero-padded batch (interests mode)."""
+    from mind_kernels.jagged import pad
+
+    V, S, b0, offsets, imask, G = make_jagged_case([4, 0, 9, 2], 8, 8, 3, 9, torch.float64, seed=4)
+    E, mask = pad(V, offsets, 9)
+    for over in (False, True):
+        c, w = emulated_jagged_fn(emu, 2, BIG_SMEM)(V, S, b0, offsets, imask, 3, over)
+        cp, wp = emulated_fn(emu, 2, BIG_SMEM)(E, S, b0, mask, imask, 3, over)
+        torch.testing.assert_close(c, cp, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("over", [False, True], ids=["interests", "behaviors"])
+def test_cuda_jagged_matches_reference(dtype, over):
+    from mind_kernels.checks import run_op as run
+
+    V, S, b0, offsets, imask, G = make_jagged_case([50, 0, 7, 33, 50, 21] * 20, 64, 64, 4, 50, dtype, device="cuda")
+
+    def cuda_jagged(V, S, b0, offsets, imask, r, over_, logit_scale=1.0):
+        return mind_kernels.b2i_routing_jagged(V, offsets, S, b0, imask, r, "behaviors" if over_ else "interests",
+                                               logit_scale=logit_scale, return_weights=True, backend="cuda")
+
+    got = run(cuda_jagged, V, S, b0, offsets, imask, G, 3, over, logit_scale=20.0)
+    oracle = run(jagged_reference_fn, V.double(), S.double(), b0.double(), offsets, imask, G.double(), 3, over,
+                 logit_scale=20.0)
+    same = run(jagged_reference_fn, V, S, b0, offsets, imask, G, 3, over, logit_scale=20.0) if dtype in LOW else None
+    assert_within_tolerance(got, oracle, same, dtype)

@@ -7,10 +7,9 @@ and torch.compile of the CPU op.
 
 Triton (its kernels with ``JAGGED=True``) runs under its interpreter in a child process
 (``TRITON_INTERPRET=1`` must be set before triton's first import; tests/test_triton.py does the same):
-``test_triton_interpreter_suite`` re-runs this file's ``interp`` tests there.  The cuda backend serves jagged calls by padding on the device
-(mind_kernels.jagged.via_padding) and running its padded kernel, which tests/test_cuda_kernel.py checks
-(on a GPU, and through the CPU emulation); here ``via_padding`` is checked with the CPU padded kernel
-in its place.
+``test_triton_interpreter_suite`` re-runs this file's ``interp`` tests there.  The cuda backend's jagged kernels are checked in tests/test_cuda_kernel.py (on a GPU, and through
+the CPU emulation of the kernels); ``via_padding`` (its fallback for an extension built without them,
+and the reference's path) is checked here with the CPU padded kernel inside.
 """
 
 from __future__ import annotations
@@ -363,7 +362,8 @@ def test_opcheck(dtype, over):
     torch.library.opcheck(torch.ops.mind_kernels.routing_jagged_forward,
                           (V.requires_grad_(), off, S.requires_grad_(), b0, im, 3, over, 2.0))
     _, w, z = torch.ops.mind_kernels.routing_jagged_forward(V.detach(), off, S.detach(), b0, im, 3, over, 2.0)
-    torch.library.opcheck(torch.ops.mind_kernels.routing_jagged_backward, (G, V.detach(), off, S.detach(), w, z))
+    torch.library.opcheck(torch.ops.mind_kernels.routing_jagged_backward, (G, V.detach(), off, S.detach(), w, z,
+                                                                            b0.shape[-1]))
 
 
 @needs_cpp

@@ -58,6 +58,11 @@
 // fixed order by one or two reduction passes: the result is deterministic (no atomics) for a given
 // device (the number of blocks comes from the device's SM count and occupancy).
 //
+// Jagged batches (values (N, D_in) + offsets (B + 1), ROUTING.md "Jagged batches") run the same two
+// kernels with FwdParams/BwdParams::offsets set: each user's n_u rows are read from (and dE written to)
+// its rows of values, so memory traffic and the per-row work follow N = sum n_u (the softmax over
+// behaviours still spans L_max positions, padding in the denominator); w is (N, K).
+//
 // The device code lives in routing_kernels.cuh so that routing_emulation.cpp can compile the same
 // source for the CPU emulation tests (tests/test_cuda_kernel.py); this file holds the launchers.
 
@@ -341,10 +346,201 @@ std::tuple<at::Tensor, at::Tensor> routing_backward_cuda(const at::Tensor& grad_
   return {grad_E, grad_S};
 }
 
+// ------------------------------------------------------------------ jagged batches
+
+// values (N, D_in) + offsets (B + 1) int64 (ROUTING.md, "Jagged batches"): the same kernels with
+// p.offsets set (only each user's n_u rows are read and written; see FwdParams). The offsets' values
+// (offsets[0] = 0, non-decreasing, offsets[B] = N, every n_u <= L_max) are checked by the Python API
+// (mind_kernels.validation.check_jagged_inputs) on the host; checking them here would cost a device
+// synchronisation per call, so the op trusts them.
+void check_jagged_cuda(const at::Tensor& values, const at::Tensor& offsets, const char* op) {
+  TORCH_CHECK(values.is_cuda(), "mind_kernels (CUDA): `values` must be a CUDA tensor");
+  check_cuda(offsets, "offsets", values.device());
+  TORCH_CHECK(values.dim() == 2, op, ": `values` must be (N, D_in), got ", values.sizes());
+  const auto dtype = values.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
+              ": `values` must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong, op,
+              ": `offsets` must be a 1-D (B + 1,) int64 tensor, got ", offsets.sizes(), " ", offsets.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_jagged_forward_cuda(
+    const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& weight, const at::Tensor& init_logits,
+    const std::optional<at::Tensor>& interest_mask, int64_t num_iters, bool over_behaviors, double logit_scale) {
+  constexpr const char* op = "routing_jagged_forward";
+  check_jagged_cuda(values, offsets, op);
+  const at::Device device = values.device();
+  check_cuda(weight, "weight", device);
+  check_cuda(init_logits, "init_logits", device);
+  const auto dtype = values.scalar_type();
+  const int64_t N = values.size(0), D_in = values.size(1), B = offsets.size(0) - 1;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == D_in && weight.size(0) >= 1, op,
+              ": `weight` must be (D_out, D_in) with D_in = ", D_in, ", got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == dtype || weight.scalar_type() == at::kFloat, op,
+              ": `weight` must have the dtype of `values` or float32, got ", weight.scalar_type());
+  TORCH_CHECK((init_logits.dim() == 2 || (init_logits.dim() == 3 && init_logits.size(0) == B)) &&
+                  init_logits.is_floating_point(),
+              op, ": `init_logits` must be floating (K, L_max) or (B, K, L_max), got ", init_logits.sizes());
+  const int64_t D_out = weight.size(0), K = init_logits.size(-2), L = init_logits.size(-1);
+  TORCH_CHECK(K >= 1 && L >= 1 && D_in >= 1, op, ": need K, L_max, D_in >= 1, got K=", K, " L_max=", L,
+              " D_in=", D_in);
+  TORCH_CHECK(num_iters >= 1, op, ": `num_iters` must be >= 1, got ", num_iters);
+  TORCH_CHECK(std::isfinite(logit_scale) && logit_scale > 0, op, ": `logit_scale` must be a finite float > 0, got ",
+              logit_scale);
+  check_int32(L * (D_in + 1), "L_max * (D_in + 1)");
+  check_int32(D_out * (D_in + 1), "D_out * (D_in + 1)");
+  check_int32(K * std::max(L, std::max(D_in, D_out)) + 8, "K * max(L_max, D)");
+  check_int32(num_iters, "num_iters");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto acc = acc_scalar_type(dtype);
+  at::Tensor imask_b;
+  if (interest_mask.has_value() && interest_mask->defined()) {
+    check_cuda(*interest_mask, "interest_mask", device);
+    TORCH_CHECK(interest_mask->dim() == 2 && interest_mask->size(0) == B && interest_mask->size(1) == K, op,
+                ": `interest_mask` must be (B, K) = (", B, ", ", K, "), got ", interest_mask->sizes());
+    imask_b = (interest_mask->scalar_type() == at::kBool ? *interest_mask : interest_mask->ne(0)).contiguous();
+  }
+  auto capsules = at::empty({B, K, D_out}, values.options());
+  auto coupling = at::empty({N, K}, values.options().dtype(acc));
+  auto preact = at::empty({B, K, D_out}, values.options().dtype(acc));
+  if (B == 0) return {capsules, coupling, preact};
+
+  const at::Tensor E = values.contiguous();
+  const at::Tensor offs = offsets.contiguous();
+  const at::Tensor S = weight.to(acc).contiguous();
+  const at::Tensor b0 = init_logits.to(acc).contiguous();
+  const int64_t init_stride = b0.dim() == 3 ? K * L : 0;
+  const int threads = forward_threads(L, D_in, D_out, K);
+  const size_t max_smem = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "routing_jagged_forward_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    FwdParams<scalar_t, acc_t> p{};
+    init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors, logit_scale);
+    check_int32(p.lay.total, "forward workspace size");
+    const size_t smem_bytes = plan_forward_smem(p, max_smem);
+    auto kernel = routing_forward_kernel<scalar_t, acc_t>;
+    const int64_t grid = grid_for(kernel, threads, smem_bytes, B, 32);
+    at::Tensor E_acc, scratch, gram;
+    if (uses_gram(D_in, D_out, num_iters)) {
+      gram = at::empty({D_in, D_in}, values.options().dtype(acc));
+      const int64_t gram_blocks = std::min<int64_t>((D_in * D_in + 255) / 256, 1024);
+      gram_kernel<acc_t><<<static_cast<unsigned>(gram_blocks), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          S.data_ptr<acc_t>(), gram.data_ptr<acc_t>(), static_cast<int>(D_in), static_cast<int>(D_out));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (!p.E_smem) E_acc = E.to(acc).contiguous();  // every row is real: nothing to zero
+    if (!p.ws_smem) scratch = at::empty({grid * p.lay.total}, values.options().dtype(acc));
+    p.E = E.data_ptr<scalar_t>();
+    p.E_acc = p.E_smem ? nullptr : E_acc.data_ptr<acc_t>();
+    p.S = S.data_ptr<acc_t>();
+    p.Q = gram.defined() ? gram.data_ptr<acc_t>() : nullptr;
+    p.init = b0.data_ptr<acc_t>();
+    p.init_stride = init_stride;
+    p.mask = nullptr;
+    p.imask = imask_b.defined() ? imask_b.data_ptr<bool>() : nullptr;
+    p.capsules = capsules.data_ptr<scalar_t>();
+    p.coupling = coupling.data_ptr<acc_t>();
+    p.preact = preact.data_ptr<acc_t>();
+    p.scratch = p.ws_smem ? nullptr : scratch.data_ptr<acc_t>();
+    p.offsets = offs.data_ptr<int64_t>();
+    kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {capsules, coupling, preact};
+}
+
+std::tuple<at::Tensor, at::Tensor> routing_jagged_backward_cuda(const at::Tensor& grad_capsules,
+                                                                const at::Tensor& values, const at::Tensor& offsets,
+                                                                const at::Tensor& weight, const at::Tensor& coupling,
+                                                                const at::Tensor& preactivation, int64_t max_len) {
+  constexpr const char* op = "routing_jagged_backward";
+  check_jagged_cuda(values, offsets, op);
+  const at::Device device = values.device();
+  check_cuda(grad_capsules, "grad_capsules", device);
+  check_cuda(weight, "weight", device);
+  check_cuda(coupling, "coupling", device);
+  check_cuda(preactivation, "preactivation", device);
+  const auto dtype = values.scalar_type();
+  const int64_t N = values.size(0), D_in = values.size(1), B = offsets.size(0) - 1;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == D_in && weight.size(0) >= 1, op,
+              ": `weight` must be (D_out, D_in) with D_in = ", D_in, ", got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == dtype || weight.scalar_type() == at::kFloat, op,
+              ": `weight` must have the dtype of `values` or float32, got ", weight.scalar_type());
+  const int64_t D_out = weight.size(0);
+  TORCH_CHECK(coupling.dim() == 2 && coupling.size(0) == N && coupling.size(1) >= 1, op,
+              ": `coupling` must be (N, K) with N = ", N, ", got ", coupling.sizes());
+  const int64_t K = coupling.size(1);
+  TORCH_CHECK(preactivation.dim() == 3 && preactivation.size(0) == B && preactivation.size(1) == K &&
+                  preactivation.size(2) == D_out,
+              op, ": `preactivation` must be (B, K, D_out) = (", B, ", ", K, ", ", D_out, "), got ",
+              preactivation.sizes());
+  TORCH_CHECK(grad_capsules.dim() == 3 && grad_capsules.size(0) == B && grad_capsules.size(1) == K &&
+                  grad_capsules.size(2) == D_out,
+              op, ": `grad_capsules` must be (B, K, D_out) = (", B, ", ", K, ", ", D_out, "), got ",
+              grad_capsules.sizes());
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto acc = acc_scalar_type(dtype);
+  auto grad_V = at::empty({N, D_in}, values.options());
+  if (B == 0 || N == 0) return {grad_V, at::zeros({D_out, D_in}, weight.options())};
+  auto grad_S = at::empty({D_out, D_in}, weight.options());
+  // The workspace holds max_len rows, the forward's L_max (every n_u <= L_max, validated by the API).
+  const at::Tensor offs = offsets.contiguous();
+  TORCH_CHECK(max_len >= 1, op, ": `max_len` must be >= 1, got ", max_len);
+  const int64_t L = max_len;
+  check_int32(L * (D_in + 1), "L * (D_in + 1)");
+  check_int32(D_out * (D_in + 1), "D_out * (D_in + 1)");
+  check_int32(K * std::max(L, std::max(D_in, D_out)) + 8, "K * max(L, D)");
+
+  const at::Tensor E = values.contiguous();
+  const at::Tensor S = weight.to(acc).contiguous();
+  const at::Tensor G = grad_capsules.to(acc).contiguous();
+  const at::Tensor w = coupling.to(acc).contiguous();
+  const at::Tensor z = preactivation.to(acc).contiguous();
+  const int threads = kBackwardThreads;
+  const size_t max_smem = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  const auto weight_dtype = weight.scalar_type();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "routing_jagged_backward_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    BwdParams<scalar_t, acc_t> p{};
+    init_backward(p, B, L, D_in, D_out, K);
+    check_int32(p.lay.total, "backward workspace size");
+    const size_t smem_bytes = plan_backward_smem(p, max_smem);
+    auto kernel = routing_backward_kernel<scalar_t, acc_t>;
+    const int64_t grid = grid_for(kernel, threads, smem_bytes, B, 4);
+    at::Tensor partial = at::empty({grid, D_out * D_in}, values.options().dtype(acc));
+    at::Tensor scratch;
+    if (!p.ws_smem) scratch = at::empty({grid * p.lay.total}, values.options().dtype(acc));
+    p.G = G.data_ptr<acc_t>();
+    p.E = E.data_ptr<scalar_t>();
+    p.S = S.data_ptr<acc_t>();
+    p.w = w.data_ptr<acc_t>();
+    p.z = z.data_ptr<acc_t>();
+    p.dE = grad_V.data_ptr<scalar_t>();
+    p.partial = partial.data_ptr<acc_t>();
+    p.scratch = p.ws_smem ? nullptr : scratch.data_ptr<acc_t>();
+    p.offsets = offs.data_ptr<int64_t>();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (weight_dtype == dtype) {
+      launch_reduce<acc_t, scalar_t>(partial, grid, D_out * D_in, grad_S.data_ptr<scalar_t>(), stream);
+    } else {
+      launch_reduce<acc_t, float>(partial, grid, D_out * D_in, grad_S.data_ptr<float>(), stream);
+    }
+  });
+  return {grad_V, grad_S};
+}
+
 }  // namespace
 }  // namespace mind_kernels
 
 TORCH_LIBRARY_IMPL(mind_kernels, CUDA, m) {
   m.impl("routing_forward", &mind_kernels::routing_forward_cuda);
   m.impl("routing_backward", &mind_kernels::routing_backward_cuda);
+  m.impl("routing_jagged_forward", &mind_kernels::routing_jagged_forward_cuda);
+  m.impl("routing_jagged_backward", &mind_kernels::routing_jagged_backward_cuda);
 }

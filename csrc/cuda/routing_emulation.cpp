@@ -259,6 +259,109 @@ std::tuple<at::Tensor, at::Tensor> emulate_backward(const at::Tensor& grad_capsu
   return {grad_E, grad_S};
 }
 
+// Mirrors routing_jagged_forward_cuda's host code: values (N, D_in) + offsets (B + 1) int64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_jagged_forward(
+    const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& weight, const at::Tensor& init_logits,
+    const std::optional<at::Tensor>& interest_mask, int64_t num_iters, bool over_behaviors, double logit_scale,
+    int64_t grid, int64_t max_smem) {
+  const int64_t N = values.size(0), D_in = values.size(1), B = offsets.size(0) - 1, D_out = weight.size(0);
+  const int64_t K = init_logits.size(-2), L = init_logits.size(-1);
+  const auto dtype = values.scalar_type();
+  const auto acc = acc_of(dtype);
+  at::Tensor imask_b;
+  if (interest_mask.has_value() && interest_mask->defined()) imask_b = interest_mask->ne(0).contiguous();
+  auto capsules = nan_like_empty({B, K, D_out}, values.options());
+  auto coupling = nan_like_empty({N, K}, values.options().dtype(acc));
+  auto preact = nan_like_empty({B, K, D_out}, values.options().dtype(acc));
+  if (B == 0) return {capsules, coupling, preact};
+  const at::Tensor E = values.contiguous();
+  const at::Tensor offs = offsets.contiguous();
+  const at::Tensor S = weight.to(acc).contiguous();
+  const at::Tensor b0 = init_logits.to(acc).contiguous();
+  const int64_t init_stride = b0.dim() == 3 ? K * L : 0;
+  const int threads = forward_threads(L, D_in, D_out, K);
+  grid = std::max<int64_t>(1, std::min(grid, B));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "emulate_jagged_forward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    FwdParams<scalar_t, acc_t> p{};
+    init_forward(p, B, L, D_in, D_out, K, num_iters, over_behaviors, logit_scale);
+    const size_t smem_bytes = plan_forward_smem(p, static_cast<size_t>(max_smem));
+    at::Tensor E_acc, scratch, gram;
+    if (mind_kernels::uses_gram(D_in, D_out, num_iters)) {
+      gram = nan_like_empty({D_in, D_in}, values.options().dtype(acc));
+      emulate_launch(&gram_kernel<acc_t>, 2, 32, 0, static_cast<const acc_t*>(S.data_ptr<acc_t>()),
+                     gram.data_ptr<acc_t>(), static_cast<int>(D_in), static_cast<int>(D_out));
+    }
+    if (!p.E_smem) E_acc = E.to(acc).contiguous();
+    if (!p.ws_smem) scratch = nan_like_empty({grid * p.lay.total}, values.options().dtype(acc));
+    p.E = E.data_ptr<scalar_t>();
+    p.E_acc = p.E_smem ? nullptr : E_acc.data_ptr<acc_t>();
+    p.S = S.data_ptr<acc_t>();
+    p.Q = gram.defined() ? gram.data_ptr<acc_t>() : nullptr;
+    p.init = b0.data_ptr<acc_t>();
+    p.init_stride = init_stride;
+    p.mask = nullptr;
+    p.imask = imask_b.defined() ? imask_b.data_ptr<bool>() : nullptr;
+    p.capsules = capsules.data_ptr<scalar_t>();
+    p.coupling = coupling.data_ptr<acc_t>();
+    p.preact = preact.data_ptr<acc_t>();
+    p.scratch = p.ws_smem ? nullptr : scratch.data_ptr<acc_t>();
+    p.offsets = offs.data_ptr<int64_t>();
+    emulate_launch(&routing_forward_kernel<scalar_t, acc_t>, grid, threads, smem_bytes, p);
+  });
+  return {capsules, coupling, preact};
+}
+
+// Mirrors routing_jagged_backward_cuda's host code.
+std::tuple<at::Tensor, at::Tensor> emulate_jagged_backward(const at::Tensor& grad_capsules, const at::Tensor& values,
+                                                           const at::Tensor& offsets, const at::Tensor& weight,
+                                                           const at::Tensor& coupling,
+                                                           const at::Tensor& preactivation, int64_t max_len,
+                                                           int64_t grid, int64_t max_smem) {
+  const int64_t N = values.size(0), D_in = values.size(1), B = offsets.size(0) - 1, D_out = weight.size(0);
+  const int64_t K = coupling.size(1), L = max_len;
+  const auto dtype = values.scalar_type();
+  const auto acc = acc_of(dtype);
+  auto grad_V = nan_like_empty({N, D_in}, values.options());
+  if (B == 0 || N == 0) return {grad_V, at::zeros({D_out, D_in}, weight.options())};
+  auto grad_S = nan_like_empty({D_out, D_in}, weight.options());
+  const at::Tensor E = values.contiguous();
+  const at::Tensor offs = offsets.contiguous();
+  const at::Tensor S = weight.to(acc).contiguous();
+  const at::Tensor G = grad_capsules.to(acc).contiguous();
+  const at::Tensor w = coupling.to(acc).contiguous();
+  const at::Tensor z = preactivation.to(acc).contiguous();
+  grid = std::max<int64_t>(1, std::min(grid, B));
+  const auto weight_dtype = weight.scalar_type();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "emulate_jagged_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    BwdParams<scalar_t, acc_t> p{};
+    init_backward(p, B, L, D_in, D_out, K);
+    const size_t smem_bytes = plan_backward_smem(p, static_cast<size_t>(max_smem));
+    at::Tensor partial = nan_like_empty({grid, D_out * D_in}, values.options().dtype(acc));
+    at::Tensor scratch;
+    if (!p.ws_smem) scratch = nan_like_empty({grid * p.lay.total}, values.options().dtype(acc));
+    p.G = G.data_ptr<acc_t>();
+    p.E = E.data_ptr<scalar_t>();
+    p.S = S.data_ptr<acc_t>();
+    p.w = w.data_ptr<acc_t>();
+    p.z = z.data_ptr<acc_t>();
+    p.dE = grad_V.data_ptr<scalar_t>();
+    p.partial = partial.data_ptr<acc_t>();
+    p.scratch = p.ws_smem ? nullptr : scratch.data_ptr<acc_t>();
+    p.offsets = offs.data_ptr<int64_t>();
+    emulate_launch(&routing_backward_kernel<scalar_t, acc_t>, grid, kBackwardThreads, smem_bytes, p);
+    if (weight_dtype == dtype) {
+      emulate_reduce<acc_t, scalar_t>(partial, grid, D_out * D_in, grad_S.data_ptr<scalar_t>());
+    } else {
+      emulate_reduce<acc_t, float>(partial, grid, D_out * D_in, grad_S.data_ptr<float>());
+    }
+  });
+  return {grad_V, grad_S};
+}
+
 // Staging plan for a shape and budget, for the tests to assert which path they exercise:
 // (fwd workspace, fwd S, fwd E, bwd workspace, bwd dS accumulator, bwd S, bwd E) in shared memory?
 template <typename acc_t>
@@ -282,5 +385,7 @@ std::vector<bool> staging_plan(int64_t L, int64_t D_in, int64_t D_out, int64_t K
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &emulate_forward, "routing_forward_kernel emulated on the CPU");
   m.def("backward", &emulate_backward, "routing_backward_kernel + reduce_partials_kernel emulated on the CPU");
+  m.def("jagged_forward", &emulate_jagged_forward, "routing_forward_kernel on a jagged batch, emulated");
+  m.def("jagged_backward", &emulate_jagged_backward, "routing_backward_kernel on a jagged batch, emulated");
   m.def("staging_plan", &staging_plan, "which pieces the kernels stage in shared memory for a budget");
 }

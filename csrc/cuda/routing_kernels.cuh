@@ -146,6 +146,11 @@ struct FwdParams {
   acc_t* coupling;        // (B, K, L)
   acc_t* preact;          // (B, K, D_out)
   acc_t* scratch;         // gridDim.x * ws_elems when the workspace is not in shared memory
+  // Jagged batch (ROUTING.md, "Jagged batches"), or nullptr: (B + 1) offsets into E / E_acc, which are
+  // then (N, D_in) rows (user u's n_u = offsets[u+1] - offsets[u] rows start at offsets[u]); L is L_max
+  // (init's positions), mask is nullptr and coupling is (N, K). Only the n_u real rows are read; in
+  // "behaviors" mode the positions n_u .. L - 1 stay in the softmax with zero rows (logits stay b0).
+  const int64_t* offsets;
   int64_t B;
   int L, D_in, D_out, K, KP, num_iters;
   bool over_behaviors;
@@ -230,7 +235,8 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
   // packed: every stage below then runs over Lc <= L rows (about half of L for typical padding),
   // and padded rows are never even loaded.  In "behaviors" mode padding is in the softmax
   // denominator, so all L rows stay (rows = identity).
-  const bool pack = !p.over_behaviors && p.mask != nullptr && p.E_smem;
+  const bool pack = !p.over_behaviors && p.mask != nullptr && p.E_smem && p.offsets == nullptr;
+  const bool jagged = p.offsets != nullptr;
 
   // Zero the whole workspace once: padding columns j in [K, KP) are never written with non-zero
   // values afterwards, so the 4-wide chunks can read them unconditionally.
@@ -258,14 +264,19 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
       }
       __syncthreads();
     }
-    const int Lc = pack ? rows[L] : L;  // routing rows of this user
+    // Jagged: the user's n_u real rows start at row offsets[u]; "interests" mode routes them alone,
+    // "behaviors" mode keeps all L positions in the softmax, the rows past n_u being zero.
+    const int64_t row0 = jagged ? p.offsets[u] : 0;
+    const int n_u = jagged ? static_cast<int>(p.offsets[u + 1] - row0) : L;
+    const int Lc = jagged ? (p.over_behaviors ? L : n_u) : (pack ? rows[L] : L);  // routing rows of this user
+    const int Le = jagged ? n_u : Lc;  // rows holding E: the others are zero and add nothing to any product
 
     // ---- load this user's inputs (row r of the routing is position rows[r] when packed)
-    const int64_t e_off = u * static_cast<int64_t>(L) * D_in;
+    const int64_t e_off = jagged ? row0 * D_in : u * static_cast<int64_t>(L) * D_in;
     const acc_t* Ep;
     if (p.E_smem) {
       const scalar_t* Eu = p.E + e_off;
-      for (int idx = tid; idx < Lc * D_in; idx += T) {
+      for (int idx = tid; idx < Le * D_in; idx += T) {
         const int r = idx / D_in;
         const int d = idx - r * D_in;
         const int i = pack ? rows[r] : r;
@@ -284,7 +295,8 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
       const int i = pack ? rows[r] : r;
       bT[r * KP + j] = b0[j * L + i];
     }
-    for (int r = tid; r < Lc; r += T) valid[r] = (pack || !p.mask) ? 1 : (p.mask[u * L + r] ? 1 : 0);
+    for (int r = tid; r < Lc; r += T)
+      valid[r] = jagged ? (r < n_u ? 1 : 0) : ((pack || !p.mask) ? 1 : (p.mask[u * L + r] ? 1 : 0));
     for (int j = tid; j < K; j += T) active[j] = p.imask ? (p.imask[u * K + j] ? 1 : 0) : 1;
     __syncthreads();
 
@@ -330,7 +342,7 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
       for (int item = tid; item < n_chunks * D_in; item += T) {
         const int jc = item / D_in;
         const int d = item - jc * D_in;
-        store4(ebarT + d * KP + jc * kChunk, chunk_dot(Ep + d, pE, wT, KP, jc * kChunk, Lc));
+        store4(ebarT + d * KP + jc * kChunk, chunk_dot(Ep + d, pE, wT, KP, jc * kChunk, Le));
       }
       __syncthreads();
 
@@ -394,9 +406,9 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
         // ---- b_ij += s * (E[i] . v_j)   (all positions; lanes walk i). s = 1: 1 * x == x and a
         // contracted fma(1, x, b) rounds once like b + x, so the unscaled bits are kept.
         const acc_t ls = p.logit_scale;
-        for (int item = tid; item < n_chunks * Lc; item += T) {
-          const int jc = item / Lc;
-          const int i = item - jc * Lc;
+        for (int item = tid; item < n_chunks * Le; item += T) {  // rows past Le are zero: db = 0
+          const int jc = item / Le;
+          const int i = item - jc * Le;
           const Vec4<acc_t> db = chunk_dot(Ep + static_cast<int64_t>(i) * pE, 1, vT, KP, jc * kChunk, D_in);
           acc_t* bp = bT + i * KP + jc * kChunk;
           Vec4<acc_t> b = load4(bp);
@@ -417,12 +429,20 @@ __global__ void __launch_bounds__(kMaxThreads, kForwardMinBlocks)
       p.preact[kd_off + idx] = z;
       p.capsules[kd_off + idx] = static_cast<scalar_t>(scale[j] * z);
     }
-    const int64_t kl_off = u * static_cast<int64_t>(K) * L;
-    for (int idx = tid; idx < K * L; idx += T) {
-      const int j = idx / L;
-      const int i = idx - j * L;
-      const int r = pack ? row_of[i] : i;
-      p.coupling[kl_off + idx] = r >= 0 ? wT[r * KP + j] : acc_t(0);
+    if (jagged) {
+      for (int idx = tid; idx < n_u * K; idx += T) {  // (N, K) rows of the user, coalesced
+        const int i = idx / K;
+        const int j = idx - i * K;
+        p.coupling[row0 * K + idx] = wT[i * KP + j];
+      }
+    } else {
+      const int64_t kl_off = u * static_cast<int64_t>(K) * L;
+      for (int idx = tid; idx < K * L; idx += T) {
+        const int j = idx / L;
+        const int i = idx - j * L;
+        const int r = pack ? row_of[i] : i;
+        p.coupling[kl_off + idx] = r >= 0 ? wT[r * KP + j] : acc_t(0);
+      }
     }
     __syncthreads();  // the next user overwrites the workspace and E
   }
@@ -462,6 +482,7 @@ struct BwdParams {
   scalar_t* dE;          // (B, L, D_in)
   acc_t* partial;        // (gridDim.x, D_out * D_in): each block's dS
   acc_t* scratch;        // gridDim.x * ws_elems when the workspace is not in shared memory
+  const int64_t* offsets;  // jagged batch: (B + 1), E and dE (N, D_in), w (N, K), L >= every n_u; or nullptr
   int64_t B;
   int L, D_in, D_out, K, KP;
   bool ws_smem, dS_smem, S_smem, E_smem;
@@ -543,11 +564,24 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
       zT[o * KP + j] = p.z[kd_off + idx];
       dzT[o * KP + j] = p.G[kd_off + idx];
     }
-    const int64_t kl_off = u * static_cast<int64_t>(K) * L;
-    for (int idx = tid; idx < K * L; idx += T) {
-      const int j = idx / L;
-      const int i = idx - j * L;
-      wT[i * KP + j] = p.w[kl_off + idx];
+    // Jagged: the user's n_u rows start at row offsets[u] of E, dE and w; only they are touched
+    // (Lu rows below), the workspace rows past them are never read.
+    const bool jagged = p.offsets != nullptr;
+    const int64_t row0 = jagged ? p.offsets[u] : 0;
+    const int Lu = jagged ? static_cast<int>(p.offsets[u + 1] - row0) : L;
+    if (jagged) {
+      for (int idx = tid; idx < Lu * K; idx += T) {
+        const int i = idx / K;
+        const int j = idx - i * K;
+        wT[i * KP + j] = p.w[row0 * K + idx];
+      }
+    } else {
+      const int64_t kl_off = u * static_cast<int64_t>(K) * L;
+      for (int idx = tid; idx < K * L; idx += T) {
+        const int j = idx / L;
+        const int i = idx - j * L;
+        wT[i * KP + j] = p.w[kl_off + idx];
+      }
     }
     __syncthreads();
 
@@ -570,7 +604,7 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
     // to ebar: they are neither loaded nor multiplied, which also keeps NaN/Inf padding out of dS in
     // "interests" mode (0 * NaN).  In "behaviors" mode a non-finite padded row already made this
     // user's w non-finite, so it is not skipped and propagates as the reference's does.
-    for (int i = tid; i < L; i += T) {
+    for (int i = tid; i < Lu; i += T) {
       bool any = false;
       for (int j = 0; j < K; ++j) any = any || (wT[i * KP + j] != acc_t(0));
       has_weight[i] = any ? 1 : 0;
@@ -584,9 +618,10 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
       dzT[o * KP + j] = coefA[j] * dzT[o * KP + j] + coefB[j] * zT[o * KP + j];
     }
     // ---- stage this user's E rows that carry weight (coalesced, many loads in flight)
-    const scalar_t* Eu = p.E + u * static_cast<int64_t>(L) * D_in;
+    const int64_t e_off = jagged ? row0 * D_in : u * static_cast<int64_t>(L) * D_in;
+    const scalar_t* Eu = p.E + e_off;
     if (p.E_smem) {
-      for (int idx = tid; idx < L * D_in; idx += T) {
+      for (int idx = tid; idx < Lu * D_in; idx += T) {
         const int i = idx / D_in;
         const int d = idx - i * D_in;
         Es[i * pE + d] = has_weight[i] ? to_acc<acc_t>(Eu[idx]) : acc_t(0);
@@ -602,12 +637,12 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
       const int j0 = jc * kChunk;
       store4(gT + d * KP + j0, chunk_dot(Sp + d, pS, dzT, KP, j0, D_out));
       if (p.E_smem) {
-        store4(ebarT + d * KP + j0, chunk_dot(Es + d, pE, wT, KP, j0, L));
+        store4(ebarT + d * KP + j0, chunk_dot(Es + d, pE, wT, KP, j0, Lu));
         continue;
       }
       Vec4<acc_t> eb = {{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
 #pragma unroll 4
-      for (int i = 0; i < L; ++i) {
+      for (int i = 0; i < Lu; ++i) {
         if (!has_weight[i]) continue;
         const Vec4<acc_t> wv = load4(wT + i * KP + j0);
         const acc_t e = to_acc<acc_t>(Eu[static_cast<int64_t>(i) * D_in + d]);
@@ -619,8 +654,8 @@ __global__ void __launch_bounds__(kMaxThreads) routing_backward_kernel(const Bwd
     __syncthreads();
 
     // ---- dE_i[d] = sum_j w_ij g_j[d]   (coalesced writes along d; masked rows have w = 0)
-    scalar_t* dEu = p.dE + u * static_cast<int64_t>(L) * D_in;
-    for (int idx = tid; idx < L * D_in; idx += T) {
+    scalar_t* dEu = p.dE + e_off;
+    for (int idx = tid; idx < Lu * D_in; idx += T) {
       const int i = idx / D_in;
       const int d = idx - i * D_in;
       acc_t s = acc_t(0);
