@@ -109,10 +109,11 @@ def b2i_routing_jagged(
         ``return_weights``.
 
     The result equals :func:`b2i_routing` on the zero-padded batch (B, L_max, D_in) with mask
-    position < n_u.  Gradients flow to ``values`` and ``weight``.  The cpp backend (CPU) runs a jagged
-    kernel whose cost follows N; the reference, cuda and triton backends pad to (B, L_max) on the
-    device and run their padded kernel (cost B x L_max).  The offsets are checked on the host (one
-    synchronisation on a GPU).
+    position < n_u.  Gradients flow to ``values`` and ``weight``.  Backends: cpp (CPU) and cuda run
+    jagged kernels whose memory traffic and products follow N (each user's n_u rows at its offset);
+    triton reads and writes only the n_u rows but computes on (K, L_max) tiles; the reference pads to
+    (B, L_max) and runs the padded reference (cost B x L_max).  The offsets are checked on the host
+    (one synchronisation on a GPU).
     """
     if is_jagged_nested(values):
         if offsets is not None:

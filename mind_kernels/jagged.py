@@ -83,8 +83,8 @@ def via_padding(run, values, offsets, weight, init_logits, interest_mask, num_it
                 logit_scale=1.0):
     """Serve a jagged call with a padded backend's ``run``: pad on the device, run, take w back to (N, K).
 
-    Its cost follows B x L_max (the padded kernel's), not N; what the GPU backends (cuda, triton) do
-    today.  Gradients reach ``values`` through the padding (autograd of the index_put in :func:`pad`).
+    Its cost follows B x L_max (the padded kernel's), not N: the reference's path, and the cuda
+    backend's when the extension was built without the jagged CUDA kernels.  Gradients reach ``values`` through the padding (autograd of the index_put in :func:`pad`).
     """
     L_max = init_logits.shape[-1]
     E, mask = pad(values, offsets, L_max)

@@ -227,7 +227,7 @@ def test_results_do_not_depend_on_threads():
 @needs_cpp
 @pytest.mark.parametrize("over", ["interests", "behaviors"])
 def test_via_padding_serves_a_padded_backend(over):
-    """What the cuda and triton backends do with a jagged call, here with the CPU padded kernel inside."""
+    """The padding path (the reference's; cuda's without jagged kernels), with the CPU padded kernel inside."""
     V, off, S, b0, im, G = make_jagged(LENGTHS["random"], 6, 8, 3, L_max=10, imask="random")
     padded_cpp = dispatch.BACKENDS["cpp"].run
     Vg = V.clone().requires_grad_()
