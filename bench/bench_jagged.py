@@ -18,6 +18,8 @@ History lengths (``--lengths``):
   ~/.cache/mind-kernels/ml-100k/), drawn with replacement and clipped to L_max (mean 90.9 at 200);
   skipped with a note when the file is absent.
 * ``uniform``: uniform in 50 .. L_max (mean 125 at 200).
+* ``full``: every history L_max long, no padding at all: the control, where the two kernels do the same
+  work and the ratio shows the jagged layout's own overhead (ideal 1.00x).
 
 "ideal" is B L_max / N, the ratio of padded to real positions: the most that skipping padding can buy.
 """
@@ -60,6 +62,8 @@ def ml100k_counts():
 def draw_lengths(kind: str, B: int, max_len: int, g: torch.Generator):
     if kind == "uniform":
         return torch.randint(min(50, max_len), max_len + 1, (B,), generator=g)
+    if kind == "full":
+        return torch.full((B,), max_len, dtype=torch.int64)
     counts = ml100k_counts()
     if counts is None:
         return None
@@ -82,7 +86,8 @@ def time_pair(jagged_fn, padded_fn, reps: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", nargs="+", default=["ml100k", "uniform"], choices=["ml100k", "uniform"])
+    ap.add_argument("--lengths", nargs="+", default=["ml100k", "uniform", "full"],
+                    choices=["ml100k", "uniform", "full"])
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
