@@ -382,6 +382,25 @@ def test_torch_compile_fullgraph():
 
 
 @needs_cpp
+def test_torch_export():
+    """The fake kernel gives every output size from the input sizes: torch.export keeps the op in the graph."""
+
+    class Extractor(torch.nn.Module):
+        def __init__(self, S):
+            super().__init__()
+            self.S = torch.nn.Parameter(S)
+
+        def forward(self, v, o, b):
+            return torch.ops.mind_kernels.routing_jagged_forward(v, o, self.S, b, None, 3, False, 1.0)[0]
+
+    V, off, S, b0, _, _ = make_jagged([3, 0, 4], 5, 6, 2, per_user_b0=False)
+    m = Extractor(S)
+    ep = torch.export.export(m, (V, off, b0))
+    assert "mind_kernels.routing_jagged_forward.default" in [str(n.target) for n in ep.graph.nodes]
+    assert torch.equal(ep.module()(V, off, b0), m(V, off, b0))
+
+
+@needs_cpp
 def test_torch_compile_fullgraph_of_the_public_api():
     """Under torch.compile the offsets' values are left to the kernel's own checks: no graph break."""
     V, off, S, b0, im, G = make_jagged([3, 0, 5, 2], 6, 7, 3, imask="random")
