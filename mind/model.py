@@ -314,7 +314,8 @@ class MIND(nn.Module):
         return torch.cat([emb(user_features[:, f]) for f, emb in enumerate(self.user_feature_embeddings)], dim=1)
 
     def interests(self, histories: torch.Tensor, user_features: Optional[torch.Tensor] = None,
-                  return_weights: bool = False, item_table: Optional[torch.Tensor] = None):
+                  return_weights: bool = False, item_table: Optional[torch.Tensor] = None,
+                  jagged: bool = False):
         """The K user vectors.
 
         Args:
@@ -324,6 +325,14 @@ class MIND(nn.Module):
             item_table: None, or :meth:`item_embeddings` (num_items + 1, d) already computed
                 this step (the full softmax needs it anyway): the behaviours are then rows
                 gathered from it, the same values as :meth:`embed_items` without embedding twice.
+            jagged: route the batch's real behaviours only (values (N, d) + offsets (B + 1,),
+                ``mind_kernels.B2IRouting.forward_jagged``): the embedding gather and the routing
+                cost follow N = the number of non-padding ids instead of B x L.  Each user's
+                behaviours keep their order and take routing-logit columns 0 .. n_u - 1, so the
+                result equals the padded path on the *left*-aligned batch.  In training the
+                logits are drawn fresh each call, so that is the same model; in eval mode the
+                fixed logits buffer would be read at other columns than for our right-aligned
+                histories, so serving stays padded.  Not with ``return_weights``.
 
         Returns:
             V (B, K, d), interest_mask (B, K) bool [, weights (B, K, L)].
@@ -332,17 +341,29 @@ class MIND(nn.Module):
             raise ValueError(f"MIND: histories must be (B, L), got {tuple(histories.shape)}")
         B, L = histories.shape
         mask = histories != 0
-        # F.embedding, not item_table[histories]: the same rows, and its backward (a dense
-        # embedding backward) is ~2x faster than advanced indexing's index_put_ with accumulate.
-        behaviors = (self.embed_items(histories) if item_table is None
-                     else torch.nn.functional.embedding(histories, item_table))
         if self.dynamic_interests:
             interest_mask = dynamic_interest_mask(mask, self.num_interests)
         else:
             interest_mask = torch.ones(B, self.num_interests, dtype=torch.bool, device=histories.device)
-        # The layer builds the same dynamic mask itself and keeps inactive interests out of
-        # the coupling softmax; we recompute it here only to report it.
-        caps, weights = self.extractor(behaviors, mask, return_weights=True)
+        if jagged:
+            if return_weights:
+                raise ValueError("MIND.interests: return_weights gives the padded (B, K, L) weights; "
+                                 "call it with jagged=False")
+            ids = histories[mask]                                          # (N,), row-major: oldest first
+            offsets = torch.zeros(B + 1, dtype=torch.long, device=histories.device)
+            torch.cumsum(mask.sum(1), 0, out=offsets[1:])
+            values = (self.embed_items(ids) if item_table is None
+                      else torch.nn.functional.embedding(ids, item_table))
+            caps = self.extractor.forward_jagged(values, offsets, max_len=L)
+            weights = None
+        else:
+            # F.embedding, not item_table[histories]: the same rows, and its backward (a dense
+            # embedding backward) is ~2x faster than advanced indexing's index_put_ with accumulate.
+            behaviors = (self.embed_items(histories) if item_table is None
+                         else torch.nn.functional.embedding(histories, item_table))
+            # The layer builds the same dynamic mask itself and keeps inactive interests out of
+            # the coupling softmax; we recompute it here only to report it.
+            caps, weights = self.extractor(behaviors, mask, return_weights=True)
         profile = self.profile(user_features, B)
         vectors = self._h(caps, profile)
         if return_weights:
@@ -350,16 +371,16 @@ class MIND(nn.Module):
         return vectors, interest_mask
 
     def forward(self, histories, user_features=None, targets=None, p: float = 2.0, stochastic: bool = False,
-                item_table: Optional[torch.Tensor] = None):
+                item_table: Optional[torch.Tensor] = None, jagged: bool = False):
         """Training view.
 
         With ``targets``: v_u (B, d) by label-aware attention on the targets' embeddings.
         Without: the interests V (B, K, d) and the interest mask (B, K), for objectives that
         score items by the best interest (``mind.loss``'s ``scoring="max"``); going through
         ``forward`` keeps DistributedDataParallel's gradient hooks in the step.
-        ``item_table``: see :meth:`interests`.
+        ``item_table``, ``jagged``: see :meth:`interests`.
         """
-        vectors, interest_mask = self.interests(histories, user_features, item_table=item_table)
+        vectors, interest_mask = self.interests(histories, user_features, item_table=item_table, jagged=jagged)
         if targets is None:
             return vectors, interest_mask
         return label_aware_attention(vectors, self.embed_items(targets), interest_mask, p, stochastic)

@@ -94,6 +94,33 @@ def test_interests_shapes_and_eval_determinism():
     assert (v >= 0).all()                                    # final ReLU H layer
 
 
+
+@pytest.mark.parametrize("train_mode", [True, False])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_jagged_interests_equal_the_padded_path_on_the_left_aligned_batch(train_mode, dynamic):
+    # Right-aligned histories (as the data holds them), one with a gap and one empty, against the same
+    # behaviours left-aligned: the jagged path routes behaviour i of every user on logit column i.
+    m = _tiny_model(dynamic_interests=dynamic, backend="cpp").train(train_mode)
+    right = torch.tensor([[0, 0, 1, 2, 3], [4, 3, 2, 1, 1], [0, 0, 0, 0, 0], [0, 4, 0, 0, 2]])
+    left = torch.tensor([[1, 2, 3, 0, 0], [4, 3, 2, 1, 1], [0, 0, 0, 0, 0], [4, 2, 0, 0, 0]])
+    feats = torch.tensor([[1, 2], [0, 0], [2, 4], [1, 1]])
+    table = m.item_embeddings()
+    torch.manual_seed(5)
+    got, got_mask = m.interests(right, feats, item_table=table, jagged=True)
+    torch.manual_seed(5)
+    want, want_mask = m.interests(left, feats, item_table=table)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got_mask, want_mask)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True, retain_graph=True)
+    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="return_weights"):
+        m.interests(right, feats, return_weights=True, jagged=True)
+
 def test_dynamic_interest_mask_reported():
     m = _tiny_model(dynamic_interests=True).eval()
     hist = torch.tensor([[0, 0, 0, 1, 2], [4, 3, 2, 1, 1]])   # n = 2 -> K'=1, n = 5 -> K'=2
