@@ -25,6 +25,10 @@ Sections (each writes rows to train.csv; train.md and profile.md are the tables)
   its negatives are 200 uniform items per row (ours: 200 log-uniform items shared by the
   batch, or the exact softmax), it has no genre features and no H layers (one linear map),
   and its epoch has no evaluation (we add ours afterwards for Recall@50).
+* ``levers``: the second round's levers step by step (ML-100k max_len 50, exact and sampled
+  softmax; the synthetic set, sampled): one model per variant in one process, variants alternated
+  round by round, median step ms and minor page faults per step.  ``keep_freed_memory`` is
+  process-wide and one-way, so it alone runs in alternated fresh processes.
 * ``profile``: one training step split by manual timers (module hooks and gradient hooks) into
   routing fwd+bwd, embedding gather + its gradient, H layers, loss (+ penalty), optimizer and
   other, for this checkout and (with ``--old``) commit 9463034, same process code.
@@ -69,6 +73,8 @@ def load_case(case: str, quick: bool):
 
 VARIANTS = {
     "cpp": dict(backend="cpp"),
+    # the second round's default-on levers off (split_h, genre_matmul, pad_items)
+    "cpp round-2 levers off": dict(backend="cpp", split_h=False, genre_matmul=False, pad_items=1),
     "reference": dict(backend="reference"),
     "cpp+compile": dict(backend="cpp", compile=True),
     "cpp+rowwise": dict(backend="cpp", optimizer="rowwise"),
@@ -298,6 +304,7 @@ for i in range(steps + 5):
              "optimizer": (t_bwd0 - t_fwd) + (t_end - t_bwd)}
     known["embedding gather + grad"] = (m["ext_in"] - t0) + (t_bwd - m["b_beh"])
     known["routing fwd+bwd"] = (m["ext_out"] - m["ext_in"]) + (m["b_beh"] - m["b_caps"])
+    # the marks tile the step, so "other" is 0 up to timer rounding: a check that no part is missed
     known["other"] = (t_end - t0) - sum(known.values())
     for k, v in known.items():
         parts[k] += v
@@ -353,15 +360,15 @@ LEVER_CASES = {
         "+ split_h": dict(ROUND1, split_h=True),
         "+ genre_matmul": dict(ROUND1, genre_matmul=True),
         "+ pad_items=16": dict(ROUND1, pad_items=16),
-        "all (defaults)": {},
+        "all (defaults)": dict(item_table="loss"),
     }),
     "ml-100k L=50 sampled softmax": ("ml-100k L=50", dict(loss="sampled"), {
-        "item_table=loss": dict(item_table="loss"),
-        "item_table=auto (defaults)": {},
+        "item_table=loss (default)": {},
+        "item_table=auto": dict(item_table="auto"),
     }),
     "synthetic L=200 sampled softmax": ("synthetic L=50..200", {}, {
-        "item_table=loss": dict(item_table="loss"),
-        "item_table=auto (defaults)": {},
+        "item_table=loss (default)": {},
+        "item_table=auto": dict(item_table="auto"),
     }),
 }
 
@@ -474,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--old", default=None, help="a checkout of commit 9463034 with its extension built")
     ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 1 quick, 2 full)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run of ours (default 1 quick, 2 full)")
-    ap.add_argument("--variants", default="cpp,reference,cpp+compile,cpp+rowwise")
+    ap.add_argument("--variants", default="cpp,cpp round-2 levers off,reference,cpp+compile,cpp+rowwise")
     ap.add_argument("--sections", default="ours,old,rechub,levers,profile")
     ap.add_argument("--rechub-epochs", type=int, default=1)
     ap.add_argument("--rechub-examples", type=int, default=None,

@@ -16,8 +16,9 @@ Trade-off: memory a step frees stays in the process, so its resident size stays 
 allocations reuse it.  A training step reaches that peak every step anyway, so a training
 process pays nothing more; a notebook that trains and then does other work keeps the peak.
 Measured with ``bench/bench_train.py --sections levers`` (alternated processes, ML-100k max_len
-50): 1.05x per step on a quiet machine, 1.42x under load.  ``TrainConfig.keep_freed_memory``
-(on by default; ``python -m mind train --no-keep-freed-memory`` turns it off).
+50; glibc's dynamic threshold already spares most faults once warm): 0.96x to 1.05x per step on
+a quiet machine, 1.42x once under load.  Not a steady win, so ``TrainConfig.keep_freed_memory``
+is off by default (``python -m mind train --keep-freed-memory`` turns it on).
 
 Only glibc on Linux has these knobs; elsewhere (macOS, Windows, musl) this is a no-op that
 returns False.

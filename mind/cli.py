@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pays for large catalogues with --loss sampled)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (one graph; compiling takes tens of seconds on a CPU)")
-    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,
                    help="CPU on glibc: keep freed heap memory in the process, so each step's big temporaries "
-                        "are not mapped and faulted in anew (default on; the resident size stays at its peak)")
+                        "are not mapped and faulted in anew (default off; the resident size stays at its peak)")
     g.add_argument("--item-table", default="loss", choices=["loss", "auto"],
                    help="loss (default): embed the whole item table once a step only for the exact softmax; "
                         "auto: also for the sampled / in-batch softmax when num_items + 1 <= batch x max_len")

@@ -52,10 +52,10 @@ updates only the embedding rows a step touched (``mind.optim``).  Both levers ar
 Second round, on by default (measured step by step in one process, ``--sections levers``):
 ``pad_items`` pads the exact softmax's score rows to a multiple of 16 (MKL's sgemm is ~1.5x slower
 at an odd item count), ``split_h`` computes the profile part of the first H layer once per user,
-``genre_matmul`` pools genres by one matmul, and ``keep_freed_memory`` keeps freed heap memory in
-the process on glibc (``mind.allocator``; the resident size stays at its peak).  ``item_table="auto"``
-(embed the whole table for the sampled softmax too when N + 1 <= B L) stays off: it won on
-ML-100k and lost on a 5,000 to 30,000-item synthetic catalogue.
+and ``genre_matmul`` pools genres by one matmul.  Two stay flags: ``keep_freed_memory`` (glibc
+keeps freed heap memory in the process, ``mind.allocator``: 0.96x to 1.42x per step, a win only
+on a loaded machine) and ``item_table="auto"`` (embed the whole table for the sampled softmax too
+when N + 1 <= B L: 1.07x on ML-100k, 0.73x to 1.00x on 5,000 to 30,000-item synthetic catalogues).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class TrainConfig:
     compile: bool = False          # torch.compile(fullgraph=True) of the training forward + loss (single process)
     # Second round (issue 13, ``bench/bench_train.py --sections levers``); none changes the model's
     # math beyond float rounding, so none is part of _RESUME_MUST_MATCH.
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory (mind/allocator.py); RSS stays at its peak
+    keep_freed_memory: bool = False  # CPU: glibc keeps freed memory (mind/allocator.py); RSS stays at its peak
     split_h: bool = True           # first H layer as W1c C_k + W1p p_u, the profile part once per user
     genre_matmul: bool = True      # genre pooling as a (n, genres) x (genres, d) matmul
     pad_items: int = 16            # exact softmax: score rows padded to a multiple of this (1 = off)
