@@ -76,6 +76,9 @@ VARIANTS = {
     # the second round's default-on levers off (split_h, genre_matmul, pad_items)
     "cpp round-2 levers off": dict(backend="cpp", split_h=False, genre_matmul=False, pad_items=1),
     "reference": dict(backend="reference"),
+    # "cpp" routes jagged batches where at most half the history slots hold an item (auto)
+    "cpp jagged=off": dict(backend="cpp", jagged="off"),
+    "cpp jagged=on": dict(backend="cpp", jagged="on"),
     "cpp+compile": dict(backend="cpp", compile=True),
     "cpp+rowwise": dict(backend="cpp", optimizer="rowwise"),
 }
@@ -101,6 +104,8 @@ def run_ours(data, variant: dict, max_len: int, epochs: int) -> dict:
 def section_ours(args, rows):
     cases = ["ml-100k L=50"] if args.quick else ["ml-100k L=20", "ml-100k L=50", "ml-100k L=200"]
     cases.append("synthetic L=50..200")
+    if args.cases:
+        cases = args.cases.split(",")
     variants = args.variants.split(",")
     for case in cases:
         data = load_case(case, args.quick)
@@ -483,6 +488,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run of ours (default 1 quick, 2 full)")
     ap.add_argument("--variants", default="cpp,cpp round-2 levers off,reference,cpp+compile,cpp+rowwise")
     ap.add_argument("--sections", default="ours,old,rechub,levers,profile")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated cases of the ours section, e.g. 'ml-100k L=200,synthetic L=50..200'")
     ap.add_argument("--rechub-epochs", type=int, default=1)
     ap.add_argument("--rechub-examples", type=int, default=None,
                     help="time torch-rechub on this many examples and scale (default: 8192 quick, all full)")

@@ -140,7 +140,7 @@ def _train(args, info) -> int:
                       logit_scale=args.logit_scale, h_out_activation=args.h_out, scoring=args.scoring,
                       hard_negative_beta=args.hard_negative_beta, diversity_lambda=args.diversity_lambda,
                       stochastic_selection=args.stochastic_selection, target_window=args.target_window,
-                      optimizer=args.optimizer, compile=args.compile,
+                      optimizer=args.optimizer, compile=args.compile, jagged=args.jagged,
                       keep_freed_memory=args.keep_freed_memory, item_table=args.item_table, pad_items=args.pad_items,
                       split_h=args.split_h, genre_matmul=args.genre_matmul,
                       progress=not args.no_progress)
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pays for large catalogues with --loss sampled)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (one graph; compiling takes tens of seconds on a CPU)")
+    g.add_argument("--jagged", default="auto", choices=["auto", "on", "off"],
+                   help="route only each history's real items (values + offsets) instead of the padded batch; "
+                        "auto (default): on when at most half the history slots hold an item, and not --compile")
     g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,
                    help="CPU on glibc: keep freed heap memory in the process, so each step's big temporaries "
                         "are not mapped and faulted in anew (default off; the resident size stays at its peak)")
@@ -454,6 +457,9 @@ def main(argv=None) -> int:
         try:
             if getattr(args, "p", None) is not None and math.isnan(args.p):
                 raise UsageError("--p must be a number or inf")
+            if getattr(args, "jagged", None) == "on" and getattr(args, "compile", False):
+                raise UsageError("--jagged on cannot be compiled (the jagged gather has a data-dependent size); "
+                                 "drop --compile, or use --jagged auto/off")
             return int(args.func(args) or 0)
         except (CheckpointError, DataFormatError, DataNotFoundError, ModelFormatError, UsageError) as e:
             # never a traceback (nor a silent fresh start) for a bad file: say which file and why

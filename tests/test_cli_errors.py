@@ -98,6 +98,8 @@ def _cases(b: pathlib.Path) -> dict:
                                          [f"{b / 'ml' / 'u.data'}:2: rating is not a number: 'three'"]),
         "train-no-data-dir": (["train", "--data", "dir", "--out", str(b / "r4"), "--no-progress"],
                               ["--data dir needs --data-dir PATH"]),
+        "train-jagged-on-compiled": (["train", *SYN, "--jagged", "on", "--compile", "--out", str(b / "r5"),
+                                      "--no-progress"], ["--jagged on cannot be compiled"]),
         "evaluate-truncated-checkpoint": (["evaluate", "--checkpoint", str(b / "trunc.pt"), *SYN],
                                           [f"checkpoint {b / 'trunc.pt'} is truncated or corrupt: its zip archive "
                                            "is incomplete or damaged"]),

@@ -224,3 +224,33 @@ def test_keep_freed_memory_applies_on_glibc_only():
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
     assert keep_freed_memory() is glibc          # idempotent
+
+
+def test_resolve_jagged_rules():
+    from mind.train import resolve_jagged
+    sparse = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 3]])                 # 3 of 8 slots filled
+    dense = torch.tensor([[0, 4, 5, 1], [1, 2, 2, 3]])                  # 7 of 8
+    assert resolve_jagged(TrainConfig(), sparse) == (True, 3 / 8)
+    assert resolve_jagged(TrainConfig(), dense) == (False, 7 / 8)
+    assert resolve_jagged(TrainConfig(compile=True), sparse)[0] is False
+    assert resolve_jagged(TrainConfig(jagged="on"), dense)[0] is True
+    assert resolve_jagged(TrainConfig(jagged="off"), sparse)[0] is False
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        resolve_jagged(TrainConfig(jagged="on", compile=True), dense)
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        resolve_jagged(TrainConfig(jagged="yes"), dense)
+
+
+def test_jagged_training_loss_matches_padded_on_left_aligned_batch(tiny):
+    cfg, model, loss_fn = _setup(tiny, "full")
+    hist, feats, tgt = _batch(tiny)
+    n = (hist != 0).sum(1, keepdim=True)
+    cols = torch.arange(hist.shape[1])[None]
+    # the same behaviours moved to the left: position i of user u = its i-th real item
+    left = torch.zeros_like(hist)
+    left[cols < n] = hist[hist != 0]
+    torch.manual_seed(3)
+    got = training_loss(model, model, loss_fn, cfg, hist, feats, tgt, jagged=True)
+    torch.manual_seed(3)
+    want = training_loss(model, model, loss_fn, cfg, left, feats, tgt)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
