@@ -41,6 +41,8 @@ from typing import Optional
 
 import torch
 
+from . import autograd_glue
+
 _LOAD_ERROR: Optional[str] = None
 try:  # the package must import and the reference must work when the extension is missing
     from mind_kernels import _C  # noqa: F401  (loading it registers the ops)
@@ -146,31 +148,8 @@ if _C is not None:
             weight, memory_format=torch.contiguous_format
         )
 
-    def _setup_context(ctx, inputs, output):
-        behaviors, weight = inputs[0], inputs[1]
-        _, coupling, preactivation = output
-        ctx.save_for_backward(behaviors, weight, coupling, preactivation)
-
-    def _backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
-        # coupling and preactivation are constants of the detached routing: their gradients are dropped.
-        behaviors, weight, coupling, preactivation = ctx.saved_tensors
-        if grad_capsules is None:
-            return (None,) * 8
-        grad_behaviors, grad_weight = torch.ops.mind_kernels.routing_backward(
-            grad_capsules, behaviors, weight, coupling, preactivation
-        )
-        return (
-            grad_behaviors if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,  # logit_scale
-        )
-
-    torch.library.register_autograd("mind_kernels::routing_forward", _backward, setup_context=_setup_context)
+    setup_context, backward = autograd_glue.padded(torch.ops.mind_kernels.routing_backward)
+    torch.library.register_autograd("mind_kernels::routing_forward", backward, setup_context=setup_context)
 
     if hasattr(torch.ops.mind_kernels, "routing_jagged_forward"):  # an older build may lack the jagged ops
 
@@ -194,28 +173,9 @@ if _C is not None:
                 weight, memory_format=torch.contiguous_format
             )
 
-        def _jagged_setup_context(ctx, inputs, output):
-            values, offsets, weight, init_logits = inputs[0], inputs[1], inputs[2], inputs[3]
-            _, coupling, preactivation = output
-            ctx.save_for_backward(values, offsets, weight, coupling, preactivation)
-            ctx.max_len = init_logits.shape[-1]
-
-        def _jagged_backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
-            values, offsets, weight, coupling, preactivation = ctx.saved_tensors
-            if grad_capsules is None:
-                return (None,) * 8
-            grad_values, grad_weight = torch.ops.mind_kernels.routing_jagged_backward(
-                grad_capsules, values, offsets, weight, coupling, preactivation, ctx.max_len
-            )
-            return (
-                grad_values if ctx.needs_input_grad[0] else None,
-                None,  # offsets
-                grad_weight if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None,  # init_logits, interest_mask, num_iters, over_behaviors, logit_scale
-            )
-
+        setup_context, backward = autograd_glue.jagged(torch.ops.mind_kernels.routing_jagged_backward)
         torch.library.register_autograd(
-            "mind_kernels::routing_jagged_forward", _jagged_backward, setup_context=_jagged_setup_context
+            "mind_kernels::routing_jagged_forward", backward, setup_context=setup_context
         )
 
 

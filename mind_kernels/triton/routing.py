@@ -41,6 +41,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .. import autograd_glue
+
 #: Largest padded (BK, max(BL, BDO), BDI) broadcast temporary a program may hold (float32 elements).
 #: Beyond it the per-user tile would spill far out of registers; the dispatcher falls back.
 MAX_TILE_ELEMENTS = 1 << 16
@@ -284,25 +286,7 @@ def _ops():
         grad_weight = partials.sum(dim=0).to(S.dtype)  # fixed-order reduction: deterministic
         return grad_behaviors, grad_weight
 
-    def setup_context(ctx, inputs, output):
-        behaviors, weight = inputs[0], inputs[1]
-        _, coupling, preactivation = output
-        ctx.save_for_backward(behaviors, weight, coupling, preactivation)
-
-    def backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
-        # w and z are constants of the detached routing: their incoming gradients are dropped.
-        behaviors, weight, coupling, preactivation = ctx.saved_tensors
-        if grad_capsules is None:
-            return (None,) * 8
-        grad_behaviors, grad_weight = torch.ops.mind_kernels.routing_backward_triton(
-            grad_capsules, behaviors, weight, coupling, preactivation
-        )
-        return (
-            grad_behaviors if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None,  # init_logits, masks, num_iters, over_behaviors, logit_scale
-        )
-
+    setup_context, backward = autograd_glue.padded(torch.ops.mind_kernels.routing_backward_triton)
     routing_forward_triton.register_autograd(backward, setup_context=setup_context)
 
     @triton_op("mind_kernels::routing_jagged_forward_triton", mutates_args={})
@@ -387,26 +371,8 @@ def _ops():
         )
         return grad_values, partials.sum(dim=0).to(S.dtype)
 
-    def jagged_setup_context(ctx, inputs, output):
-        values, offsets, weight, init_logits = inputs[0], inputs[1], inputs[2], inputs[3]
-        _, coupling, preactivation = output
-        ctx.save_for_backward(values, offsets, weight, coupling, preactivation)
-        ctx.max_len = init_logits.shape[-1]
-
-    def jagged_backward(ctx, grad_capsules, grad_coupling, grad_preactivation):
-        values, offsets, weight, coupling, preactivation = ctx.saved_tensors
-        if grad_capsules is None:
-            return (None,) * 8
-        grad_values, grad_weight = torch.ops.mind_kernels.routing_jagged_backward_triton(
-            grad_capsules, values, offsets, weight, coupling, preactivation, ctx.max_len
-        )
-        return (
-            grad_values if ctx.needs_input_grad[0] else None,
-            None,  # offsets
-            grad_weight if ctx.needs_input_grad[2] else None,
-            None, None, None, None, None,  # init_logits, interest_mask, num_iters, over_behaviors, logit_scale
-        )
-
+    jagged_setup_context, jagged_backward = autograd_glue.jagged(
+        torch.ops.mind_kernels.routing_jagged_backward_triton)
     routing_jagged_forward_triton.register_autograd(jagged_backward, setup_context=jagged_setup_context)
     _OPS = (torch.ops.mind_kernels.routing_forward_triton, torch.ops.mind_kernels.routing_backward_triton)
     return _OPS
