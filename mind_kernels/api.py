@@ -9,7 +9,8 @@ from .reference import compute_dtype
 from .validation import check_jagged_inputs, check_routing_inputs
 
 
-def _call_of(behaviors, weight, shape, softmax_over, detach_routing) -> RoutingCall:
+def _call_of(behaviors, weight, shape, softmax_over, detach_routing, jagged=False) -> RoutingCall:
+    """What the dispatcher sees of a call; ``behaviors`` is E (B, L, D_in) or, ``jagged``, values (N, D_in)."""
     return RoutingCall(
         device_type=dispatch._device_type(behaviors.device),
         dtype=behaviors.dtype,
@@ -21,6 +22,7 @@ def _call_of(behaviors, weight, shape, softmax_over, detach_routing) -> RoutingC
         interests=shape.interests,
         in_dim=shape.in_dim,
         out_dim=shape.out_dim,
+        jagged=jagged,
     )
 
 
@@ -123,19 +125,7 @@ def b2i_routing_jagged(
         values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over, backend, logit_scale
     )
     logit_scale = float(logit_scale)
-    call = RoutingCall(
-        device_type=dispatch._device_type(values.device),
-        dtype=values.dtype,
-        weight_dtype=weight.dtype,
-        detach_routing=bool(detach_routing),
-        softmax_over=softmax_over,
-        batch=shape.batch,
-        length=shape.length,
-        interests=shape.interests,
-        in_dim=shape.in_dim,
-        out_dim=shape.out_dim,
-        jagged=True,
-    )
+    call = _call_of(values, weight, shape, softmax_over, detach_routing, jagged=True)
     chosen = dispatch.select(call, backend)  # before the B = 0 shortcut: a refused backend raises either way
     if shape.batch == 0:
         capsules = values.new_zeros((0, shape.interests, shape.out_dim))
