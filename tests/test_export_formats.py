@@ -275,6 +275,36 @@ def test_aoti_package_runs_in_a_fresh_process_without_mind(exports, tmp_path):
     np.testing.assert_array_equal(np.load(work / "m.npy"), m_native)
 
 
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler (g++)")
+def test_aoti_package_runs_from_cpp_with_libtorch_only(exports, tmp_path):
+    """examples/aoti_cpp: a C++ program (libtorch's AOTI loader + the routing op's library, no Python)."""
+    import mind_kernels.ops as ops
+
+    if ops._C is None:
+        pytest.skip(f"the compiled extension is not built: {ops._LOAD_ERROR}")
+    folders, data = exports
+    ids, mask, feats, v_native, m_native = _tensor_inputs(data, np.random.default_rng(4), load(folders["native"]))
+    binary = tmp_path / "mind_tower"
+    built = subprocess.run(["bash", str(ROOT / "examples" / "aoti_cpp" / "build.sh"), sys.executable, str(binary)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for row in (0, 1, len(ids) - 1):                       # users with features, and a long random history
+        done = subprocess.run([str(binary), str(folders["aoti"] / "user_tower.pt2"), ops._C.__file__,
+                               ",".join(map(str, ids[row])), ",".join(map(str, feats[row]))],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == v_native.shape[1]
+        got = np.array([[float(x) for x in line.split(":")[1].split()] for line in lines])
+        active = np.array([" active:" in line for line in lines])
+        np.testing.assert_allclose(got, v_native[row], atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(active, m_native[row])
+    done = subprocess.run([str(binary), str(folders["aoti"] / "user_tower.pt2"), ops._C.__file__, ""],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "error: the history is empty" in done.stderr
+
 @needs_onnx
 def test_onnx_model_runs_with_onnxruntime_only(exports, tmp_path):
     folders, data = exports
