@@ -111,7 +111,8 @@ def _with_holes(items, num_items, width):
 
 @pytest.mark.parametrize("softmax_over,dynamic,backend", [
     ("interests", True, "auto"), ("interests", False, "reference"), ("behaviors", True, "reference"),
-    ("behaviors", False, "auto")])
+    ("behaviors", False, "auto"), ("interests", True, "graph"), ("interests", False, "graph"),
+    ("behaviors", True, "graph"), ("behaviors", False, "graph")])
 def test_tower_equals_model_interests_for_every_input_form(one_thread, softmax_over, dynamic, backend):
     torch.manual_seed(1)
     N, L = 50, 8

@@ -1,8 +1,9 @@
 """``--to onnx``: the user tower as an ONNX model (``user_tower.onnx``, opset 18).
 
-The tower is traced with ``backend="reference"``: the B2I routing becomes standard ONNX ops
-(MatMul, ReduceMax, Exp, Where, ...), the r iterations unrolled, the behaviour and interest masks
-and the model's softmax axis ("interests" or "behaviors") as in ``mind_kernels.reference``.
+The tower is traced with ``backend="graph"`` (:mod:`mind.export.graph_routing`): the B2I routing
+becomes standard ONNX ops (MatMul, Softmax, Mul, ...), the r iterations unrolled, the behaviour and
+interest masks and the model's softmax axis ("interests" or "behaviors") as in
+``mind_kernels.reference``, in fewer nodes than the reference's own ops (onnxruntime pays per node).
 Batch and history length are dynamic axes ("batch", "length").  Inputs and outputs::
 
     history_ids (batch, length) int64, history_mask (batch, length) bool, user_features (batch, F) int64
@@ -36,12 +37,12 @@ OUTPUTS = ("interests", "interest_mask")
 
 
 def write(tower, folder) -> pathlib.Path:
-    """Export ``tower`` (its routing switched to the reference ops for the trace) to ``folder/user_tower.onnx``."""
+    """Export ``tower`` (its routing switched to the plain "graph" ops for the trace) to ``folder/user_tower.onnx``."""
     from .aoti import dynamic_shapes
 
     path = pathlib.Path(folder) / FILE
     backend = tower.backend
-    tower.backend = "reference"
+    tower.backend = "graph"
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # the exporter warns that "batch" / "length" name the same axes twice (they do, on purpose)

@@ -31,7 +31,8 @@ Computation (native serving, ``Recommender._batch`` + ``MIND.interests`` in eval
 4. Capsules c = B2I routing (``mind_kernels.b2i_routing``) with the model's S, its fixed eval
    logits b0 (K, max_len), r iterations, softmax axis and logit scale; ``backend`` picks the
    implementation: "auto" (the fused ``mind_kernels::routing_forward`` op on CPU: native's path,
-   what AOTInductor packages) or "reference" (plain tensor ops: what ONNX gets).
+   what AOTInductor packages), "reference" (plain tensor ops, the spec) or "graph" (the same math
+   in fewer plain ops, :mod:`mind.export.graph_routing`: what ONNX gets).
 5. V = H([c_j ; p_u]) with p_u the concatenated profile embeddings.
 
 A user with no used position at all (an empty history, or only unknown ids) is refused
@@ -47,6 +48,8 @@ from torch import nn
 
 import mind_kernels
 
+from . import graph_routing
+
 
 class UserTower(nn.Module):
     """History ids, mask and profile features in; the K interest vectors and their mask out.
@@ -54,7 +57,8 @@ class UserTower(nn.Module):
     Args:
         model: a trained MIND (its eval-mode state is read; the model itself is left as is).
         max_len: the history length the model was trained and is served with.
-        backend: routing backend, "auto" (fused op where built) or "reference" (plain ops).
+        backend: routing backend, "auto" (fused op where built), "reference" (plain ops, the spec) or
+            "graph" (:mod:`mind.export.graph_routing`: the same math in fewer plain ops, for ONNX).
     """
 
     def __init__(self, model, max_len: int, backend: str = "auto"):
@@ -112,10 +116,14 @@ class UserTower(nn.Module):
         else:
             interest_mask = torch.ones(B, K, dtype=torch.bool, device=ids.device)
             routing_mask = None                                              # as MIND.interests
-        caps = mind_kernels.b2i_routing(
-            behaviors, self.routing_weight, self.init_logits, mask=mask, interest_mask=routing_mask,
-            num_iters=self.num_iters, softmax_over=self.softmax_over, logit_scale=self.logit_scale,
-            backend=self.backend)
+        if self.backend == "graph":
+            caps = graph_routing.routing(behaviors, self.routing_weight, self.init_logits, mask, routing_mask,
+                                         self.num_iters, self.softmax_over, self.logit_scale)
+        else:
+            caps = mind_kernels.b2i_routing(
+                behaviors, self.routing_weight, self.init_logits, mask=mask, interest_mask=routing_mask,
+                num_iters=self.num_iters, softmax_over=self.softmax_over, logit_scale=self.logit_scale,
+                backend=self.backend)
         if self.num_features:
             cols = []
             for f, emb in enumerate(self.feature_embeddings):
