@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+import onnx as onnx_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -39,6 +40,8 @@ from mind.cli import _model_from_checkpoint, build_parser  # noqa: E402
 from mind.export import export  # noqa: E402
 from mind.export.aoti import open_runner as open_aoti  # noqa: E402
 from mind.export.onnx import open_runner as open_onnx  # noqa: E402
+from mind.export.onnx import write as write_onnx  # noqa: E402
+from mind.export.tower import UserTower  # noqa: E402
 from mind.serve import load  # noqa: E402
 
 TIE = 1e-5
@@ -108,6 +111,13 @@ def main(argv=None) -> int:
                "onnx": export(model, data, work / "onnx", to="onnx")}
     for t in threads:
         folders[f"aoti{t}"] = export(model, data, work / f"aoti{t}", to="aoti", threads=t)
+    # the same tower with the routing traced from the reference's own ops: what --to onnx wrote before
+    # mind/export/graph_routing.py, for the node count and latency side by side
+    (work / "onnx_reference").mkdir(exist_ok=True)
+    onnx_reference = write_onnx(UserTower(model, int(data.max_len)), work / "onnx_reference", routing="reference")
+    nodes = {name: len(onnx_lib.load(str(p)).graph.node)
+             for name, p in (("graph", folders["onnx"] / "user_tower.onnx"), ("reference", onnx_reference))}
+    print(f"onnx graph nodes: {nodes}")
     print(f"exported native, onnx, aoti x{len(threads)} in {time.perf_counter() - t0:.0f} s into {work}")
 
     # ----- agreement on --users users -----
@@ -137,6 +147,7 @@ def main(argv=None) -> int:
         ids[r, L - len(known):] = torch.from_numpy(known)
     fts = torch.from_numpy(feats[n_test:n_test + 256])
     onnx_runs = {t: open_onnx(folders["onnx"] / "user_tower.onnx", threads=t) for t in threads}
+    onnx_ref_runs = {t: open_onnx(onnx_reference, threads=t) for t in threads}
     aoti_runs = {t: open_aoti(folders[f"aoti{t}"] / "user_tower.pt2") for t in threads}
     for t in threads:
         torch.set_num_threads(t)
@@ -144,7 +155,8 @@ def main(argv=None) -> int:
             x, m, f = ids[:B].contiguous(), (ids[:B] != 0).contiguous(), fts[:B].contiguous()
             reps = args.reps if B == 1 else max(10, args.reps // 10)
             cases = {"native eager": lambda: native.model.interests(x, f), "aoti": lambda: aoti_runs[t](x, m, f),
-                     "onnxruntime": lambda: onnx_runs[t](x, m, f)}
+                     "onnxruntime": lambda: onnx_runs[t](x, m, f),
+                     "onnxruntime, reference routing": lambda: onnx_ref_runs[t](x, m, f)}
             with torch.no_grad():
                 for name, fn in cases.items():
                     p50, p99 = _time(fn, reps)
@@ -154,12 +166,12 @@ def main(argv=None) -> int:
                     print(rows[-1])
     write_rows_csv(rows, args.out, "export.csv")
     write_rows_csv(check_rows, args.out, "export_check.csv")
-    _write_md(pathlib.Path(args.out) / "export.md", rows, check_rows, threads, args)
+    _write_md(pathlib.Path(args.out) / "export.md", rows, check_rows, threads, args, nodes)
     print(f"written: {args.out}/export.md, export.csv, export_check.csv")
     return 0
 
 
-def _write_md(path, rows, check_rows, threads, args):
+def _write_md(path, rows, check_rows, threads, args, nodes):
     get = {(r["runtime"], r["threads"], r["batch"]): r for r in rows}
     out = ["# Serving exports: agreement and user-tower latency", "",
            f"`python bench/bench_export.py --checkpoint {args.checkpoint}` (git {git_revision()}, torch "
@@ -174,14 +186,19 @@ def _write_md(path, rows, check_rows, threads, args):
         out.append(f"| {c['format']} | {c['max_abs_diff']:.2e} | {c['max_abs_value']:.2f} | {c['masks_equal']} | "
                    f"{c['top50_same']} | {c['top50_tie_only']} | {c['top50_differ']} |")
     out += ["", "## User-tower latency, microseconds per call (p50 / p99)", "",
-            "| threads | batch | native eager | AOTI | onnxruntime | native / AOTI (p50) | onnxruntime / AOTI (p50) |",
-            "|---|---|---|---|---|---|---|"]
+            f"onnxruntime runs the exported graph (`--to onnx`, routing from mind/export/graph_routing.py, "
+            f"{nodes['graph']} nodes); \"ort, reference routing\" the same tower traced from "
+            f"mind_kernels.reference's ops ({nodes['reference']} nodes).", "",
+            "| threads | batch | native eager | AOTI | onnxruntime | ort, reference routing | native / AOTI (p50) | "
+            "onnxruntime / AOTI (p50) |",
+            "|---|---|---|---|---|---|---|---|"]
     for t in threads:
         for B in (1, 256):
-            n, a, o = (get[(k, t, B)] for k in ("native eager", "aoti", "onnxruntime"))
+            n, a, o, r = (get[(k, t, B)] for k in ("native eager", "aoti", "onnxruntime",
+                                                   "onnxruntime, reference routing"))
             out.append(f"| {t} | {B} | {n['p50_us']:.0f} / {n['p99_us']:.0f} | {a['p50_us']:.0f} / {a['p99_us']:.0f} | "
-                       f"{o['p50_us']:.0f} / {o['p99_us']:.0f} | {n['p50_us'] / a['p50_us']:.1f}x | "
-                       f"{o['p50_us'] / a['p50_us']:.2f}x |")
+                       f"{o['p50_us']:.0f} / {o['p99_us']:.0f} | {r['p50_us']:.0f} / {r['p99_us']:.0f} | "
+                       f"{n['p50_us'] / a['p50_us']:.1f}x | {o['p50_us'] / a['p50_us']:.2f}x |")
     out += ["", "Goals (issue 15): AOTI at batch 1 at least 2x faster than native eager; onnxruntime within 1.5x "
             "of AOTI. With a load average above the CPU count, other processes share the cores: the p99 column and "
             "the 2-thread rows (OpenMP waits for a descheduled thread) then measure that contention.", ""]

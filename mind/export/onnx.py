@@ -36,13 +36,18 @@ INPUTS = ("history_ids", "history_mask", "user_features")
 OUTPUTS = ("interests", "interest_mask")
 
 
-def write(tower, folder) -> pathlib.Path:
-    """Export ``tower`` (its routing switched to the plain "graph" ops for the trace) to ``folder/user_tower.onnx``."""
+def write(tower, folder, routing: str = "graph") -> pathlib.Path:
+    """Export ``tower`` (its routing switched to plain ops for the trace) to ``folder/user_tower.onnx``.
+
+    ``routing``: "graph" (:mod:`mind.export.graph_routing`, the default) or "reference" (the spec's own
+    ops, more nodes; ``bench/bench_export.py`` compares the two)."""
+    if routing not in ("graph", "reference"):
+        raise ValueError(f"routing must be 'graph' or 'reference', got {routing!r}")
     from .aoti import dynamic_shapes
 
     path = pathlib.Path(folder) / FILE
     backend = tower.backend
-    tower.backend = "graph"
+    tower.backend = routing
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # the exporter warns that "batch" / "length" name the same axes twice (they do, on purpose)

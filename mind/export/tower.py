@@ -97,8 +97,9 @@ class UserTower(nn.Module):
         # rank from the right: 1 for the most recent used item, 2 for the one before, ...
         after = used_i.sum(dim=1, keepdim=True) - used_i.cumsum(dim=1) + used_i
         keep = used & (after <= L)
-        column = torch.where(keep, L - after, torch.full_like(after, L))  # column L: a dump, dropped below
-        ids = torch.where(keep, history_ids, torch.zeros_like(history_ids))
+        # scalar fill values: no shape-of + expand nodes in the exported graphs
+        column = torch.where(keep, L - after, L)                           # column L: a dump, dropped below
+        ids = torch.where(keep, history_ids, 0)
         out = torch.zeros(B, L + 1, dtype=torch.int64, device=history_ids.device)
         return out.scatter(1, column, ids)[:, :L]
 
@@ -129,13 +130,13 @@ class UserTower(nn.Module):
             for f, emb in enumerate(self.feature_embeddings):
                 x = user_features[:, f]
                 # an index outside the vocabulary reads as 0 (unknown), never out of bounds
-                cols.append(emb(torch.where((x >= 0) & (x < emb.num_embeddings), x, torch.zeros_like(x))))
+                cols.append(emb(torch.where((x >= 0) & (x < emb.num_embeddings), x, 0)))
             profile = torch.cat(cols, dim=1)
         else:
             profile = caps.new_zeros(B, 0)
         h_in = torch.cat([caps, profile[:, None, :].expand(B, K, profile.shape[1])], dim=2)
         vectors = self.h_layers(h_in)
-        vectors = torch.where(has_any[:, None, None], vectors, torch.zeros_like(vectors))
+        vectors = torch.where(has_any[:, None, None], vectors, 0.0)
         return vectors, interest_mask & has_any[:, None]
 
     def example_inputs(self, batch: int = 2, length: int = 0):
