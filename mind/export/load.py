@@ -75,7 +75,8 @@ def load_tower(folder, meta: dict) -> CompiledTower:
         ok = tuple(v.shape) == (1, K, d) and tuple(m.shape) == (1, K) and v.dtype == torch.float32
     except Exception as e:  # a damaged file fails deep inside the runtime: say which file, not where
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"{path} is truncated, corrupt or not a {fmt} user tower this runtime can load "
+        what = {"aoti": "an AOTInductor", "onnx": "an ONNX"}.get(fmt, f"a {fmt}")
+        raise ModelFormatError(f"{path} is truncated, corrupt or not {what} user tower this runtime can load "
                                f"({first}); re-export the model") from None
     if not ok:
         raise ModelFormatError(f"{path} gives interests of shape {tuple(v.shape)} and a mask of {tuple(m.shape)}, "
