@@ -565,5 +565,18 @@ inline at::Tensor bool_mask(const std::optional<at::Tensor>& m, int64_t B, int64
   return b.contiguous();
 }
 
+// dS from the per-chunk partial sums parts (n_chunks x n, chunk-major): out[x] = (((p0 + p1) + p2) + ...),
+// always in chunk order, so dS does not depend on the thread count's scheduling.
+template <typename acc_t>
+inline void sum_partials_in_chunk_order(const std::vector<acc_t>& parts, int64_t n_chunks, int64_t n, acc_t* out) {
+  at::parallel_for(0, n, 4096, [&](int64_t x0, int64_t x1) {
+    for (int64_t x = x0; x < x1; ++x) {
+      acc_t t = parts[x];
+      for (int64_t c = 1; c < n_chunks; ++c) t += parts[c * n + x];
+      out[x] = t;
+    }
+  });
+}
+
 }  // namespace detail
 }  // namespace mind_kernels

@@ -347,13 +347,7 @@ std::tuple<at::Tensor, at::Tensor> routing_jagged_backward_cpu(const at::Tensor&
     });
     dS_acc = at::empty({D_out, D_in}, weight.options().dtype(acc));
     acc_t* out = dS_acc.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t x0, int64_t x1) {  // partials summed in chunk order
-      for (int64_t x = x0; x < x1; ++x) {
-        acc_t t = parts[x];
-        for (int64_t c = 1; c < n_chunks; ++c) t += parts[c * n + x];
-        out[x] = t;
-      }
-    });
+    sum_partials_in_chunk_order(parts, n_chunks, n, out);
   });
   at::Tensor dS = dS_acc.scalar_type() == weight.scalar_type() ? dS_acc : dS_acc.to(weight.scalar_type());
   return {dE, dS};
