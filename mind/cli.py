@@ -140,7 +140,7 @@ def _train(args, info) -> int:
                       logit_scale=args.logit_scale, h_out_activation=args.h_out, scoring=args.scoring,
                       hard_negative_beta=args.hard_negative_beta, diversity_lambda=args.diversity_lambda,
                       stochastic_selection=args.stochastic_selection, target_window=args.target_window,
-                      optimizer=args.optimizer, compile=args.compile, jagged=args.jagged,
+                      optimizer=args.optimizer, compile=args.compile, jagged=args.jagged, score_dtype=args.score_dtype,
                       keep_freed_memory=args.keep_freed_memory, item_table=args.item_table, pad_items=args.pad_items,
                       split_h=args.split_h, genre_matmul=args.genre_matmul,
                       progress=not args.no_progress)
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pays for large catalogues with --loss sampled)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (one graph; compiling takes tens of seconds on a CPU)")
+    g.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the exact softmax's score products (--scoring max) in this dtype; bfloat16 pays on CPUs "
+                        "with AVX512-BF16 or AMX (default float32)")
     g.add_argument("--jagged", default="auto", choices=["auto", "on", "off"],
                    help="route only each history's real items (values + offsets) instead of the padded batch; "
                         "auto (default): on when at most half the history slots hold an item, and not --compile")

@@ -92,19 +92,25 @@ class _BestInterestScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, interests, item_emb, inactive):
+    def forward(ctx, interests, item_emb, inactive, product_dtype=None):
         B, K, d = interests.shape
-        scores = (interests.reshape(B * K, d) @ item_emb.t()).view(B, K, item_emb.shape[0])
+        # product_dtype (e.g. bfloat16): the three products run in it, scores and gradients come
+        # back in the inputs' dtype; None = the inputs' dtype (no conversion at all).
+        v = interests.reshape(B * K, d).to(product_dtype or interests.dtype)
+        e = item_emb.to(product_dtype or item_emb.dtype)
+        scores = (v @ e.t()).to(interests.dtype).view(B, K, item_emb.shape[0])
         if inactive is not None:
             scores = scores.masked_fill(inactive[:, :, None], _NEG_INF)
         best = scores.amax(dim=1)
-        ctx.save_for_backward(interests, item_emb, scores, best)
+        ctx.save_for_backward(v, e, scores, best)
+        ctx.dtypes = (interests.dtype, item_emb.dtype)
         return best
 
     @staticmethod
     def backward(ctx, grad):
-        interests, item_emb, scores, best = ctx.saved_tensors
-        B, K, d = interests.shape
+        v, e, scores, best = ctx.saved_tensors
+        B, K, _ = scores.shape
+        d = v.shape[1]
         won = scores == best[:, None, :]                                   # (B, K, N)
         # Exact ties do happen (float32 scores, ~1e6 comparisons a step): the gradient goes to
         # the lowest k alone, as max's does.  A few (B, N) bool ops, no data-dependent branch.
@@ -114,20 +120,23 @@ class _BestInterestScores(torch.autograd.Function):
             if k + 1 < K:
                 taken |= won[:, k]
         # bool -> float through uint8: the direct conversion is not vectorised on the CPU (~10x slower).
-        g = won.view(torch.uint8).to(grad.dtype).mul_(grad[:, None, :]).view(B * K, -1)
-        d_int = (g @ item_emb).view(B, K, d) if ctx.needs_input_grad[0] else None
-        d_emb = g.t() @ interests.reshape(B * K, d) if ctx.needs_input_grad[1] else None
-        return d_int, d_emb, None
+        g = won.view(torch.uint8).to(grad.dtype).mul_(grad[:, None, :]).view(B * K, -1).to(v.dtype)
+        d_int = (g @ e).to(ctx.dtypes[0]).view(B, K, d) if ctx.needs_input_grad[0] else None
+        d_emb = (g.t() @ v).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return d_int, d_emb, None, None
 
 
 def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
-                         item_emb: torch.Tensor, paired: bool = False) -> torch.Tensor:
+                         item_emb: torch.Tensor, paired: bool = False,
+                         product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """max_k V_k . e_i over each user's active interests.
 
     Args:
         interests: V (B, K, d); interest_mask: (B, K) bool or None (all active; pass None
             when every interest is active, it skips the masking).
         item_emb: (N, d) items scored for every user, or (B, d) one item per user with ``paired``.
+        product_dtype: the dtype the (B K, d) x (d, N) products run in (not ``paired``), e.g.
+            torch.bfloat16 on a CPU with AVX512-BF16 or AMX; None = the inputs' dtype.
 
     Returns:
         (B, N), or (B,) with ``paired``.  The gradient flows through the winning interest
@@ -135,7 +144,7 @@ def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.
     """
     inactive = None if interest_mask is None else ~interest_mask.to(torch.bool)
     if not paired:
-        return _BestInterestScores.apply(interests, item_emb, inactive)
+        return _BestInterestScores.apply(interests, item_emb, inactive, product_dtype)
     scores = torch.einsum("bkd,bd->bk", interests, item_emb)
     if inactive is not None:
         scores = scores.masked_fill(inactive, _NEG_INF)
@@ -143,7 +152,8 @@ def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.
 
 
 def padded_best_interest_logits(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
-                                item_table: torch.Tensor, multiple: int) -> torch.Tensor:
+                                item_table: torch.Tensor, multiple: int,
+                                product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Best-interest logits over the whole table with its rows padded to a multiple of ``multiple``.
 
     item_table (N + 1, d) with row 0 = padding; returns (B, N_pad), N_pad = N + 1 rounded up,
@@ -159,7 +169,7 @@ def padded_best_interest_logits(interests: torch.Tensor, interest_mask: Optional
     bias = torch.zeros(rows + pad, dtype=interests.dtype, device=interests.device)
     bias[0] = _NEG_INF
     bias[rows:] = _NEG_INF
-    return best_interest_scores(interests, interest_mask, emb) + bias
+    return best_interest_scores(interests, interest_mask, emb, product_dtype=product_dtype) + bias
 
 
 def _sampled_softmax_from_scores(pos: torch.Tensor, neg: torch.Tensor, targets: torch.Tensor,
@@ -227,13 +237,16 @@ class SoftmaxLoss:
         scoring: "attention" (call with v_u (B, d)) or "max" (call with (V (B, K, d), interest
             mask (B, K)): every item scored by its best interest, see the module docstring).
         hard_negative_beta: beta of the interest-aware hard negatives ("sampled" only; 0 = off).
+        pad_items: the exact softmax's score rows padded to a multiple of this (1 = off).
+        score_dtype: "float32" or "bfloat16": the dtype of the exact softmax's best-interest score
+            products with scoring="max" (bfloat16 pays on CPUs with AVX512-BF16 or AMX, and GPUs).
     """
 
     KINDS = ("sampled", "full", "in_batch")
     SCORINGS = ("attention", "max")
 
     def __init__(self, kind: str, item_counts, num_negatives: int = 100, scoring: str = "attention",
-                 hard_negative_beta: float = 0.0, pad_items: int = 1):
+                 hard_negative_beta: float = 0.0, pad_items: int = 1, score_dtype: str = "float32"):
         if kind not in self.KINDS:
             raise ValueError(f"loss must be one of {self.KINDS}, got {kind!r}")
         if scoring not in self.SCORINGS:
@@ -246,6 +259,10 @@ class SoftmaxLoss:
             raise ValueError(f"pad_items must be an int >= 1, got {pad_items!r}")
         self.kind, self.num_negatives, self.scoring = kind, int(num_negatives), scoring
         self.pad_items = pad_items
+        if score_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"score_dtype must be 'float32' or 'bfloat16', got {score_dtype!r}")
+        # the exact softmax's best-interest score products (scoring="max"): float32 = as the model
+        self.product_dtype = torch.bfloat16 if score_dtype == "bfloat16" else None
         self.hard_negative_beta = float(hard_negative_beta)
         counts = torch.as_tensor(item_counts, dtype=torch.float64)
         if kind == "sampled":
@@ -281,9 +298,9 @@ class SoftmaxLoss:
         if self.kind == "full":
             table = model.item_embeddings() if item_table is None else item_table
             if self.pad_items > 1:
-                return F.cross_entropy(padded_best_interest_logits(interests, interest_mask, table, self.pad_items),
-                                       targets)
-            logits = best_interest_scores(interests, interest_mask, table[1:])
+                return F.cross_entropy(padded_best_interest_logits(interests, interest_mask, table, self.pad_items,
+                                                                   self.product_dtype), targets)
+            logits = best_interest_scores(interests, interest_mask, table[1:], product_dtype=self.product_dtype)
             return F.cross_entropy(logits, targets - 1)
         target_emb = model.embed_items(targets) if item_table is None else item_table[targets]
         if self.kind == "in_batch":

@@ -83,7 +83,7 @@ _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
                       "routing_init_std", "softmax_over", "routing_weight_scale", "logit_scale",
                       "h_out_activation", "scoring", "hard_negative_beta", "diversity_lambda",
-                      "stochastic_selection", "target_window", "optimizer")
+                      "stochastic_selection", "target_window", "optimizer", "score_dtype")
 
 
 @dataclasses.dataclass
@@ -131,6 +131,7 @@ class TrainConfig:
     pad_items: int = 16            # exact softmax: score rows padded to a multiple of this (1 = off)
     item_table: str = "loss"       # "loss": whole table embedded only for the exact softmax; "auto": also when N + 1 <= B * L
     jagged: str = "auto"           # histories routed as values + offsets: "on", "off", "auto" (see resolve_jagged)
+    score_dtype: str = "float32"   # exact softmax, scoring="max": dtype of the score products ("bfloat16")
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -183,7 +184,7 @@ def build_loss(data, config: TrainConfig) -> SoftmaxLoss:
         raise ValueError(f"item_table must be 'auto' or 'loss', got {config.item_table!r}")
     return SoftmaxLoss(resolve_loss(config.loss, int(data.num_items)), np.asarray(data.item_counts),
                        config.num_negatives, scoring=config.scoring, hard_negative_beta=config.hard_negative_beta,
-                       pad_items=int(config.pad_items))
+                       pad_items=int(config.pad_items), score_dtype=config.score_dtype)
 
 
 def use_item_table(model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist: torch.Tensor) -> bool:

@@ -254,3 +254,25 @@ def test_jagged_training_loss_matches_padded_on_left_aligned_batch(tiny):
     torch.manual_seed(3)
     want = training_loss(model, model, loss_fn, cfg, left, feats, tgt)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_score_products_stay_close_to_float32_and_float32_is_unchanged():
+    g = torch.Generator().manual_seed(2)
+    V = torch.randn(6, 4, 16, generator=g, requires_grad=True)
+    E = torch.randn(37, 16, generator=g, requires_grad=True)
+    mask = torch.rand(6, 4, generator=g) < 0.7
+    mask[:, 0] = True
+    w = torch.randn(6, 37, generator=g)
+    out = {}
+    for dtype in (None, torch.bfloat16):
+        s = best_interest_scores(V, mask, E, product_dtype=dtype)
+        out[dtype] = (s, *torch.autograd.grad((s * w).sum(), (V, E)))
+        assert all(t.dtype == torch.float32 for t in out[dtype])
+    # float32: the very same bits as without the argument
+    s = best_interest_scores(V, mask, E)
+    assert torch.equal(s, out[None][0])
+    # bfloat16 products: an 8-bit mantissa, so ~1% of the scale
+    for a, b in zip(out[None], out[torch.bfloat16]):
+        torch.testing.assert_close(b, a, atol=0.05 * float(a.abs().max()), rtol=0.02)
+    with pytest.raises(ValueError, match="score_dtype"):
+        SoftmaxLoss("full", np.ones(5), score_dtype="float16")
