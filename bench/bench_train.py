@@ -79,6 +79,8 @@ VARIANTS = {
     # "cpp" routes jagged batches where at most half the history slots hold an item (auto)
     "cpp jagged=off": dict(backend="cpp", jagged="off"),
     "cpp jagged=on": dict(backend="cpp", jagged="on"),
+    "cpp score bf16": dict(backend="cpp", score_dtype="bfloat16"),
+    "cpp score fp32": dict(backend="cpp", score_dtype="float32"),
     "cpp+compile": dict(backend="cpp", compile=True),
     "cpp+rowwise": dict(backend="cpp", optimizer="rowwise"),
 }

@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pays for large catalogues with --loss sampled)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (one graph; compiling takes tens of seconds on a CPU)")
-    g.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="the exact softmax's score products (--scoring max) in this dtype; bfloat16 pays on CPUs "
-                        "with AVX512-BF16 or AMX (default float32)")
+    g.add_argument("--score-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the exact softmax's score products (--scoring max) in this dtype; auto (default): "
+                        "bfloat16 on a CPU with AVX512-BF16 or AMX, else float32")
     g.add_argument("--jagged", default="auto", choices=["auto", "on", "off"],
                    help="route only each history's real items (values + offsets) instead of the padded batch; "
                         "auto (default): on when at most half the history slots hold an item, and not --compile")

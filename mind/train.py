@@ -131,7 +131,7 @@ class TrainConfig:
     pad_items: int = 16            # exact softmax: score rows padded to a multiple of this (1 = off)
     item_table: str = "loss"       # "loss": whole table embedded only for the exact softmax; "auto": also when N + 1 <= B * L
     jagged: str = "auto"           # histories routed as values + offsets: "on", "off", "auto" (see resolve_jagged)
-    score_dtype: str = "float32"   # exact softmax, scoring="max": dtype of the score products ("bfloat16")
+    score_dtype: str = "auto"      # exact softmax, scoring="max": dtype of the score products (see resolve_score_dtype)
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -178,13 +178,32 @@ def build_model(data, config: TrainConfig) -> MIND:
     return model
 
 
-def build_loss(data, config: TrainConfig) -> SoftmaxLoss:
-    """The training objective of ``config`` for ``data``."""
+def resolve_score_dtype(config: TrainConfig, device=None) -> str:
+    """``score_dtype="auto"``: "bfloat16" on a CPU with native bf16 products (AVX512-BF16 or AMX),
+    else "float32"; "float32" / "bfloat16" as given.
+
+    Measured (bench/measured/train_bf16, ML-100k max_len 50, 1 thread, AMD EPYC with AVX512-BF16):
+    1.14x per epoch (6.16 s -> 5.40 s); valid Recall@50 over seeds 0/1/2 0.3880 / 0.4013 / 0.3920 against float32's
+    0.3925 / 0.3939 / 0.3814.  Without native bf16 the products would be emulated, so float32.
+    """
+    if config.score_dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"score_dtype must be 'auto', 'float32' or 'bfloat16', got {config.score_dtype!r}")
+    if config.score_dtype != "auto":
+        return config.score_dtype
+    if device is not None and torch.device(device).type != "cpu":
+        return "float32"
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bfloat16" if native else "float32"
+
+
+def build_loss(data, config: TrainConfig, device=None) -> SoftmaxLoss:
+    """The training objective of ``config`` for ``data`` (``device``: where the model trains, None = CPU)."""
     if config.item_table not in ("auto", "loss"):
         raise ValueError(f"item_table must be 'auto' or 'loss', got {config.item_table!r}")
     return SoftmaxLoss(resolve_loss(config.loss, int(data.num_items)), np.asarray(data.item_counts),
                        config.num_negatives, scoring=config.scoring, hard_negative_beta=config.hard_negative_beta,
-                       pad_items=int(config.pad_items), score_dtype=config.score_dtype)
+                       pad_items=int(config.pad_items), score_dtype=resolve_score_dtype(config, device))
 
 
 def use_item_table(model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist: torch.Tensor) -> bool:
@@ -387,7 +406,10 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     if config.compile and info.enabled:
         raise ValueError("compile=True needs a single process (DDP splits a compiled graph at its buckets)")
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay)
-    loss_fn = build_loss(data, config)
+    loss_fn = build_loss(data, config, info.device if info.enabled else None)
+    if config.score_dtype == "auto" and loss_fn.product_dtype is not None:
+        log("score products in bfloat16 (score_dtype auto: this CPU multiplies bf16 natively; --score-dtype float32 "
+            "turns it off)")
     if config.keep_freed_memory and model.item_genres.device.type == "cpu":
         from .allocator import keep_freed_memory
         keep_freed_memory()

@@ -276,3 +276,14 @@ def test_bfloat16_score_products_stay_close_to_float32_and_float32_is_unchanged(
         torch.testing.assert_close(b, a, atol=0.05 * float(a.abs().max()), rtol=0.02)
     with pytest.raises(ValueError, match="score_dtype"):
         SoftmaxLoss("full", np.ones(5), score_dtype="float16")
+
+
+def test_resolve_score_dtype_rules():
+    from mind.train import resolve_score_dtype
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_score_dtype(TrainConfig()) == ("bfloat16" if native else "float32")
+    assert resolve_score_dtype(TrainConfig(), device="cuda:0") == "float32"
+    assert resolve_score_dtype(TrainConfig(score_dtype="float32")) == "float32"
+    assert resolve_score_dtype(TrainConfig(score_dtype="bfloat16"), device="cuda:0") == "bfloat16"
+    with pytest.raises(ValueError, match="score_dtype"):
+        resolve_score_dtype(TrainConfig(score_dtype="half"))
