@@ -368,22 +368,14 @@ std::tuple<at::Tensor, at::Tensor> routing_backward_cpu(const at::Tensor& grad_c
   const int64_t max_chunks = std::clamp<int64_t>((int64_t(1) << 24) / std::max<int64_t>(1, D_out * D_in), 1, 64);
   const int64_t min_chunk = users_per_task(per_user);
   const int64_t chunk = std::max(min_chunk, at::divup(B, max_chunks));
-  const int64_t n_chunks = at::divup(B, chunk);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, E.scalar_type(), "mind_kernels_routing_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     BackwardArgs<scalar_t, acc_t> a{G.const_data_ptr<acc_t>(), E.const_data_ptr<scalar_t>(), S.const_data_ptr<acc_t>(),
                                     w.const_data_ptr<acc_t>(), z.const_data_ptr<acc_t>(), dE.mutable_data_ptr<scalar_t>(),
                                     L, D_in, D_out, K};
-    const int64_t n = D_out * D_in;
-    std::vector<acc_t> parts(n_chunks * n, acc_t(0));
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        backward_range(a, parts.data() + c * n, c * chunk, std::min(B, (c + 1) * chunk));
-    });
-    dS_acc = at::empty({D_out, D_in}, weight.options().dtype(acc));
-    acc_t* out = dS_acc.mutable_data_ptr<acc_t>();
-    sum_partials_in_chunk_order(parts, n_chunks, n, out);
+    dS_acc = dS_over_user_chunks<acc_t>(B, chunk, D_out, D_in, weight.options().dtype(acc),
+                                        [&](acc_t* part, int64_t b0, int64_t b1) { backward_range(a, part, b0, b1); });
   });
   at::Tensor dS = dS_acc.scalar_type() == weight.scalar_type() ? dS_acc : dS_acc.to(weight.scalar_type());
   return {dE, dS};

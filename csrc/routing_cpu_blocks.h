@@ -565,10 +565,20 @@ inline at::Tensor bool_mask(const std::optional<at::Tensor>& m, int64_t B, int64
   return b.contiguous();
 }
 
-// dS from the per-chunk partial sums parts (n_chunks x n, chunk-major): out[x] = (((p0 + p1) + p2) + ...),
-// always in chunk order, so dS does not depend on the thread count's scheduling.
-template <typename acc_t>
-inline void sum_partials_in_chunk_order(const std::vector<acc_t>& parts, int64_t n_chunks, int64_t n, acc_t* out) {
+// dS (D_out, D_in) in acc_t, summed over users cut into chunks of `chunk`: range(part, b0, b1) adds
+// users [b0, b1)'s contribution into its own zeroed (D_out x D_in) part, the chunks run in parallel, and
+// the parts are summed in chunk order, (((p0 + p1) + p2) + ...), so dS does not depend on scheduling.
+template <typename acc_t, typename Range>
+inline at::Tensor dS_over_user_chunks(int64_t B, int64_t chunk, int64_t D_out, int64_t D_in,
+                                      const at::TensorOptions& options, Range&& range) {
+  const int64_t n_chunks = at::divup(B, chunk);
+  const int64_t n = D_out * D_in;
+  std::vector<acc_t> parts(n_chunks * n, acc_t(0));
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) range(parts.data() + c * n, c * chunk, std::min(B, (c + 1) * chunk));
+  });
+  at::Tensor dS = at::empty({D_out, D_in}, options);
+  acc_t* out = dS.mutable_data_ptr<acc_t>();
   at::parallel_for(0, n, 4096, [&](int64_t x0, int64_t x1) {
     for (int64_t x = x0; x < x1; ++x) {
       acc_t t = parts[x];
@@ -576,6 +586,7 @@ inline void sum_partials_in_chunk_order(const std::vector<acc_t>& parts, int64_t
       out[x] = t;
     }
   });
+  return dS;
 }
 
 }  // namespace detail
