@@ -207,6 +207,15 @@ def _ops():
 
     from . import kernels
 
+    def gram_of(S: torch.Tensor, BDI: int) -> torch.Tensor:
+        """Q = S^T S (D_in, D_in) in float32, for the iterations t < r (see uses_gram)."""
+        D_out, D_in = S.shape
+        gram = S.new_empty((D_in, D_in), dtype=torch.float32)
+        wrap_triton(kernels.gram_kernel)[(triton.cdiv(D_in, GRAM_ROWS),)](
+            S, gram, D_in, D_out, ROWS=GRAM_ROWS, BDI=BDI
+        )
+        return gram
+
     @triton_op("mind_kernels::routing_forward_triton", mutates_args={})
     def routing_forward_triton(
         behaviors: torch.Tensor,
@@ -235,13 +244,7 @@ def _ops():
         im = (interest_mask != 0).to(torch.uint8).contiguous() if interest_mask is not None else E
         BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
         use_gram = uses_gram(D_in, D_out, num_iters)
-        if use_gram:
-            gram = E.new_empty((D_in, D_in), dtype=torch.float32)
-            wrap_triton(kernels.gram_kernel)[(triton.cdiv(D_in, GRAM_ROWS),)](
-                S, gram, D_in, D_out, ROWS=GRAM_ROWS, BDI=BDI
-            )
-        else:
-            gram = b0  # unused
+        gram = gram_of(S, BDI) if use_gram else b0  # b0: an unused pointer
         grid = (_num_programs(B, E.device),)
         wrap_triton(kernels.routing_fwd_kernel)[grid](
             E, E, S, gram, b0, m, im,  # the second E: the unused offsets pointer
@@ -317,13 +320,7 @@ def _ops():
         im = (interest_mask != 0).to(torch.uint8).contiguous() if interest_mask is not None else V
         BL, BK, BDI, BDO = _blocks(L, K, D_in, D_out)
         use_gram = uses_gram(D_in, D_out, num_iters)
-        if use_gram:
-            gram = V.new_empty((D_in, D_in), dtype=torch.float32)
-            wrap_triton(kernels.gram_kernel)[(triton.cdiv(D_in, GRAM_ROWS),)](
-                S, gram, D_in, D_out, ROWS=GRAM_ROWS, BDI=BDI
-            )
-        else:
-            gram = b0  # unused
+        gram = gram_of(S, BDI) if use_gram else b0  # b0: an unused pointer
         wrap_triton(kernels.routing_fwd_kernel)[(_num_programs(B, V.device),)](
             V, off, S, gram, b0, V, im,
             capsules, coupling, preactivation,
