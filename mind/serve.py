@@ -267,15 +267,21 @@ def _read_json(path: pathlib.Path, what: str):
                                f"column {e.colno}); re-export the model") from None
 
 
+def first_line(exc: BaseException, limit: int) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name:
+    a runtime's multi-line error quoted in one ``error:`` line."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def _load_native_model(path: pathlib.Path) -> MIND:
     state = load_checkpoint(path / "model.pt", required=("model", "model_config"), writer="python -m mind export")
     try:
         model = MIND.from_config(state["model_config"])
         model.load_state_dict(state["model"])
     except Exception as e:  # wrong keys or shapes: a model.pt from elsewhere
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ModelFormatError(f"{path / 'model.pt'} does not hold the model its model_config describes "
-                               f"({first}); re-export the model") from None
+                               f"({first_line(e, 160)}); re-export the model") from None
     return model
 
 

@@ -44,7 +44,7 @@ class CompiledTower:
 
 def load_tower(folder, meta: dict) -> CompiledTower:
     """The user tower of the export in ``folder`` whose meta.json is ``meta`` (format in TOWER_FORMATS)."""
-    from ..serve import ModelFormatError
+    from ..serve import ModelFormatError, first_line
 
     folder = pathlib.Path(folder)
     fmt = TOWER_FORMATS[meta["format"]]
@@ -74,10 +74,9 @@ def load_tower(folder, meta: dict) -> CompiledTower:
         v, m = run(probe, probe != 0, torch.zeros(1, F, dtype=torch.int64))
         ok = tuple(v.shape) == (1, K, d) and tuple(m.shape) == (1, K) and v.dtype == torch.float32
     except Exception as e:  # a damaged file fails deep inside the runtime: say which file, not where
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         what = {"aoti": "an AOTInductor", "onnx": "an ONNX"}.get(fmt, f"a {fmt}")
         raise ModelFormatError(f"{path} is truncated, corrupt or not {what} user tower this runtime can load "
-                               f"({first}); re-export the model") from None
+                               f"({first_line(e, 200)}); re-export the model") from None
     if not ok:
         raise ModelFormatError(f"{path} gives interests of shape {tuple(v.shape)} and a mask of {tuple(m.shape)}, "
                                f"but meta.json says K = {K}, d = {d}; re-export the model")
