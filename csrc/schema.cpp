@@ -37,5 +37,12 @@ TORCH_LIBRARY(mind_kernels, m) {
   m.def(
       "routing_jagged_backward(Tensor grad_capsules, Tensor values, Tensor offsets, Tensor weight, "
       "Tensor coupling, Tensor preactivation, int max_len) -> (Tensor, Tensor)");
+  // Best-interest softmax cross-entropy's element-wise part (mind_kernels/losses.py): scores (B, K, C)
+  // = V_b,k . e_n, targets (B,) int64 in [0, num_classes), columns num_classes .. C-1 ignored. Returns the
+  // per-user losses (B,) in the accumulation dtype and d(grad_scale * sum of the losses)/d scores
+  // (B, K, C) in scores' dtype. CPU only (other devices run the same math in torch ops).
+  m.def(
+      "best_interest_ce(Tensor scores, Tensor targets, Tensor? interest_mask, int num_classes, "
+      "float grad_scale) -> (Tensor, Tensor)");
 }
 

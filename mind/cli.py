@@ -142,7 +142,7 @@ def _train(args, info) -> int:
                       stochastic_selection=args.stochastic_selection, target_window=args.target_window,
                       optimizer=args.optimizer, compile=args.compile, jagged=args.jagged, score_dtype=args.score_dtype,
                       keep_freed_memory=args.keep_freed_memory, item_table=args.item_table, pad_items=args.pad_items,
-                      split_h=args.split_h, genre_matmul=args.genre_matmul,
+                      split_h=args.split_h, genre_matmul=args.genre_matmul, fused_loss=args.fused_loss,
                       progress=not args.no_progress)
     result = train(data, cfg, resume=args.resume, dist=info)
     if not info.is_main:
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: also for the sampled / in-batch softmax when num_items + 1 <= batch x max_len")
     g.add_argument("--pad-items", type=int, default=16,
                    help="exact softmax: pad the scored items to a multiple of this (default 16; 1 = off)")
+    g.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
+                   help="exact softmax with --scoring max: unfused score tensors + cross_entropy (default: "
+                        "mind_kernels.best_interest_cross_entropy, loss and gradients in one pass per user)")
     g.add_argument("--no-split-h", dest="split_h", action="store_false",
                    help="first H layer on the concatenated [C_k ; p_u] (default: profile part once per user)")
     g.add_argument("--no-genre-matmul", dest="genre_matmul", action="store_false",

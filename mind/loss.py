@@ -43,6 +43,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mind_kernels import best_interest_cross_entropy
+
 _NEG_INF = float("-inf")
 
 
@@ -240,13 +242,17 @@ class SoftmaxLoss:
         pad_items: the exact softmax's score rows padded to a multiple of this (1 = off).
         score_dtype: "float32" or "bfloat16": the dtype of the exact softmax's best-interest score
             products with scoring="max" (bfloat16 pays on CPUs with AVX512-BF16 or AMX, and GPUs).
+        fused: the exact softmax with scoring="max" through ``mind_kernels.best_interest_cross_entropy``
+            (loss and gradients in one pass per user, the compiled CPU kernel) instead of score tensors
+            and ``F.cross_entropy``; the same loss, ties between interests aside.
     """
 
     KINDS = ("sampled", "full", "in_batch")
     SCORINGS = ("attention", "max")
 
     def __init__(self, kind: str, item_counts, num_negatives: int = 100, scoring: str = "attention",
-                 hard_negative_beta: float = 0.0, pad_items: int = 1, score_dtype: str = "float32"):
+                 hard_negative_beta: float = 0.0, pad_items: int = 1, score_dtype: str = "float32",
+                 fused: bool = False):
         if kind not in self.KINDS:
             raise ValueError(f"loss must be one of {self.KINDS}, got {kind!r}")
         if scoring not in self.SCORINGS:
@@ -259,6 +265,7 @@ class SoftmaxLoss:
             raise ValueError(f"pad_items must be an int >= 1, got {pad_items!r}")
         self.kind, self.num_negatives, self.scoring = kind, int(num_negatives), scoring
         self.pad_items = pad_items
+        self.fused = bool(fused)
         if score_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"score_dtype must be 'float32' or 'bfloat16', got {score_dtype!r}")
         # the exact softmax's best-interest score products (scoring="max"): float32 = as the model
@@ -297,6 +304,10 @@ class SoftmaxLoss:
         """The three estimators with s(u, i) = max_k V_k . e_i in place of v_u . e_i."""
         if self.kind == "full":
             table = model.item_embeddings() if item_table is None else item_table
+            if self.fused:
+                # items 1..N are the classes (row 0 is padding): class = item id - 1
+                return best_interest_cross_entropy(interests, table[1:], targets - 1, interest_mask,
+                                                   product_dtype=self.product_dtype, pad_multiple=self.pad_items)
             if self.pad_items > 1:
                 return F.cross_entropy(padded_best_interest_logits(interests, interest_mask, table, self.pad_items,
                                                                    self.product_dtype), targets)

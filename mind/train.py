@@ -132,6 +132,7 @@ class TrainConfig:
     item_table: str = "loss"       # "loss": whole table embedded only for the exact softmax; "auto": also when N + 1 <= B * L
     jagged: str = "auto"           # histories routed as values + offsets: "on", "off", "auto" (see resolve_jagged)
     score_dtype: str = "auto"      # exact softmax, scoring="max": dtype of the score products (see resolve_score_dtype)
+    fused_loss: bool = True        # exact softmax, scoring="max": mind_kernels.best_interest_cross_entropy (one pass)
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
     out_dir: str = "runs/mind"
@@ -203,7 +204,8 @@ def build_loss(data, config: TrainConfig, device=None) -> SoftmaxLoss:
         raise ValueError(f"item_table must be 'auto' or 'loss', got {config.item_table!r}")
     return SoftmaxLoss(resolve_loss(config.loss, int(data.num_items)), np.asarray(data.item_counts),
                        config.num_negatives, scoring=config.scoring, hard_negative_beta=config.hard_negative_beta,
-                       pad_items=int(config.pad_items), score_dtype=resolve_score_dtype(config, device))
+                       pad_items=int(config.pad_items), score_dtype=resolve_score_dtype(config, device),
+                       fused=bool(config.fused_loss))
 
 
 def use_item_table(model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist: torch.Tensor) -> bool:

@@ -8,6 +8,8 @@ Public API:
 * :class:`B2IRouting` - an ``nn.Module`` owning the bilinear map S and the initial logits.
 * :func:`dynamic_interest_mask` - K'_u = max(1, min(K, floor(log2 n_u))) as a (B, K) mask.
 * :func:`backends` - which backends exist, are built, and why each would refuse a call.
+* :func:`best_interest_cross_entropy` - the exact softmax over a catalogue with items scored by a user's
+  best interest (max_k V_k . e), fused (loss and gradients in one pass per user; CPU kernel).
 
 The contract is ``shared/design/ROUTING.md``; ``mind_kernels.reference`` is its
 executable form.
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 from .api import b2i_routing, b2i_routing_jagged, backends
 from .layers import B2IRouting, dynamic_interest_mask
+from .losses import best_interest_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["b2i_routing", "b2i_routing_jagged", "B2IRouting", "dynamic_interest_mask", "backends", "__version__"]
+__all__ = ["b2i_routing", "b2i_routing_jagged", "B2IRouting", "dynamic_interest_mask", "backends",
+           "best_interest_cross_entropy", "__version__"]

@@ -179,6 +179,14 @@ if _C is not None:
         )
 
 
+if _C is not None and hasattr(torch.ops.mind_kernels, "best_interest_ce"):
+
+    @torch.library.register_fake("mind_kernels::best_interest_ce")
+    def _best_interest_ce_fake(scores, targets, interest_mask, num_classes, grad_scale):
+        rows = scores.new_empty((scores.shape[0],), dtype=_acc_dtype(scores.dtype))
+        return rows, torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
 def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters, softmax_over, logit_scale=1.0):
     """Run the compiled op (CPU or CUDA by the tensors' device); returns (capsules, coupling).
 

@@ -20,16 +20,16 @@ def _batch(data, n=32, max_len=10):
     return hist, feats, torch.as_tensor(np.asarray(data.train_targets[:n]))
 
 
-def _setup(data, loss, **kw):
+def _setup(data, loss, fused=False, **kw):
     cfg = TrainConfig(dim=16, max_len=10, num_negatives=20, loss=loss, backend="cpp", **kw)
     torch.manual_seed(0)
     model = build_model(data, cfg)
-    return cfg, model, SoftmaxLoss(loss, np.asarray(data.item_counts), 20, scoring=cfg.scoring)
+    return cfg, model, SoftmaxLoss(loss, np.asarray(data.item_counts), 20, scoring=cfg.scoring, fused=fused)
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("loss", ["full", "full fused", "sampled"])
 def test_training_forward_and_loss_is_one_graph(tiny, loss):
-    cfg, model, loss_fn = _setup(tiny, loss)
+    cfg, model, loss_fn = _setup(tiny, loss.split()[0], fused=loss.endswith("fused"))
     batch = _batch(tiny)
 
     def step(h, f, t):
