@@ -65,6 +65,31 @@ MK_ALWAYS_INLINE F8 exp_nonpositive(F8 x) {
   return res;
 }
 
+// Conversions written as plain bit operations so the loops around them vectorise (c10's bf16
+// constructor branches on NaN per element); round to nearest even, NaN stays a (quiet) NaN.
+template <typename acc_t, typename T>
+MK_ALWAYS_INLINE acc_t to_acc(T x) {
+  return static_cast<acc_t>(x);
+}
+template <>
+MK_ALWAYS_INLINE float to_acc<float, c10::BFloat16>(c10::BFloat16 x) {
+  const uint32_t u = uint32_t(x.x) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+template <typename T, typename acc_t>
+MK_ALWAYS_INLINE T from_acc(acc_t f) {
+  return static_cast<T>(f);
+}
+template <>
+MK_ALWAYS_INLINE c10::BFloat16 from_acc<c10::BFloat16, float>(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 template <typename scalar_t, typename acc_t>
 struct CeArgs {
   const scalar_t* s;       // (B, K, C)
@@ -86,7 +111,7 @@ inline void note_first(std::atomic<int64_t>* slot, int64_t b) {
 
 // best/win over the active interests; returns false if the user has none.
 template <typename scalar_t, typename acc_t>
-MK_ALWAYS_INLINE bool best_of_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t* best, uint8_t* win,
+MK_ALWAYS_INLINE bool best_of_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t* best, int32_t* win,
                                    int64_t Cp) {
   const int64_t K = a.K, C = a.C, N = a.N;
   const scalar_t* s = a.s + b * K * C;
@@ -97,15 +122,15 @@ MK_ALWAYS_INLINE bool best_of_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, 
     const scalar_t* sk = s + k * C;
     if (!any) {
       for (int64_t n = 0; n < N; ++n) {
-        best[n] = static_cast<acc_t>(sk[n]);
-        win[n] = static_cast<uint8_t>(k);
+        best[n] = to_acc<acc_t>(sk[n]);
+        win[n] = static_cast<int32_t>(k);
       }
       any = true;
       continue;
     }
-    const uint8_t kk = static_cast<uint8_t>(k);
+    const int32_t kk = static_cast<int32_t>(k);
     for (int64_t n = 0; n < N; ++n) {
-      const acc_t v = static_cast<acc_t>(sk[n]);
+      const acc_t v = to_acc<acc_t>(sk[n]);
       // strict > keeps the lowest k on ties; a NaN score takes over (and stays: nothing beats NaN),
       // so a NaN reaches the loss as with amax.
       const bool take = (v > best[n]) | (v != v);
@@ -121,7 +146,7 @@ MK_ALWAYS_INLINE bool best_of_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, 
 }
 
 template <typename scalar_t, typename acc_t>
-MK_ALWAYS_INLINE void ce_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t* best, acc_t* prob, uint8_t* win,
+MK_ALWAYS_INLINE void ce_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t* best, acc_t* prob, int32_t* win,
                               int64_t Cp) {
   const int64_t K = a.K, C = a.C, N = a.N;
   scalar_t* g = a.g + b * K * C;
@@ -142,16 +167,14 @@ MK_ALWAYS_INLINE void ce_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t
   // max over the N real classes, 8 partial lanes
   acc_t lane[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<acc_t>::infinity();
-  bool nan = false;
   for (int64_t n0 = 0; n0 < Cp; n0 += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t v = best[n0 + l];
-      nan |= v != v;
-      lane[l] = v > lane[l] ? v : lane[l];
+      lane[l] = (v > lane[l]) | (v != v) ? v : lane[l];  // a NaN sticks (nothing compares above it)
     }
   acc_t m = lane[0];
-  for (int64_t l = 1; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
-  if (nan || !std::isfinite(m)) {  // a NaN or infinite score: the loss and the gradient are NaN, as unfused
+  for (int64_t l = 1; l < kLanes; ++l) m = (lane[l] > m) | (lane[l] != lane[l]) ? lane[l] : m;
+  if (!std::isfinite(m)) {  // a NaN or infinite score: the loss and the gradient are NaN, as unfused
     for (int64_t k = 0; k < K; ++k)
       for (int64_t n = 0; n < C; ++n) g[k * C + n] = n < N ? scalar_t(NAN) : scalar_t(0);
     a.loss[b] = std::numeric_limits<acc_t>::quiet_NaN();
@@ -177,8 +200,8 @@ MK_ALWAYS_INLINE void ce_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t
   prob[t] -= a.grad_scale;
   for (int64_t k = 0; k < K; ++k) {
     scalar_t* gk = g + k * C;
-    const uint8_t kk = static_cast<uint8_t>(k);
-    for (int64_t n = 0; n < N; ++n) gk[n] = static_cast<scalar_t>(win[n] == kk ? prob[n] : acc_t(0));
+    const int32_t kk = static_cast<int32_t>(k);
+    for (int64_t n = 0; n < N; ++n) gk[n] = from_acc<scalar_t>(win[n] == kk ? prob[n] : acc_t(0));
     for (int64_t n = N; n < C; ++n) gk[n] = scalar_t(0);
   }
 }
@@ -187,7 +210,7 @@ template <typename scalar_t, typename acc_t>
 void ce_range_base(const CeArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t Cp = at::divup(a.N, kLanes) * kLanes;
   std::vector<acc_t> best(Cp), prob(Cp);
-  std::vector<uint8_t> win(Cp);
+  std::vector<int32_t> win(Cp);  // int32, as wide as the float lanes: no packing in the blends
   for (int64_t b = begin; b < end; ++b) ce_user(a, b, best.data(), prob.data(), win.data(), Cp);
 }
 
@@ -196,7 +219,7 @@ template <typename scalar_t, typename acc_t>
 MK_TARGET_AVX2 void ce_range_avx2(const CeArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t Cp = at::divup(a.N, kLanes) * kLanes;
   std::vector<acc_t> best(Cp), prob(Cp);
-  std::vector<uint8_t> win(Cp);
+  std::vector<int32_t> win(Cp);  // int32, as wide as the float lanes: no packing in the blends
   for (int64_t b = begin; b < end; ++b) ce_user(a, b, best.data(), prob.data(), win.data(), Cp);
 }
 #endif
