@@ -143,6 +143,7 @@ def _train(args, info) -> int:
                       optimizer=args.optimizer, compile=args.compile, jagged=args.jagged, score_dtype=args.score_dtype,
                       keep_freed_memory=args.keep_freed_memory, item_table=args.item_table, pad_items=args.pad_items,
                       split_h=args.split_h, genre_matmul=args.genre_matmul, fused_loss=args.fused_loss,
+                      h_dtype=args.h_dtype, gather_index_add=args.gather == "index_add",
                       progress=not args.no_progress)
     result = train(data, cfg, resume=args.resume, dist=info)
     if not info.is_main:
@@ -353,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: also for the sampled / in-batch softmax when num_items + 1 <= batch x max_len")
     g.add_argument("--pad-items", type=int, default=16,
                    help="exact softmax: pad the scored items to a multiple of this (default 16; 1 = off)")
+    g.add_argument("--h-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the H layers' products in training (default auto: bfloat16 on a CPU that "
+                        "multiplies bf16 natively, AVX512-BF16 or AMX; float32 elsewhere)")
+    g.add_argument("--gather", default="index_add", choices=["index_add", "embedding"],
+                   help="rows of the item table for the histories: index_select with an index_add_ backward "
+                        "(default) or F.embedding")
     g.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="exact softmax with --scoring max: unfused score tensors + cross_entropy (default: "
                         "mind_kernels.best_interest_cross_entropy, loss and gradients in one pass per user)")

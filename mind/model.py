@@ -102,6 +102,34 @@ def label_aware_attention(
     return torch.einsum("bk,bkd->bd", weights, interests)
 
 
+class _GatherRows(torch.autograd.Function):
+    """rows (..., d) = table[index]; backward: index_add_ of the gradient rows into a zero table.
+
+    The same values and gradient as ``F.embedding(index, table)``; on the CPU its backward
+    (``embedding_dense_backward``) took ~1 ms for the (256, 50) history batch of ML-100k where
+    ``index_add_`` takes ~0.25 ms (/tmp micro-benchmark, one thread; ``bench/bench_train.py
+    --sections levers`` measures the step).  index_add_ sums in index order: deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, table, index):
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        d = grad.shape[-1]
+        out = grad.new_zeros(ctx.rows, d)
+        return out.index_add_(0, index.reshape(-1), grad.reshape(-1, d)), None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (R, d) gathered at a LongTensor ``index`` of any shape -> (*index.shape, d), with autograd."""
+    return _GatherRows.apply(table, index)
+
+
 def retrieval_vectors(interests: torch.Tensor, interest_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Replace inactive interests by the user's first interest, for max-over-interests retrieval.
 
@@ -286,6 +314,15 @@ class MIND(nn.Module):
         and broadcast over K (equal to the concatenated form up to float rounding).
         """
         B, K, d = caps.shape
+        if self.h_dtype is not None and self.training:
+            # the products in h_dtype (bf16 on a CPU with native bf16 dot products): autocast casts the
+            # inputs and weights per call; the weights and their gradients stay float32.
+            with torch.autocast(caps.device.type, dtype=self.h_dtype):
+                return self._h_split_or_cat(caps, profile).to(caps.dtype)
+        return self._h_split_or_cat(caps, profile)
+
+    def _h_split_or_cat(self, caps: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        B, K, d = caps.shape
         if self.split_h and self.training and isinstance(self.h_layers[0], nn.Linear):
             first = self.h_layers[0]
             x = torch.nn.functional.linear(caps, first.weight[:, :d])
@@ -295,6 +332,18 @@ class MIND(nn.Module):
             return x
         h_in = torch.cat([caps, profile[:, None, :].expand(B, K, profile.shape[1])], dim=2)
         return self.h_layers(h_in)
+
+    #: rows of the item table gathered by :func:`gather_rows` (backward by index_add_) instead of F.embedding.
+    gather_index_add: bool = False
+    #: H layers' products in this dtype in training (None: the parameters' dtype).
+    h_dtype: Optional[torch.dtype] = None
+
+    def _gather(self, item_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``item_table`` at ``ids``.  F.embedding, not item_table[ids], as the other form: the
+        same rows, and its backward is ~2x faster than advanced indexing's index_put_ with accumulate."""
+        if self.gather_index_add:
+            return gather_rows(item_table, ids)
+        return torch.nn.functional.embedding(ids, item_table)
 
     def item_embeddings(self) -> torch.Tensor:
         """(num_items + 1, d): the table used as target embedding and for retrieval; row 0 = 0."""
@@ -352,15 +401,11 @@ class MIND(nn.Module):
             ids = histories[mask]                                          # (N,), row-major: oldest first
             offsets = torch.zeros(B + 1, dtype=torch.long, device=histories.device)
             torch.cumsum(mask.sum(1), 0, out=offsets[1:])
-            values = (self.embed_items(ids) if item_table is None
-                      else torch.nn.functional.embedding(ids, item_table))
+            values = self.embed_items(ids) if item_table is None else self._gather(item_table, ids)
             caps = self.extractor.forward_jagged(values, offsets, max_len=L)
             weights = None
         else:
-            # F.embedding, not item_table[histories]: the same rows, and its backward (a dense
-            # embedding backward) is ~2x faster than advanced indexing's index_put_ with accumulate.
-            behaviors = (self.embed_items(histories) if item_table is None
-                         else torch.nn.functional.embedding(histories, item_table))
+            behaviors = self.embed_items(histories) if item_table is None else self._gather(item_table, histories)
             # The layer builds the same dynamic mask itself and keeps inactive interests out of
             # the coupling softmax; we recompute it here only to report it.
             caps, weights = self.extractor(behaviors, mask, return_weights=True)

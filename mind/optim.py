@@ -93,7 +93,11 @@ class RowWiseAdamW:
 def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float):
     """``kind`` "adamw" (torch.optim.AdamW over everything) or "rowwise" (:class:`RowWiseAdamW`)."""
     if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        # fused=True: one kernel over all parameters (CPU and CUDA), the same update as the per-parameter
+        # loop up to float rounding; ~0.5 ms of a ~15 ms ML-100k step (bench/measured/train_levers).
+        params = list(model.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if kind != "rowwise":
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     table_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

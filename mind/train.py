@@ -83,7 +83,7 @@ _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "p", "lr",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
                       "routing_init_std", "softmax_over", "routing_weight_scale", "logit_scale",
                       "h_out_activation", "scoring", "hard_negative_beta", "diversity_lambda",
-                      "stochastic_selection", "target_window", "optimizer", "score_dtype")
+                      "stochastic_selection", "target_window", "optimizer", "score_dtype", "h_dtype")
 
 
 @dataclasses.dataclass
@@ -132,6 +132,8 @@ class TrainConfig:
     item_table: str = "loss"       # "loss": whole table embedded only for the exact softmax; "auto": also when N + 1 <= B * L
     jagged: str = "auto"           # histories routed as values + offsets: "on", "off", "auto" (see resolve_jagged)
     score_dtype: str = "auto"      # exact softmax, scoring="max": dtype of the score products (see resolve_score_dtype)
+    gather_index_add: bool = True  # item-table rows gathered with an index_add_ backward (mind.model.gather_rows)
+    h_dtype: str = "auto"          # H layers' products in training: "auto", "float32", "bfloat16" (resolve_h_dtype)
     fused_loss: bool = True        # exact softmax, scoring="max": mind_kernels.best_interest_cross_entropy (one pass)
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
@@ -164,8 +166,9 @@ class TrainResult:
     out_dir: pathlib.Path
 
 
-def build_model(data, config: TrainConfig) -> MIND:
-    """A fresh MIND sized for ``data`` (items, genres, user features) and ``config``."""
+def build_model(data, config: TrainConfig, device=None) -> MIND:
+    """A fresh MIND sized for ``data`` (items, genres, user features) and ``config`` (``device``: where
+    it will train, None = CPU; it only decides ``h_dtype="auto"``)."""
     model = MIND(
         num_items=int(data.num_items), item_genres=torch.as_tensor(np.asarray(data.item_genres), dtype=torch.long),
         num_genres=len(data.genre_names), user_feature_cardinalities=list(data.user_feature_cardinalities),
@@ -176,6 +179,8 @@ def build_model(data, config: TrainConfig) -> MIND:
         routing_weight_scale=config.routing_weight_scale, logit_scale=config.logit_scale,
         h_out_activation=config.h_out_activation)
     model.split_h, model.genre_matmul = bool(config.split_h), bool(config.genre_matmul)
+    model.gather_index_add = bool(config.gather_index_add)
+    model.h_dtype = torch.bfloat16 if resolve_h_dtype(config, device) == "bfloat16" else None
     return model
 
 
@@ -187,10 +192,20 @@ def resolve_score_dtype(config: TrainConfig, device=None) -> str:
     1.14x per epoch (6.16 s -> 5.40 s); valid Recall@50 over seeds 0/1/2 0.3880 / 0.4013 / 0.3920 against float32's
     0.3925 / 0.3939 / 0.3814.  Without native bf16 the products would be emulated, so float32.
     """
-    if config.score_dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"score_dtype must be 'auto', 'float32' or 'bfloat16', got {config.score_dtype!r}")
-    if config.score_dtype != "auto":
-        return config.score_dtype
+    return _resolve_product_dtype(config.score_dtype, "score_dtype", device)
+
+
+def resolve_h_dtype(config: TrainConfig, device=None) -> str:
+    """``h_dtype``: the H layers' products in training, resolved as :func:`resolve_score_dtype` ("auto":
+    bfloat16 on a CPU with native bf16 products).  Measured in bench/measured/train_levers."""
+    return _resolve_product_dtype(config.h_dtype, "h_dtype", device)
+
+
+def _resolve_product_dtype(value: str, name: str, device=None) -> str:
+    if value not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"{name} must be 'auto', 'float32' or 'bfloat16', got {value!r}")
+    if value != "auto":
+        return value
     if device is not None and torch.device(device).type != "cpu":
         return "float32"
     cpu = getattr(torch, "cpu", None)
@@ -402,7 +417,7 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     key = f"valid_recall@{max(ns)}"
 
     seed_everything(config.seed)
-    model = build_model(data, config)
+    model = build_model(data, config, info.device if info.enabled else None)
     if info.enabled:
         model = model.to(info.device)
     if config.compile and info.enabled:
@@ -412,6 +427,9 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     if config.score_dtype == "auto" and loss_fn.product_dtype is not None:
         log("score products in bfloat16 (score_dtype auto: this CPU multiplies bf16 natively; --score-dtype float32 "
             "turns it off)")
+    if config.h_dtype == "auto" and model.h_dtype is not None:
+        log("H-layer products in bfloat16 in training (h_dtype auto: this CPU multiplies bf16 natively; --h-dtype "
+            "float32 turns it off)")
     if config.keep_freed_memory and model.item_genres.device.type == "cpu":
         from .allocator import keep_freed_memory
         keep_freed_memory()
