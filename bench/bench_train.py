@@ -71,10 +71,15 @@ def load_case(case: str, quick: bool):
 
 # ------------------------------------------------------------------------------------ ours
 
+#: the third round's default-on levers off: fused best-interest loss, index_add_ gather, bf16 H layers
+#: (fused AdamW, the fourth, has no TrainConfig switch; the levers section measures it)
+ROUND3_OFF = dict(fused_loss=False, gather_index_add=False, h_dtype="float32")
+
 VARIANTS = {
     "cpp": dict(backend="cpp"),
-    # the second round's default-on levers off (split_h, genre_matmul, pad_items)
-    "cpp round-2 levers off": dict(backend="cpp", split_h=False, genre_matmul=False, pad_items=1),
+    "cpp round-3 levers off": dict(backend="cpp", **ROUND3_OFF),
+    # the second and third rounds' default-on levers off (split_h, genre_matmul, pad_items)
+    "cpp round-2 levers off": dict(backend="cpp", split_h=False, genre_matmul=False, pad_items=1, **ROUND3_OFF),
     "reference": dict(backend="reference"),
     # "cpp" routes jagged batches where at most half the history slots hold an item (auto)
     "cpp jagged=off": dict(backend="cpp", jagged="off"),
@@ -268,7 +273,11 @@ data = D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=L)
 cfg = T.TrainConfig(max_len=L, backend="cpp", progress=False, **settings)
 torch.manual_seed(0)
 model = T.build_model(data, cfg)
-opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+try:    # what train() steps with (fused AdamW since round 3); older checkouts have no mind.optim
+    from mind.optim import build_optimizer
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+except ImportError:
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 kind = T.resolve_loss(cfg.loss, int(data.num_items)) if hasattr(T, "resolve_loss") else cfg.loss
 kw = {"scoring": cfg.scoring} if hasattr(cfg, "scoring") else {}
 loss_fn = T.build_loss(data, cfg) if hasattr(T, "build_loss") else SoftmaxLoss(kind, np.asarray(data.item_counts), cfg.num_negatives, **kw)
@@ -359,15 +368,25 @@ def section_profile(args, rows) -> str:
 
 # ------------------------------------------------------------------------------------ levers (step level)
 
-#: second-round levers, each against the same config with that lever off (the defaults have all on).
-ROUND1 = dict(split_h=False, genre_matmul=False, pad_items=1, item_table="loss")
+#: each round's levers against the same config with that lever off; "adamw_loop" (a _Stepper switch, not
+#: a TrainConfig field) steps with torch.optim.AdamW's per-parameter loop instead of fused=True.
+ROUND2 = dict(ROUND3_OFF, adamw_loop=True)
+ROUND1 = dict(ROUND2, split_h=False, genre_matmul=False, pad_items=1, item_table="loss")
 LEVER_CASES = {
+    "ml-100k L=50 exact softmax, round 3": ("ml-100k L=50", {}, {
+        "round 2 (round-3 levers off)": ROUND2,
+        "+ fused best-interest loss": dict(ROUND2, fused_loss=True),
+        "+ index_add gather": dict(ROUND2, gather_index_add=True),
+        "+ fused AdamW": dict(ROUND2, adamw_loop=False),
+        "+ bf16 H layers": dict(ROUND2, h_dtype="auto"),
+        "all (defaults)": {},
+    }),
     "ml-100k L=50 exact softmax": ("ml-100k L=50", {}, {
         "round 1 (levers off)": ROUND1,
         "+ split_h": dict(ROUND1, split_h=True),
         "+ genre_matmul": dict(ROUND1, genre_matmul=True),
         "+ pad_items=16": dict(ROUND1, pad_items=16),
-        "all (defaults)": dict(item_table="loss"),
+        "all round 2": dict(ROUND2, item_table="loss"),
     }),
     "ml-100k L=50 sampled softmax": ("ml-100k L=50", dict(loss="sampled"), {
         "item_table=loss (default)": {},
@@ -387,10 +406,17 @@ class _Stepper:
         import numpy as np
         import torch
         import mind.train as T
+        from mind.optim import build_optimizer
+        settings = dict(settings)
+        adamw_loop = settings.pop("adamw_loop", False)
         self.cfg = T.TrainConfig(max_len=L, backend="cpp", progress=False, **settings)
         torch.manual_seed(0)
         self.model = T.build_model(data, self.cfg)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if adamw_loop:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                         foreach=False)
+        else:   # what train() steps with
+            self.opt = build_optimizer(self.model, self.cfg.optimizer, self.cfg.lr, self.cfg.weight_decay)
         self.loss_fn = T.build_loss(data, self.cfg)
         self.users = torch.as_tensor(np.asarray(data.train_users))
         self.hists = torch.as_tensor(np.asarray(data.train_histories))[:, -L:]
@@ -488,7 +514,8 @@ def main(argv=None) -> int:
     ap.add_argument("--old", default=None, help="a checkout of commit 9463034 with its extension built")
     ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 1 quick, 2 full)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run of ours (default 1 quick, 2 full)")
-    ap.add_argument("--variants", default="cpp,cpp round-2 levers off,reference,cpp+compile,cpp+rowwise")
+    ap.add_argument("--variants", default="cpp,cpp round-3 levers off,cpp round-2 levers off,reference,cpp+compile,"
+                                          "cpp+rowwise")
     ap.add_argument("--sections", default="ours,old,rechub,levers,profile")
     ap.add_argument("--cases", default=None,
                     help="comma-separated cases of the ours section, e.g. 'ml-100k L=200,synthetic L=50..200'")
