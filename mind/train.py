@@ -56,6 +56,11 @@ and ``genre_matmul`` pools genres by one matmul.  Two stay flags: ``keep_freed_m
 keeps freed heap memory in the process, ``mind.allocator``: 0.96x to 1.42x per step, a win only
 on a loaded machine) and ``item_table="auto"`` (embed the whole table for the sampled softmax too
 when N + 1 <= B L: 1.07x on ML-100k, 0.73x to 1.00x on 5,000 to 30,000-item synthetic catalogues).
+Third round (``--sections levers``, "round 3"): ``fused_loss`` runs the exact best-interest softmax
+through ``mind_kernels.best_interest_cross_entropy`` (loss and score gradients in one pass per user,
+a compiled CPU kernel), ``gather_index_add`` gathers the histories' rows of the item table with an
+``index_add_`` backward (``mind.model.gather_rows``), ``build_optimizer`` steps AdamW with
+``fused=True``; ``h_dtype="bfloat16"`` (off: it cost valid recall) runs the H layers' products in bf16.
 """
 
 from __future__ import annotations
@@ -133,7 +138,7 @@ class TrainConfig:
     jagged: str = "auto"           # histories routed as values + offsets: "on", "off", "auto" (see resolve_jagged)
     score_dtype: str = "auto"      # exact softmax, scoring="max": dtype of the score products (see resolve_score_dtype)
     gather_index_add: bool = True  # item-table rows gathered with an index_add_ backward (mind.model.gather_rows)
-    h_dtype: str = "auto"          # H layers' products in training: "auto", "float32", "bfloat16" (resolve_h_dtype)
+    h_dtype: str = "float32"       # H layers' products in training: "float32", "bfloat16", "auto" (resolve_h_dtype)
     fused_loss: bool = True        # exact softmax, scoring="max": mind_kernels.best_interest_cross_entropy (one pass)
     eval_ns: tuple = (20, 50)
     eval_batch_size: int = 1024
@@ -197,7 +202,12 @@ def resolve_score_dtype(config: TrainConfig, device=None) -> str:
 
 def resolve_h_dtype(config: TrainConfig, device=None) -> str:
     """``h_dtype``: the H layers' products in training, resolved as :func:`resolve_score_dtype` ("auto":
-    bfloat16 on a CPU with native bf16 products).  Measured in bench/measured/train_levers."""
+    bfloat16 on a CPU with native bf16 products).
+
+    Off (float32) by default: bf16 H layers made a step 1.08x faster (``bench/bench_train.py --sections
+    levers``) but valid Recall@50 fell on each of seeds 0/1/2, 0.3955 / 0.3996 / 0.3816 -> 0.3895 / 0.3874 /
+    0.3798 (``bench/measured/seed_study_levers`` and ``seed_study_h_dtype``).
+    """
     return _resolve_product_dtype(config.h_dtype, "h_dtype", device)
 
 
