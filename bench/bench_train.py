@@ -277,7 +277,7 @@ model = T.build_model(data, cfg)
 try:    # what train() steps with (fused AdamW since round 3); older checkouts have no mind.optim
     from mind.optim import build_optimizer
     opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
-except ImportError:
+except (ImportError, AttributeError):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 kind = T.resolve_loss(cfg.loss, int(data.num_items)) if hasattr(T, "resolve_loss") else cfg.loss
 kw = {"scoring": cfg.scoring} if hasattr(cfg, "scoring") else {}

@@ -48,6 +48,9 @@ def _check(interests, item_table, targets, interest_mask, name):
         raise ValueError(f"{name}: targets must be int64 of shape ({B},), got {targets.dtype} {tuple(targets.shape)}")
     if interest_mask is not None and interest_mask.shape != (B, K):
         raise ValueError(f"{name}: interest_mask must be (B, K) = ({B}, {K}), got {tuple(interest_mask.shape)}")
+    if not (interests.dtype.is_floating_point and interests.dtype == item_table.dtype):
+        raise ValueError(f"{name}: interests and item_table must share one floating dtype, got {interests.dtype} "
+                         f"and {item_table.dtype}")
     if not (interests.device == item_table.device == targets.device):
         raise ValueError(f"{name}: interests, item_table and targets must be on one device, got "
                          f"{interests.device}, {item_table.device}, {targets.device}")

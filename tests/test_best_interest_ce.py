@@ -123,6 +123,8 @@ def test_bad_input_gets_a_named_error(backend):
         ((V, E, t.int(), None), "targets must be int64"),
         ((V[:0], E, t[:0], None), "empty batch"),
         ((V, E[:0], t, None), "no rows"),
+        ((V, E.float(), t, None), "share one floating dtype"),
+        ((V.long(), E.long(), t, None), "share one floating dtype"),
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
