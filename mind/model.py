@@ -279,7 +279,10 @@ class MIND(nn.Module):
             # embedding every position directly gives the same values with static shapes.
             return self._embed_unique(items)
         uniq, inverse = torch.unique(items.reshape(-1), return_inverse=True)
-        return self._embed_unique(uniq)[inverse].reshape(*items.shape, self.dim)
+        rows = self._embed_unique(uniq)
+        if self.gather_index_add and self.training:
+            return gather_rows(rows, inverse).reshape(*items.shape, self.dim)
+        return rows[inverse].reshape(*items.shape, self.dim)
 
     def _embed_unique(self, items: torch.Tensor) -> torch.Tensor:
         """e_i for item indices of any shape (...,) -> (..., d), every position embedded (no de-duplication)."""
@@ -333,7 +336,8 @@ class MIND(nn.Module):
         h_in = torch.cat([caps, profile[:, None, :].expand(B, K, profile.shape[1])], dim=2)
         return self.h_layers(h_in)
 
-    #: rows of the item table gathered by :func:`gather_rows` (backward by index_add_) instead of F.embedding.
+    #: training: rows of the item table (or of the batch's unique items) gathered by :func:`gather_rows`
+    #: (backward by index_add_) instead of F.embedding (or advanced indexing).
     gather_index_add: bool = False
     #: H layers' products in this dtype in training (None: the parameters' dtype).
     h_dtype: Optional[torch.dtype] = None

@@ -197,3 +197,16 @@ def test_training_loss_fused_equals_unfused(tiny):
                     model.h_layers[0].weight.grad.clone()))
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_runs_the_torch_ops_form_and_matches_the_cpu():
+    assert fused_kernel_unavailable_reason("cuda") is not None      # no CUDA kernel: torch ops serve it
+    V, E, t, mask = _inputs(64, 4, 300, 32, dtype=torch.float32, masked=True, seed=21)
+    cpu = _loss_and_grads(best_interest_cross_entropy, V, E, t, mask)
+    Vg, Eg = V.detach().cuda().requires_grad_(), E.detach().cuda().requires_grad_()
+    got = _loss_and_grads(best_interest_cross_entropy, Vg, Eg, t.cuda(), mask.cuda())
+    for a, b in zip(got, cpu):
+        assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-4)

@@ -329,3 +329,17 @@ def test_gather_rows_equals_f_embedding_values_and_gradient():
     (gb,) = torch.autograd.grad((b * w).sum(), table)
     torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(lambda t: gather_rows(t, idx), (table,))
+
+
+def test_embed_items_with_index_add_gather_equals_advanced_indexing(tiny):
+    m0, m1 = _pair(tiny, split_h=True, genre_matmul=True)
+    m0.gather_index_add, m1.gather_index_add = False, True
+    m0.genre_matmul = True
+    items = torch.as_tensor(np.asarray(tiny.train_histories[:16]))[:, -10:]
+    e0, e1 = m0.embed_items(items), m1.embed_items(items)
+    assert torch.equal(e0, e1)
+    w = torch.randn_like(e0)
+    g0 = torch.autograd.grad((e0 * w).sum(), [m0.item_id_embedding.weight, m0.genre_embedding.weight])
+    g1 = torch.autograd.grad((e1 * w).sum(), [m1.item_id_embedding.weight, m1.genre_embedding.weight])
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
