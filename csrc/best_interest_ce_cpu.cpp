@@ -207,20 +207,22 @@ MK_ALWAYS_INLINE void ce_user(const CeArgs<scalar_t, acc_t>& a, int64_t b, acc_t
 }
 
 template <typename scalar_t, typename acc_t>
-void ce_range_base(const CeArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+MK_ALWAYS_INLINE void ce_range_body(const CeArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t Cp = at::divup(a.N, kLanes) * kLanes;
   std::vector<acc_t> best(Cp), prob(Cp);
   std::vector<int32_t> win(Cp);  // int32, as wide as the float lanes: no packing in the blends
   for (int64_t b = begin; b < end; ++b) ce_user(a, b, best.data(), prob.data(), win.data(), Cp);
 }
 
+template <typename scalar_t, typename acc_t>
+void ce_range_base(const CeArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  ce_range_body(a, begin, end);
+}
+
 #if MK_X86_DISPATCH
 template <typename scalar_t, typename acc_t>
 MK_TARGET_AVX2 void ce_range_avx2(const CeArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
-  const int64_t Cp = at::divup(a.N, kLanes) * kLanes;
-  std::vector<acc_t> best(Cp), prob(Cp);
-  std::vector<int32_t> win(Cp);  // int32, as wide as the float lanes: no packing in the blends
-  for (int64_t b = begin; b < end; ++b) ce_user(a, b, best.data(), prob.data(), win.data(), Cp);
+  ce_range_body(a, begin, end);
 }
 #endif
 

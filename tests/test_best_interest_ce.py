@@ -210,3 +210,19 @@ def test_cuda_runs_the_torch_ops_form_and_matches_the_cpu():
     for a, b in zip(got, cpu):
         assert a.is_cuda
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_class_non_contiguous_inputs_and_one_side_requiring_grad(backend):
+    V, E, t, mask = _inputs(6, 3, 1, 4, masked=True, seed=23)       # one class: the loss is 0, so is the gradient
+    loss, dV, dE = _loss_and_grads(best_interest_cross_entropy, V, E, t, mask, backend=backend)
+    assert float(loss) == 0.0 and float(dV.abs().max()) == 0.0 and float(dE.abs().max()) == 0.0
+    V, E, t, mask = _inputs(6, 3, 19, 4, masked=True, seed=29)
+    Et = E.detach().t().contiguous().t()                                # (N, d) with strides (1, N)
+    Vt = V.detach().transpose(0, 1).contiguous().transpose(0, 1)        # (B, K, d), not contiguous
+    want = best_interest_cross_entropy_reference(V, E, t, mask)
+    got = best_interest_cross_entropy(Vt.requires_grad_(), Et, t, mask, backend=backend)   # table needs no grad
+    (dV,) = torch.autograd.grad(got, Vt)
+    (dV_want,) = torch.autograd.grad(want, V)
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(dV, dV_want)
