@@ -29,6 +29,10 @@ Sections (each writes rows to train.csv; train.md and profile.md are the tables)
   softmax; the synthetic set, sampled): one model per variant in one process, variants alternated
   round by round, median step ms and minor page faults per step.  ``keep_freed_memory`` is
   process-wide and one-way, so it alone runs in alternated fresh processes.
+* ``floor``: what a default step (ML-100k, max_len 50, B = 256) cannot avoid, timed alone in one
+  run next to the whole step: the exact softmax's three score products (bf16 where the defaults
+  use it), the six H-layer products, and the fused routing op forward + backward on the same
+  shapes.  Their sum is a lower bound for any lever that keeps the model and its precision.
 * ``profile``: one training step split by manual timers (module hooks and gradient hooks) into
   routing fwd+bwd, embedding gather + its gradient, H layers, loss (+ penalty), optimizer and
   other, for this checkout and (with ``--old``) commit 9463034, same process code.
@@ -498,6 +502,74 @@ def section_levers(args, rows):
         print(f"[levers] allocator {v}: {med:.2f} ms/step ({ref / med:.2f}x)", flush=True)
 
 
+def section_floor(args, rows) -> str:
+    """Dense products and the routing op of one default step, timed alone (medians), beside the step."""
+    import torch
+    import mind.train as T
+    from mind_kernels import b2i_routing
+    data = load_case("ml-100k L=50", args.quick)
+    cfg = T.TrainConfig(max_len=50, backend="cpp", progress=False)
+    B, K, d, L = cfg.batch_size, cfg.num_interests, cfg.dim, 50
+    hidden = cfg.hidden_mult * d
+    N = int(data.num_items)
+    Np = N + (-N) % cfg.pad_items
+    sdt = torch.bfloat16 if T.resolve_score_dtype(cfg) == "bfloat16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    v, e, gs = r(B * K, d, dtype=sdt), r(Np, d, dtype=sdt), r(B * K, Np, dtype=sdt)
+    x, w1, h, w2, dy = r(B * K, d), r(d, hidden), r(B * K, hidden), r(hidden, d), r(B * K, d)
+    dh = r(B * K, hidden)
+    E, S = r(B, L, d).requires_grad_(), r(d, d).requires_grad_()
+    b0 = r(B, K, L)
+    mask = torch.as_tensor(data.train_histories[:B])[:, -L:] != 0
+    G = r(B, K, d)
+
+    def routing():
+        caps = b2i_routing(E, S, b0, mask=mask, num_iters=cfg.num_iters, backend="cpp")
+        torch.autograd.grad(caps, (E, S), G)
+
+    parts = {
+        f"loss: scores V E^T ({B * K}x{d} . {d}x{Np}, {str(sdt)[6:]})": lambda: v @ e.t(),
+        "loss: dV = G E": lambda: gs @ e,
+        "loss: dE = G^T V": lambda: gs.t() @ v,
+        f"H: 2 forward products ({B * K}x{d} . {d}x{hidden}, {B * K}x{hidden} . {hidden}x{d})":
+            lambda: (x @ w1, h @ w2),
+        "H: 4 backward products (dX and dW of both layers)": lambda: (dy @ w2.t(), h.t() @ dy, dh @ w1.t(), x.t() @ dh),
+        f"routing op fwd+bwd (B={B}, L={L}, K={K}, d={d}, r={cfg.num_iters}, cpp)": routing,
+    }
+    stepper = _Stepper(data, L, {})
+    reps = 20 if args.quick else 50
+    got = {k: [] for k in parts}
+    steps = []
+    for _ in range(max(args.rounds, 3)):
+        for k, f in parts.items():
+            for _ in range(3):
+                f()
+            t = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                f()
+                t.append(time.perf_counter() - t0)
+            got[k].append(1e3 * statistics.median(t))
+        steps.append(stepper.run(reps)[0])
+    step = statistics.median(steps)
+    lines = ["| what a default step must compute (timed alone) | ms | share of the step |", "|---|---:|---:|"]
+    total = 0.0
+    for k, ts in got.items():
+        ms = statistics.median(ts)
+        total += ms
+        rows.append(dict(section="floor", case="ml-100k L=50 B=256", variant=k, ms=ms, step_ms=step))
+        lines.append(f"| {k} | {ms:.2f} | {100 * ms / step:.0f}% |")
+    lines.append(f"| **sum (a lower bound at this precision)** | **{total:.2f}** | **{100 * total / step:.0f}%** |")
+    lines.append(f"| the whole default step (same run, {reps} steps x {len(steps)} rounds) | {step:.2f} | 100% |")
+    rows.append(dict(section="floor", case="ml-100k L=50 B=256", variant="sum", ms=total, step_ms=step))
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
 def levers_md(rows) -> list:
     md = ["", "| case | lever | step ms | ratio | page faults / step | note |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
@@ -517,7 +589,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run of ours (default 1 quick, 2 full)")
     ap.add_argument("--variants", default="cpp,cpp round-3 levers off,cpp round-2 levers off,reference,cpp+compile,"
                                           "cpp+rowwise")
-    ap.add_argument("--sections", default="ours,old,rechub,levers,profile")
+    ap.add_argument("--sections", default="ours,old,rechub,levers,profile,floor")
     ap.add_argument("--cases", default=None,
                     help="comma-separated cases of the ours section, e.g. 'ml-100k L=200,synthetic L=50..200'")
     ap.add_argument("--rechub-epochs", type=int, default=1)
@@ -551,6 +623,7 @@ def main(argv=None) -> int:
         section_levers(args, rows)
     if "profile" in sections:
         profile_md = section_profile(args, rows)
+    floor_md = section_floor(args, rows) if "floor" in sections else None
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -564,7 +637,7 @@ def main(argv=None) -> int:
             f"round(s)\n")
     md = [head, "| section | case | variant | epoch s | examples/s | ratio | note |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        if r["section"] in ("profile", "levers"):
+        if r["section"] in ("profile", "levers", "floor"):
             continue
         ratio = r.get("speedup_vs_cpp") or r.get("speedup_vs_9463034")
         extra = f"valid recall@50 {r['valid_recall50']:.4f}; " if r.get("valid_recall50") is not None else ""
@@ -577,6 +650,8 @@ def main(argv=None) -> int:
     if profile_md:
         (out / "profile.md").write_text(head + "\n" + profile_md + "\n")
         print(profile_md)
+    if floor_md:
+        (out / "floor.md").write_text(head + "\n" + floor_md + "\n")
     print(f"wrote {out}/train.csv, train.md" + (", profile.md" if profile_md else ""))
     return 0
 
