@@ -105,10 +105,10 @@ def label_aware_attention(
 class _GatherRows(torch.autograd.Function):
     """rows (..., d) = table[index]; backward: index_add_ of the gradient rows into a zero table.
 
-    The same values and gradient as ``F.embedding(index, table)``; on the CPU its backward
-    (``embedding_dense_backward``) took ~1 ms for the (256, 50) history batch of ML-100k where
-    ``index_add_`` takes ~0.25 ms (/tmp micro-benchmark, one thread; ``bench/bench_train.py
-    --sections levers`` measures the step).  index_add_ sums in index order: deterministic.
+    The same values and gradient as ``F.embedding(index, table)``, whose CPU backward
+    (``embedding_dense_backward``) is the slower of the two on a (256, 50) history batch: the step
+    gains 1.03x (``bench/bench_train.py --sections levers``, "+ index_add gather").  index_add_ sums
+    in index order: deterministic.
     """
 
     @staticmethod
@@ -316,7 +316,6 @@ class MIND(nn.Module):
         same nn.Linear weight sliced at compute time: the profile part is computed once per user
         and broadcast over K (equal to the concatenated form up to float rounding).
         """
-        B, K, d = caps.shape
         if self.h_dtype is not None and self.training:
             # the products in h_dtype (bf16 on a CPU with native bf16 dot products): autocast casts the
             # inputs and weights per call; the weights and their gradients stay float32.
@@ -343,8 +342,8 @@ class MIND(nn.Module):
     h_dtype: Optional[torch.dtype] = None
 
     def _gather(self, item_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of ``item_table`` at ``ids``.  F.embedding, not item_table[ids], as the other form: the
-        same rows, and its backward is ~2x faster than advanced indexing's index_put_ with accumulate."""
+        """Rows of ``item_table`` at ``ids`` (..., d): :func:`gather_rows` with ``gather_index_add``, else
+        F.embedding (not item_table[ids]: advanced indexing's backward, index_put_ with accumulate, is slower)."""
         if self.gather_index_add:
             return gather_rows(item_table, ids)
         return torch.nn.functional.embedding(ids, item_table)

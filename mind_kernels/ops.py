@@ -14,6 +14,9 @@ The schema is defined once in C++ (``csrc/schema.cpp``, ``TORCH_LIBRARY``)::
     mind_kernels::routing_jagged_backward(Tensor grad_capsules, Tensor values, Tensor offsets, Tensor weight,
         Tensor coupling, Tensor preactivation, int max_len) -> (Tensor grad_values, Tensor grad_weight)
 
+    mind_kernels::best_interest_ce(Tensor scores, Tensor targets, Tensor? interest_mask, int num_classes,
+        float grad_scale) -> (Tensor losses, Tensor grad_scores)          (CPU only; mind_kernels/losses.py)
+
 The jagged pair (ROUTING.md, "Jagged batches"; csrc/routing_jagged_cpu.cpp, and csrc/cuda/routing.cu
 where the CUDA kernels are built) takes histories as values (N, D_in) + offsets (B + 1,); its coupling
 is (N, K), aligned with values' rows; backward's max_len is the forward's L_max (b0's positions).
