@@ -4,7 +4,7 @@
     python bench/bench_train.py                    # everything below, 2 alternated rounds
     python bench/bench_train.py --old /work/wt-9463034   # + commit 9463034 (a worktree with its extension built)
 
-1 thread throughout (torch.set_num_threads(1)).  The machine may be shared, so variants of one
+1 thread throughout (torch.set_num_threads(1); the `cpp 2 threads` variant alone runs on 2).  The machine may be shared, so variants of one
 case run alternately round by round and the tables give medians and ratios to a baseline of
 the same round set.
 
@@ -91,6 +91,8 @@ VARIANTS = {
     "cpp score bf16": dict(backend="cpp", score_dtype="bfloat16"),
     "cpp score fp32": dict(backend="cpp", score_dtype="float32"),
     "cpp h bf16": dict(backend="cpp", h_dtype="bfloat16"),
+    # every other row runs on 1 thread; this one on 2 (the development machine's cores)
+    "cpp 2 threads": dict(backend="cpp", threads=2),
     "cpp+compile": dict(backend="cpp", compile=True),
     "cpp+rowwise": dict(backend="cpp", optimizer="rowwise"),
 }
@@ -99,14 +101,18 @@ VARIANTS = {
 def run_ours(data, variant: dict, max_len: int, epochs: int) -> dict:
     import torch
     from mind.train import TrainConfig, train
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(max_len=max_len, epochs=epochs, patience=epochs + 1, progress=False, write_files=False,
-                          out_dir=tmp, **variant)
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        res = train(data, cfg, log=lambda *_: None)
-        total = time.perf_counter() - t0
+    variant = dict(variant)
+    torch.set_num_threads(variant.pop("threads", 1))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(max_len=max_len, epochs=epochs, patience=epochs + 1, progress=False, write_files=False,
+                              out_dir=tmp, **variant)
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            res = train(data, cfg, log=lambda *_: None)
+            total = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(1)
     secs = [r["seconds"] for r in res.history]
     n = len(data.train_targets)
     return dict(epoch_s=secs[-1], first_epoch_s=secs[0], examples_per_s=n / secs[-1], examples=n,
