@@ -95,7 +95,8 @@ test: setup
 test-cpu-only:
 	$(MAKE) --no-print-directory setup VENV=$(CPU_VENV) TORCH_SPEC="$(CPU_TORCH_SPEC)"
 	$(CPU_VENV)/bin/python -m mind_kernels.info
-	$(CPU_VENV)/bin/python -m pytest -q tests/test_reference.py tests/test_api.py tests/test_layers.py tests/test_cpu_kernel.py
+	$(CPU_VENV)/bin/python -m pytest -q tests/test_reference.py tests/test_api.py tests/test_layers.py tests/test_cpu_kernel.py \
+		tests/test_best_interest_ce.py
 
 # The install paths a user takes (wheel, [mind] extra, plain pip install .), in fresh venvs (CI; needs $(CPU_VENV)).
 check-install:
