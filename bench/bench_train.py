@@ -4,9 +4,9 @@
     python bench/bench_train.py                    # everything below, 2 alternated rounds
     python bench/bench_train.py --old /work/wt-9463034   # + commit 9463034 (a worktree with its extension built)
 
-1 thread throughout (torch.set_num_threads(1); the `cpp 2 threads` variant alone runs on 2).  The machine may be shared, so variants of one
-case run alternately round by round and the tables give medians and ratios to a baseline of
-the same round set.
+1 thread throughout (torch.set_num_threads(1); the ``cpp 2 threads`` variant alone runs on 2).
+The machine may be shared, so variants of one case run alternately round by round and the tables
+give medians and ratios to a baseline of the same round set.
 
 Sections (each writes rows to train.csv; train.md and profile.md are the tables):
 
