@@ -128,15 +128,8 @@ class _FusedBestInterestCE(torch.autograd.Function):
         return gi, gt, None, None, None, None, None
 
 
-def fused_kernel_unavailable_reason(device_type: str) -> Optional[str]:
-    """None when the compiled ``best_interest_ce`` kernel serves this device, else why not."""
-    if device_type != "cpu":
-        return f"the compiled best_interest_ce kernel is CPU only ({device_type} runs its math in torch ops)"
-    if ops.extension_error() is not None:
-        return ops.extension_error()
-    if not hasattr(torch.ops.mind_kernels, "best_interest_ce"):
-        return "mind_kernels._C has no best_interest_ce kernel (rebuild the extension)"
-    return None
+#: None when the compiled kernel serves a device type, else why not (cached: asked on every call).
+fused_kernel_unavailable_reason = ops.loss_kernel_unavailable_reason
 
 
 def best_interest_cross_entropy(interests: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,

@@ -115,10 +115,28 @@ def jagged_kernel_unavailable_reason(device_type: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _jagged_kernel_unavailable_reason(device_type: str) -> Optional[str]:
+    return _missing_kernel(("routing_jagged_forward", "routing_jagged_backward"), device_type)
+
+
+@torch.compiler.assume_constant_result
+def loss_kernel_unavailable_reason(device_type: str) -> Optional[str]:
+    """None when the compiled ``best_interest_ce`` kernel serves ``device_type`` (CPU only), else why not."""
+    return _loss_kernel_unavailable_reason(device_type)
+
+
+@functools.lru_cache(maxsize=None)  # asked on every loss call
+def _loss_kernel_unavailable_reason(device_type: str) -> Optional[str]:
+    if device_type != "cpu":
+        return f"the compiled best_interest_ce kernel is CPU only ({device_type} runs its math in torch ops)"
+    return _missing_kernel(("best_interest_ce",), device_type)
+
+
+def _missing_kernel(op_names, device_type: str) -> Optional[str]:
+    """Why one of ``op_names`` has no compiled ``device_type`` kernel (ops an older build may lack), or None."""
     if _LOAD_ERROR is not None:
         return _LOAD_ERROR
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    for op in ("routing_jagged_forward", "routing_jagged_backward"):
+    for op in op_names:
         if not hasattr(torch.ops.mind_kernels, op) or not torch._C._dispatch_has_kernel_for_dispatch_key(
             f"mind_kernels::{op}", key
         ):
