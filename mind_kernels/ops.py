@@ -232,14 +232,7 @@ def routing_fused(behaviors, weight, init_logits, mask, interest_mask, num_iters
         softmax_over == "behaviors",
         float(logit_scale),
     )
-    if _autograd_not_needed(behaviors, weight):
-        # Serving (no_grad / inference, or no input requiring grad): skip the Python autograd
-        # kernel that register_autograd puts in front of the op (~4 us of a ~20 us B = 1 call).
-        with torch._C._AutoDispatchBelowAutograd():
-            capsules, coupling, _ = torch.ops.mind_kernels.routing_forward(*args)
-    else:
-        capsules, coupling, _ = torch.ops.mind_kernels.routing_forward(*args)
-    return capsules, coupling
+    return _forward(torch.ops.mind_kernels.routing_forward, args, behaviors, weight)
 
 
 def routing_jagged_fused(values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over,
@@ -252,11 +245,18 @@ def routing_jagged_fused(values, offsets, weight, init_logits, interest_mask, nu
         init_logits = init_logits.to(acc)
     args = (values, offsets, weight, init_logits, interest_mask, num_iters, softmax_over == "behaviors",
             float(logit_scale))
-    if _autograd_not_needed(values, weight):
+    return _forward(torch.ops.mind_kernels.routing_jagged_forward, args, values, weight)
+
+
+def _forward(op, args, behaviors, weight):
+    """(capsules, coupling) of a compiled forward op.  Serving (no_grad / inference, or no input requiring
+    grad) skips the Python autograd kernel that register_autograd puts in front of the op (~4 us of a
+    ~20 us B = 1 call)."""
+    if _autograd_not_needed(behaviors, weight):
         with torch._C._AutoDispatchBelowAutograd():
-            capsules, coupling, _ = torch.ops.mind_kernels.routing_jagged_forward(*args)
+            capsules, coupling, _ = op(*args)
     else:
-        capsules, coupling, _ = torch.ops.mind_kernels.routing_jagged_forward(*args)
+        capsules, coupling, _ = op(*args)
     return capsules, coupling
 
 
