@@ -119,24 +119,31 @@ def check_routing_inputs(
         if interest_mask.is_floating_point() or interest_mask.is_complex():
             raise TypeError(f"b2i_routing: `interest_mask` must be bool or integer 0/1, got {interest_mask.dtype}")
 
-    device = behaviors.device
-    for name, t in (("weight", weight), ("init_logits", init_logits), ("mask", mask), ("interest_mask", interest_mask)):
-        if t is not None and t.device != device:
-            raise ValueError(
-                f"b2i_routing: `{name}` is on {t.device} but `behaviors` is on {device}; "
-                "all tensors must be on one device"
-            )
-
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
-        raise TypeError(f"b2i_routing: `num_iters` must be an int >= 1, got {num_iters!r}")
-    if num_iters < 1:
-        raise ValueError(f"b2i_routing: `num_iters` must be >= 1, got {num_iters}")
-    if softmax_over not in SOFTMAX_AXES:
-        raise ValueError(f"b2i_routing: `softmax_over` must be one of {SOFTMAX_AXES}, got {softmax_over!r}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"b2i_routing: `backend` must be one of {BACKEND_NAMES}, got {backend!r}")
-    check_logit_scale(logit_scale)
+    _check_device_and_options(
+        "b2i_routing", "behaviors", behaviors,
+        (("weight", weight), ("init_logits", init_logits), ("mask", mask), ("interest_mask", interest_mask)),
+        num_iters, softmax_over, backend, logit_scale,
+    )
     return RoutingShape(B, L, K, D_in, weight.shape[0])
+
+
+def _check_device_and_options(where, first_name, first, others, num_iters, softmax_over, backend, logit_scale):
+    """The checks the padded and the jagged op share: every tensor in ``others`` ((name, tensor or None)
+    pairs) on ``first``'s device, and the scalar options."""
+    device = first.device
+    for name, t in others:
+        if t is not None and t.device != device:
+            raise ValueError(f"{where}: `{name}` is on {t.device} but `{first_name}` is on {device}; "
+                             "all tensors must be on one device")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+        raise TypeError(f"{where}: `num_iters` must be an int >= 1, got {num_iters!r}")
+    if num_iters < 1:
+        raise ValueError(f"{where}: `num_iters` must be >= 1, got {num_iters}")
+    if softmax_over not in SOFTMAX_AXES:
+        raise ValueError(f"{where}: `softmax_over` must be one of {SOFTMAX_AXES}, got {softmax_over!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"{where}: `backend` must be one of {BACKEND_NAMES}, got {backend!r}")
+    check_logit_scale(logit_scale, where)
 
 
 def check_logit_scale(logit_scale, where: str = "b2i_routing") -> float:
@@ -222,21 +229,11 @@ def check_jagged_inputs(
                              f"{tuple(interest_mask.shape)}")
         if interest_mask.is_floating_point() or interest_mask.is_complex():
             raise TypeError(f"{where}: `interest_mask` must be bool or integer 0/1, got {interest_mask.dtype}")
-    device = values.device
-    for name, t in (("offsets", offsets), ("weight", weight), ("init_logits", init_logits),
-                    ("interest_mask", interest_mask)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{where}: `{name}` is on {t.device} but `values` is on {device}; "
-                             "all tensors must be on one device")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
-        raise TypeError(f"{where}: `num_iters` must be an int >= 1, got {num_iters!r}")
-    if num_iters < 1:
-        raise ValueError(f"{where}: `num_iters` must be >= 1, got {num_iters}")
-    if softmax_over not in SOFTMAX_AXES:
-        raise ValueError(f"{where}: `softmax_over` must be one of {SOFTMAX_AXES}, got {softmax_over!r}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"{where}: `backend` must be one of {BACKEND_NAMES}, got {backend!r}")
-    check_logit_scale(logit_scale, where)
+    _check_device_and_options(
+        where, "values", values,
+        (("offsets", offsets), ("weight", weight), ("init_logits", init_logits), ("interest_mask", interest_mask)),
+        num_iters, softmax_over, backend, logit_scale,
+    )
     if not torch.compiler.is_compiling():
         _check_offsets_values(offsets, N, L_max, where)
     return JaggedShape(B, N, L_max, K, D_in, weight.shape[0])
