@@ -11,7 +11,7 @@ Public API:
 * :func:`best_interest_cross_entropy` - the exact softmax over a catalogue with items scored by a user's
   best interest (max_k V_k . e), fused (loss and gradients in one pass per user; CPU kernel).
 
-The contract is ``shared/design/ROUTING.md``; ``mind_kernels.reference`` is its
+The contract is ``docs/ROUTING.md``; ``mind_kernels.reference`` is its
 executable form.
 """
 

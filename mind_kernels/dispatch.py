@@ -26,7 +26,7 @@ reference pads the batch to (B, L_max) and runs the padded reference
 (:func:`mind_kernels.jagged.via_padding` is the padding path).
 
 The fused GPU kernels (cuda, triton) have not been verified on every GPU (see
-``mind_kernels.selftest.VERIFIED``): the first call in a process that a GPU
+``mind_kernels.verified.VERIFIED``): the first call in a process that a GPU
 backend serves on a CUDA tensor logs once, at WARNING level on the same logger,
 that ``python -m mind_kernels.selftest`` checks them on this GPU.
 """
@@ -267,7 +267,7 @@ def note_first_gpu_call(backend: Backend, call: RoutingCall) -> None:
     if _gpu_note_logged or call.device_type != "cuda" or backend.name not in GPU_BACKENDS:
         return
     _gpu_note_logged = True
-    from .selftest import VERIFIED
+    from .verified import VERIFIED
 
     try:
         gpu = torch.cuda.get_device_name()

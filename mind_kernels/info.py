@@ -8,8 +8,9 @@ import sys
 import torch
 
 import mind_kernels
-from mind_kernels import backends, ops
-from mind_kernels.selftest import VERIFIED
+from mind_kernels import ops
+from mind_kernels.api import backends
+from mind_kernels.verified import VERIFIED
 
 
 def _triton_version() -> str:
@@ -42,7 +43,7 @@ def main() -> None:
           + "; triton runs its kernels in jagged mode (memory follows N, arithmetic on L_max tiles); the "
           "reference pads to (B, L_max)")
     print()
-    print("verified on real hardware (device, date; mind_kernels.selftest.VERIFIED):")
+    print("verified on real hardware (device, date; mind_kernels.verified.VERIFIED):")
     for name, where in VERIFIED.items():
         print(f"  {name:<8} {'; '.join(where) if where else 'not yet: never run on a GPU by this project'}")
     print("`python -m mind_kernels.selftest` checks the built fused backends on this machine against the reference")

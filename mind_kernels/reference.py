@@ -1,6 +1,6 @@
 """Pure-PyTorch B2I dynamic routing: the specification in code.
 
-This module is a literal transcription of ``shared/design/ROUTING.md``.  It is
+This module is a literal transcription of ``docs/ROUTING.md``.  It is
 the fallback backend and the oracle every fused backend is tested against, so
 it is written to be read, not to be fast.
 

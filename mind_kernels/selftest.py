@@ -16,8 +16,8 @@ fused backend against the eager reference at the paper shape, and exits 1 on any
 
 Exit status: 0 when every row passed, 1 when any failed, 2 when nothing that was asked for can run here.
 
-:data:`VERIFIED` records which fused backends have passed on real hardware, with the device and date;
-``python -m mind_kernels.info`` prints it.
+:data:`VERIFIED` (defined in :mod:`mind_kernels.verified`) records which fused backends have passed on
+real hardware, with the device and date; ``python -m mind_kernels.info`` prints it.
 """
 
 from __future__ import annotations
@@ -37,13 +37,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-#: Where each fused backend has passed this self-test (or its test suite) on real hardware: device, date.
-#: Append a line after a GPU run of ``bench/gpu_check.sh`` passes; empty means never run on hardware.
-VERIFIED: Dict[str, List[str]] = {
-    "cpp": ["cpu: this project's CI (tests/test_cpu_kernel.py and this self-test, every run)"],
-    "cuda": [],
-    "triton": [],
-}
+from .verified import VERIFIED  # the record lives in a leaf module (the dispatcher reads it); kept here by name
 
 #: Fused backends to try per device type (triton on CPU only under TRITON_INTERPRET=1).
 DEVICE_BACKENDS = {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")}
@@ -427,7 +421,7 @@ def _run(args: argparse.Namespace) -> int:
     failed = [r for r in rows if not r.ok]
     elapsed = time.perf_counter() - start
     print()
-    print("verified on real hardware (mind_kernels.selftest.VERIFIED):")
+    print("verified on real hardware (mind_kernels.verified.VERIFIED):")
     for name, where in VERIFIED.items():
         print(f"  {name:<7} {'; '.join(where) if where else 'not yet'}")
     tested = ", ".join(f"{b} on {d}" for b, d in plan)
@@ -437,7 +431,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"self-test passed: {len(rows)} cases ({tested}) in {elapsed:.1f} s")
         for b, d in plan:
             if d == "cuda" and not any(gpu in w for w in VERIFIED.get(b, [])):
-                print(f"  to record it: add \"{gpu}, {date}, python -m mind_kernels.selftest\" to VERIFIED[{b!r}]")
+                print(f"  to record it: add \"{gpu}, {date}, python -m mind_kernels.selftest\" to VERIFIED[{b!r}] "
+                      "(mind_kernels/verified.py)")
     if args.json:
         report = {
             "date": date, "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,

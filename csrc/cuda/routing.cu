@@ -1,4 +1,4 @@
-// Fused CUDA kernels for MIND's B2I dynamic routing (shared/design/ROUTING.md), registered under
+// Fused CUDA kernels for MIND's B2I dynamic routing (docs/ROUTING.md), registered under
 // TORCH_LIBRARY_IMPL(mind_kernels, CUDA) for the schema of csrc/schema.cpp.
 //
 // Shapes: B users, L positions, K interests, D_in -> D_out.  E (B, L, D_in), S (D_out, D_in).
