@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
 import time
@@ -31,10 +30,9 @@ from mind.train import TrainConfig, train  # noqa: E402
 
 BASE = dict(dim=16, lr=1e-2, max_len=20, epochs=20, patience=3, batch_size=256, num_negatives=200)
 ROWS = {
-    "K=1 (linear, full softmax)": dict(num_interests=1, h_out_activation="linear", loss="full"),
+    "K=1 (linear, full softmax)": dict(num_interests=1, loss="full"),
     "K=4 paper (attention p=inf, sigma=1, relu, sampled)": dict(
-        num_interests=4, scoring="attention", p=math.inf, routing_init_std=1.0, h_out_activation="relu",
-        loss="sampled", diversity_lambda=0.0),
+        num_interests=4, recipe="paper", loss="sampled", diversity_lambda=0.0),
     "K=4 default (python -m mind train)": dict(num_interests=4),
 }
 

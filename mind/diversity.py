@@ -38,6 +38,8 @@ import math
 
 import numpy as np
 
+from .metrics import recall_at_n
+
 TERCILE_NAMES = ("low", "mid", "high")
 
 
@@ -167,8 +169,6 @@ def beyond_accuracy(ranked, targets, histories, item_genres, num_items: int, ns=
     ranked (U, >= max(ns)) items (-1 padded); targets, histories: per user (histories = the
     model's input, (U, L) with 0 padding); item_genres (num_items + 1, G).
     """
-    from .evaluate import recall_at_n
-
     out: dict = {}
     if vectors is not None:
         out["interest_cosine"], out["interest_cosine_se"] = _mean_se(interest_cosine(vectors, mask))

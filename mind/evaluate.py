@@ -32,6 +32,10 @@ import pathlib
 import numpy as np
 import torch
 
+from .diversity import beyond_accuracy
+from .metrics import evaluate_rankings, hit_rate_at_n, ndcg_at_n, recall_at_n  # noqa: F401 (re-exported)
+from .model import MIND, retrieval_vectors
+
 _F32_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -220,69 +224,6 @@ def most_popular_rankings(item_counts: np.ndarray, num_users: int, n: int,
     return out
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def _per_user(ranked: np.ndarray, targets: list, n: int):
-    """Yield (0-based ranks of hits within the top n, |set(targets)|) per user."""
-    ranked = np.asarray(ranked)
-    if ranked.ndim != 2 or len(ranked) != len(targets):
-        raise ValueError(f"ranked must be (U, >=n) with U = len(targets) = {len(targets)}, "
-                         f"got shape {ranked.shape}")
-    if ranked.shape[1] < n:
-        raise ValueError(f"ranked has {ranked.shape[1]} columns, fewer than n={n}")
-    for row, t in zip(ranked[:, :n], targets):
-        tset = set(np.asarray(t).reshape(-1).tolist())
-        if not tset:
-            raise ValueError("a user has no targets; metrics are undefined for it")
-        seen, hits = set(), []
-        for r, item in enumerate(row.tolist()):
-            if item in tset and item not in seen:  # a repeated item scores once
-                hits.append(r)
-            seen.add(item)
-        yield hits, len(tset)
-
-
-def recall_at_n(ranked: np.ndarray, targets: list, n: int) -> np.ndarray:
-    """Per user |top-n ∩ T| / |T|; (U,) float64."""
-    return np.array([len(h) / m for h, m in _per_user(ranked, targets, n)], dtype=np.float64)
-
-
-def hit_rate_at_n(ranked: np.ndarray, targets: list, n: int) -> np.ndarray:
-    """Per user 1.0 if the top n holds any target, else 0.0; (U,) float64."""
-    return np.array([float(len(h) > 0) for h, _ in _per_user(ranked, targets, n)], dtype=np.float64)
-
-
-def ndcg_at_n(ranked: np.ndarray, targets: list, n: int) -> np.ndarray:
-    """Per user DCG / IDCG with binary gains; IDCG fills min(|T|, n) ranks; (U,) float64."""
-    out = []
-    for hits, m in _per_user(ranked, targets, n):
-        dcg = sum(1.0 / math.log2(r + 2) for r in hits)
-        idcg = sum(1.0 / math.log2(r + 2) for r in range(min(m, n)))
-        out.append(dcg / idcg)
-    return np.array(out, dtype=np.float64)
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std / sqrt(U); 0 for one user)."""
-    if len(x) == 0:
-        return math.nan, math.nan
-    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-    return float(np.mean(x)), se
-
-
-def evaluate_rankings(ranked: np.ndarray, targets: list, ns=(20, 50)) -> dict:
-    """{"recall@N", "recall@N_se", "hit_rate@N", "hit_rate@N_se", "ndcg@N", "ndcg@N_se"
-    for N in ns, "num_users"}: means over users and their standard errors."""
-    out: dict = {"num_users": len(targets)}
-    for n in ns:
-        for name, fn in (("recall", recall_at_n), ("hit_rate", hit_rate_at_n), ("ndcg", ndcg_at_n)):
-            mean, se = _mean_se(fn(ranked, targets, n))
-            out[f"{name}@{n}"] = mean
-            out[f"{name}@{n}_se"] = se
-    return out
-
-
 def write_metrics(rows: list, path_prefix) -> tuple[pathlib.Path, pathlib.Path]:
     """Write rows (dicts) to ``<prefix>.json`` (a list) and ``<prefix>.csv`` (columns in
     first-seen order, missing cells empty); returns both paths."""
@@ -307,3 +248,58 @@ def _json_default(x):
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return x.tolist()
     raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+# ----------------------------------------------------------------------------- a model on a split
+
+
+def _long(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.long)
+
+
+@torch.no_grad()
+def user_interests(model: MIND, histories, user_features, batch_size: int = 1024):
+    """Raw interests in eval mode: V (U, K, d) and the interest mask (U, K) bool, on the CPU.
+
+    histories (U, L) item indices with 0 padding; user_features (U, F).  The model's training
+    mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    histories, user_features = _long(histories), _long(user_features)
+    device = model.item_genres.device
+    vs, ms = [], []
+    for s in range(0, histories.shape[0], batch_size):
+        v, imask = model.interests(histories[s:s + batch_size].to(device), user_features[s:s + batch_size].to(device))
+        vs.append(v.cpu())
+        ms.append(imask.cpu())
+    model.train(was_training)
+    if not vs:
+        return (torch.zeros(0, model.num_interests, model.dim),
+                torch.zeros(0, model.num_interests, dtype=torch.bool))
+    return torch.cat(vs), torch.cat(ms)
+
+
+@torch.no_grad()
+def user_vectors(model: MIND, histories, user_features, batch_size: int = 1024) -> torch.Tensor:
+    """Retrieval-ready user vectors (U, K, d) in eval mode (inactive interests = copies of interest 0)."""
+    return retrieval_vectors(*user_interests(model, histories, user_features, batch_size))
+
+
+@torch.no_grad()
+def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024) -> dict:
+    """Recall / HitRate / NDCG @ns on an EvalSplit with full-catalogue retrieval, seen items excluded,
+    plus mind.diversity.beyond_accuracy: interest_cosine, diversity@N, coverage@N and
+    recall@N_entropy_{low,mid,high} (None where undefined, e.g. interest_cosine for K=1)."""
+    feats = _long(data.user_features)[_long(split.user_index)]
+    interests, imask = user_interests(model, split.histories, feats, batch_size)
+    vectors = retrieval_vectors(interests, imask)
+    was_training = model.training
+    model.eval()
+    table = model.item_embeddings()
+    model.train(was_training)
+    ranked, _ = retrieve_topk(vectors.numpy(), table.cpu().numpy(), max(ns), exclude=split.full_histories)
+    metrics = evaluate_rankings(ranked, split.targets, ns=tuple(ns))
+    metrics.update(beyond_accuracy(ranked, split.targets, split.histories, data.item_genres, int(data.num_items),
+                                   ns=tuple(ns), vectors=interests, mask=imask))
+    return metrics

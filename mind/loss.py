@@ -20,19 +20,16 @@ Three estimators of  -log softmax_i(v_u . e_i)[target]:
 
 All three return the mean cross-entropy over the batch.
 
-Two options shape the logits (both off by default, which gives the estimators above):
+``scoring`` (set by the recipe, :mod:`mind.config`) says what scores an item:
 
-* ``scoring="max"``: the model hands over all its interests V (B, K, d) with their mask
-  instead of one label-aware v_u, and every item, target and negatives alike, is scored
-  by its best active interest, ``s(u, i) = max_k V_k . e_i``: the score serving ranks by
-  (``mind.model``).  Under the paper's objective (``"attention"``) a negative is scored
-  by the interest the *target* picked, so nothing stops another interest from ranking
-  that negative first at serving time.
-* ``hard_negative_beta`` (beta > 0, ``"sampled"`` only): interest-aware hard negatives
-  (REMI, RecSys 2023; the importance weights of Robinson et al., ICLR 2021).  Each row's
-  sampled negatives are reweighted by ``w_s = S softmax_s(beta * l_s)`` (detached, mean 1
-  over the row), i.e. ``l_s += log w_s`` inside the softmax: negatives the user already
-  scores high count more.  beta = 0 gives exactly the plain sampled softmax.
+* ``"max"`` (the default recipe): the model hands over all its interests V (B, K, d) with
+  their mask, and every item, target and negatives alike, is scored by its best active
+  interest, ``s(u, i) = max_k V_k . e_i``: the score serving ranks by (``mind.model``).  The
+  exact softmax then runs fused (``mind_kernels.best_interest_cross_entropy``: loss and score
+  gradients in one pass per user, never keeping the (B, K, N) scores).
+* ``"attention"`` (the paper's): one label-aware v_u (B, d) per user.  A negative is scored by
+  the interest the *target* picked, so nothing stops another interest from ranking that
+  negative first at serving time.
 """
 
 from __future__ import annotations
@@ -46,6 +43,21 @@ import torch.nn.functional as F
 from mind_kernels import best_interest_cross_entropy
 
 _NEG_INF = float("-inf")
+#: the exact softmax's score rows padded to a multiple of this (MKL's sgemm is ~1.5x slower at an odd
+#: item count; docs/results/training-speed.md)
+PAD_ITEMS = 16
+
+
+def auto_product_dtype(device=None) -> Optional[torch.dtype]:
+    """The dtype of the exact softmax's score products: bfloat16 on a CPU that multiplies bf16 natively
+    (AVX512-BF16 or AMX), else None (the inputs' float32).  Measured on an AVX512-BF16 CPU: 1.14x per
+    epoch with valid Recall@50 within the seed spread (docs/results/training-speed.md); without native
+    bf16 the products would be emulated."""
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else None
 
 
 class LogUniformSampler:
@@ -153,37 +165,12 @@ def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.
     return scores.max(dim=1).values
 
 
-def padded_best_interest_logits(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
-                                item_table: torch.Tensor, multiple: int,
-                                product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Best-interest logits over the whole table with its rows padded to a multiple of ``multiple``.
-
-    item_table (N + 1, d) with row 0 = padding; returns (B, N_pad), N_pad = N + 1 rounded up,
-    where column i is max_k V_k . e_i for items i = 1..N and -inf for column 0 and the padding
-    columns, so ``cross_entropy(logits, targets)`` with the item ids as classes is the exact
-    softmax over items 1..N.  Why: MKL's sgemm runs the (B K, d) x (d, N) score product and its
-    two backward products ~1.5x slower when N is odd (1349 on ML-100k) than at a multiple of 8
-    (``bench/bench_train.py --sections levers``); the extra columns cost N_pad - N dot products.
-    """
-    rows, d = item_table.shape
-    pad = (-rows) % multiple
-    emb = F.pad(item_table, (0, 0, 0, pad)) if pad else item_table
-    bias = torch.zeros(rows + pad, dtype=interests.dtype, device=interests.device)
-    bias[0] = _NEG_INF
-    bias[rows:] = _NEG_INF
-    return best_interest_scores(interests, interest_mask, emb, product_dtype=product_dtype) + bias
-
-
 def _sampled_softmax_from_scores(pos: torch.Tensor, neg: torch.Tensor, targets: torch.Tensor,
-                                 negatives: torch.Tensor, target_log_q: torch.Tensor, neg_log_q: torch.Tensor,
-                                 hard_negative_beta: float = 0.0) -> torch.Tensor:
+                                 negatives: torch.Tensor, target_log_q: torch.Tensor, neg_log_q: torch.Tensor
+                                 ) -> torch.Tensor:
     """The sampled softmax of :func:`sampled_softmax_loss` from raw scores pos (B,) and neg (B, S)."""
     pos = pos[:, None] - target_log_q[:, None]
     hit = negatives[None, :] == targets[:, None]
-    if hard_negative_beta > 0:
-        # log w_s = log S + log softmax_s(beta * score_s), accidental hits out of the softmax.
-        sharp = (hard_negative_beta * neg.detach()).masked_fill(hit, _NEG_INF)
-        neg = neg + torch.log_softmax(sharp, dim=1) + math.log(neg.shape[1])
     neg = (neg - neg_log_q[None, :]).masked_fill(hit, _NEG_INF)
     logits = torch.cat([pos, neg], dim=1)
     return -torch.log_softmax(logits, dim=1)[:, 0].mean()
@@ -191,21 +178,19 @@ def _sampled_softmax_from_scores(pos: torch.Tensor, neg: torch.Tensor, targets: 
 
 def sampled_softmax_loss(user: torch.Tensor, target_emb: torch.Tensor, targets: torch.Tensor,
                          neg_emb: torch.Tensor, negatives: torch.Tensor,
-                         target_log_q: torch.Tensor, neg_log_q: torch.Tensor,
-                         hard_negative_beta: float = 0.0) -> torch.Tensor:
+                         target_log_q: torch.Tensor, neg_log_q: torch.Tensor) -> torch.Tensor:
     """Sampled softmax with logQ correction and accidental-hit removal.
 
     Args:
         user: v_u (B, d); target_emb: e_target (B, d); targets: (B,) item ids.
         neg_emb: (S, d) embeddings of the shared negatives; negatives: (S,) their ids.
         target_log_q: (B,), neg_log_q: (S,): log Q of the targets and negatives.
-        hard_negative_beta: see the module docstring (0 = off).
 
     logits[b] = [v_b . e_tb - logQ(t_b),  v_b . e_s - logQ(s) (s = 1..S, -inf where s == t_b)];
     loss = mean_b -log softmax(logits[b])[0].
     """
     return _sampled_softmax_from_scores((user * target_emb).sum(-1), user @ neg_emb.t(), targets, negatives,
-                                        target_log_q, neg_log_q, hard_negative_beta)
+                                        target_log_q, neg_log_q)
 
 
 def full_softmax_loss(user: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -238,39 +223,25 @@ class SoftmaxLoss:
         num_negatives: S for "sampled".
         scoring: "attention" (call with v_u (B, d)) or "max" (call with (V (B, K, d), interest
             mask (B, K)): every item scored by its best interest, see the module docstring).
-        hard_negative_beta: beta of the interest-aware hard negatives ("sampled" only; 0 = off).
-        pad_items: the exact softmax's score rows padded to a multiple of this (1 = off).
-        score_dtype: "float32" or "bfloat16": the dtype of the exact softmax's best-interest score
-            products with scoring="max" (bfloat16 pays on CPUs with AVX512-BF16 or AMX, and GPUs).
-        fused: the exact softmax with scoring="max" through ``mind_kernels.best_interest_cross_entropy``
-            (loss and gradients in one pass per user, the compiled CPU kernel) instead of score tensors
-            and ``F.cross_entropy``; the same loss, ties between interests aside.
+        product_dtype: the dtype of the exact softmax's score products with scoring="max"
+            (:func:`auto_product_dtype`); None = the inputs' dtype.
     """
 
     KINDS = ("sampled", "full", "in_batch")
     SCORINGS = ("attention", "max")
 
-    def __init__(self, kind: str, item_counts, num_negatives: int = 100, scoring: str = "attention",
-                 hard_negative_beta: float = 0.0, pad_items: int = 1, score_dtype: str = "float32",
-                 fused: bool = False):
+    def __init__(self, kind: str, item_counts, num_negatives: int, scoring: str,
+                 product_dtype: Optional[torch.dtype] = None):
         if kind not in self.KINDS:
             raise ValueError(f"loss must be one of {self.KINDS}, got {kind!r}")
         if scoring not in self.SCORINGS:
             raise ValueError(f"scoring must be one of {self.SCORINGS}, got {scoring!r}")
-        if not hard_negative_beta >= 0 or math.isinf(hard_negative_beta):
-            raise ValueError(f"hard_negative_beta must be a finite number >= 0, got {hard_negative_beta!r}")
-        if hard_negative_beta > 0 and kind != "sampled":
-            raise ValueError(f"hard_negative_beta needs the sampled loss, not {kind!r}")
-        if isinstance(pad_items, bool) or not isinstance(pad_items, int) or pad_items < 1:
-            raise ValueError(f"pad_items must be an int >= 1, got {pad_items!r}")
-        self.kind, self.num_negatives, self.scoring = kind, int(num_negatives), scoring
-        self.pad_items = pad_items
-        self.fused = bool(fused)
-        if score_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"score_dtype must be 'float32' or 'bfloat16', got {score_dtype!r}")
-        # the exact softmax's best-interest score products (scoring="max"): float32 = as the model
-        self.product_dtype = torch.bfloat16 if score_dtype == "bfloat16" else None
-        self.hard_negative_beta = float(hard_negative_beta)
+        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be an integer >= 1, got {num_negatives!r}")
+        if product_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"product_dtype must be None, torch.float32 or torch.bfloat16, got {product_dtype!r}")
+        self.kind, self.num_negatives, self.scoring = kind, num_negatives, scoring
+        self.product_dtype = product_dtype
         counts = torch.as_tensor(item_counts, dtype=torch.float64)
         if kind == "sampled":
             self.sampler = LogUniformSampler(counts)
@@ -297,22 +268,15 @@ class SoftmaxLoss:
         negatives = self.sampler.sample(self.num_negatives, generator=generator, device=user.device)
         neg_emb = model.embed_items(negatives) if item_table is None else item_table[negatives]
         return sampled_softmax_loss(user, target_emb, targets, neg_emb, negatives,
-                                    self.sampler.log_q(targets), self.sampler.log_q(negatives),
-                                    self.hard_negative_beta)
+                                    self.sampler.log_q(targets), self.sampler.log_q(negatives))
 
     def _max_scored(self, interests, interest_mask, model, targets, generator, item_table=None):
         """The three estimators with s(u, i) = max_k V_k . e_i in place of v_u . e_i."""
         if self.kind == "full":
             table = model.item_embeddings() if item_table is None else item_table
-            if self.fused:
-                # items 1..N are the classes (row 0 is padding): class = item id - 1
-                return best_interest_cross_entropy(interests, table[1:], targets - 1, interest_mask,
-                                                   product_dtype=self.product_dtype, pad_multiple=self.pad_items)
-            if self.pad_items > 1:
-                return F.cross_entropy(padded_best_interest_logits(interests, interest_mask, table, self.pad_items,
-                                                                   self.product_dtype), targets)
-            logits = best_interest_scores(interests, interest_mask, table[1:], product_dtype=self.product_dtype)
-            return F.cross_entropy(logits, targets - 1)
+            # items 1..N are the classes (row 0 is padding): class = item id - 1
+            return best_interest_cross_entropy(interests, table[1:], targets - 1, interest_mask,
+                                               product_dtype=self.product_dtype, pad_multiple=PAD_ITEMS)
         target_emb = model.embed_items(targets) if item_table is None else item_table[targets]
         if self.kind == "in_batch":
             return _in_batch_from_scores(best_interest_scores(interests, interest_mask, target_emb), targets,
@@ -322,7 +286,7 @@ class SoftmaxLoss:
         neg = best_interest_scores(interests, interest_mask,
                                    model.embed_items(negatives) if item_table is None else item_table[negatives])
         return _sampled_softmax_from_scores(pos, neg, targets, negatives, self.sampler.log_q(targets),
-                                            self.sampler.log_q(negatives), self.hard_negative_beta)
+                                            self.sampler.log_q(negatives))
 
 
 def pairwise_interest_cosine(interests: torch.Tensor, interest_mask: Optional[torch.Tensor]):

@@ -7,8 +7,13 @@ A YouTube-DNN style candidate generator whose user tower emits K vectors:
     user profile        p_u = concat_f E_f[x_{u,f}]                                     (F * d_f,)
                         feature value 0 means "unknown" and has its own learned row.
     multi-interest      C = B2IRouting(d, d, K, r=3, softmax_over="interests")(E_hist, hist != 0)   (B, K, d)
-    H layers            V_k = ReLU(W2 ReLU(W1 [C_k ; p_u] + b1) + b2)                   (B, K, d)
+    H layers            V_k = act(W2 ReLU(W1 [C_k ; p_u] + b1) + b2)                    (B, K, d)
+                        act = identity (linear, the default recipe) or ReLU (the paper's)
     label-aware attn    v_u = V^T softmax(pow_p(V e_target))                              (B, d)   (training only)
+
+The same forms run in training and serving: the first H layer as W1c C_k + (W1p p_u + b1), the
+profile part once per user (:func:`h_layers_forward`, also the exported tower's), and the genre
+pooling as a matmul where its (n, genres) matrix is no larger than the gathered (n, G, d) form.
 
 Serving scores an item by the best of the K interests: score(u, i) = max_k V_k . e_i.
 With ``dynamic_interests=True`` only the first K'_u = max(1, min(K, floor(log2 n_u)))
@@ -38,8 +43,7 @@ def label_aware_attention(
     interests: torch.Tensor,
     target: torch.Tensor,
     interest_mask: Optional[torch.Tensor] = None,
-    p: float = 2.0,
-    stochastic: bool = False,
+    p: float = math.inf,
 ) -> torch.Tensor:
     """Label-aware attention: v_u = sum_k a_k V_k with a = softmax_k(pow_p(V_k . e_target)).
 
@@ -48,7 +52,7 @@ def label_aware_attention(
         target: e_target (B, d).
         interest_mask: (B, K) bool, True for active interests; None = all active.
             Inactive interests get weight exactly 0.
-        p: the attention's hardness.
+        p: the attention's hardness (the paper's recipe: inf).
 
     ``pow_p`` on a negative inner product: the paper writes pow(V e, p), which for even p
     would turn a strongly *anti*-aligned interest into the most attended one.  We use the
@@ -58,10 +62,6 @@ def label_aware_attention(
     * ``p = 0``: uniform average over the active interests (the limit x^0 = 1).
     * ``p = inf``: hard attention, a one-hot on argmax_k V_k . e over active interests
       (ties go to the lowest k); the gradient flows through the selected V_k only.
-    * ``stochastic=True`` (BaM): instead of the argmax / the soft weights, draw one
-      active interest k ~ softmax_k(pow_p(V_k . e)) (p = inf draws from softmax_k(V_k . e))
-      from torch's global generator, and use V_k alone.  Used in training only: it keeps
-      interests that are close runners-up in play instead of letting one win every target.
 
     For 0 < p < 1 the derivative p|x|^(p-1) is unbounded near x = 0 (clamped at |x| = 1e-12,
     i.e. gradients up to ~1e6 p); on MovieLens-100k p = 0.5 trained far worse than p = 0 or
@@ -83,13 +83,7 @@ def label_aware_attention(
     interest_mask = interest_mask.to(torch.bool)
     logits = torch.einsum("bkd,bd->bk", interests, target)
     neg_inf = torch.finfo(logits.dtype).min
-    if stochastic:
-        powered = logits if math.isinf(p) else _signed_power(logits, p)
-        probs = torch.softmax(powered.detach().masked_fill(~interest_mask, neg_inf), dim=1)
-        probs = probs * interest_mask.to(probs.dtype)
-        pick = torch.multinomial(probs.float(), 1).squeeze(1)
-        weights = torch.nn.functional.one_hot(pick, K).to(interests.dtype)
-    elif p == 0:
+    if p == 0:
         weights = interest_mask.to(interests.dtype)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
     elif math.isinf(p):
@@ -106,9 +100,8 @@ class _GatherRows(torch.autograd.Function):
     """rows (..., d) = table[index]; backward: index_add_ of the gradient rows into a zero table.
 
     The same values and gradient as ``F.embedding(index, table)``, whose CPU backward
-    (``embedding_dense_backward``) is the slower of the two on a (256, 50) history batch: the step
-    gains 1.03x (``bench/bench_train.py --sections levers``, "+ index_add gather").  index_add_ sums
-    in index order: deterministic.
+    (``embedding_dense_backward``) is the slower of the two on a (256, 50) history batch
+    (docs/results/training-speed.md).  index_add_ sums in index order: deterministic.
     """
 
     @staticmethod
@@ -128,6 +121,23 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table (R, d) gathered at a LongTensor ``index`` of any shape -> (*index.shape, d), with autograd."""
     return _GatherRows.apply(table, index)
+
+
+def h_layers_forward(h_layers: nn.Sequential, caps: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    """V = H([c_k ; p_u]) for caps (B, K, d) and profile (B, P) -> (B, K, d).
+
+    The first layer (an nn.Linear on d + P inputs) runs as W1c c_k + (W1p p_u + b1): the same
+    weight sliced, the profile part computed once per user and broadcast over K instead of K
+    times on a concatenated input (equal up to float rounding).  Training, serving and the
+    exported tower all call this.
+    """
+    d = caps.shape[2]
+    first = h_layers[0]
+    x = torch.nn.functional.linear(caps, first.weight[:, :d])
+    x = x + torch.nn.functional.linear(profile, first.weight[:, d:], first.bias)[:, None, :]
+    for layer in h_layers[1:]:
+        x = layer(x)
+    return x
 
 
 def retrieval_vectors(interests: torch.Tensor, interest_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -161,10 +171,9 @@ class MIND(nn.Module):
         backend: routing backend for ``mind_kernels`` ("auto", "reference", "cpp", ...).
         routing_init_std: sigma of the routing logits b0 ~ N(0, sigma^2).
         softmax_over: coupling axis, "interests" (MIND, default) or "behaviors" (ComiRec).
-        routing_weight_scale: multiplies the initial bilinear map S.
-        logit_scale: s of the routing update b_ij += s * c_j . u_i (ROUTING.md; EasyRec uses ~20).
-        h_out_activation: "relu" (ReLU on the last H layer, all interest vectors in the
-            non-negative orthant, so their cosines are >= 0) or "linear".
+        logit_scale: s of the routing update b_ij += s * c_j . u_i (docs/ROUTING.md).
+        h_out_activation: "linear" (the default recipe) or "relu" (the paper's: every interest
+            vector in the non-negative orthant, so their cosines are >= 0).
     """
 
     def __init__(
@@ -182,9 +191,8 @@ class MIND(nn.Module):
         backend: str = "auto",
         routing_init_std: float = 1.0,
         softmax_over: str = "interests",
-        routing_weight_scale: float = 1.0,
         logit_scale: float = 1.0,
-        h_out_activation: str = "relu",
+        h_out_activation: str = "linear",
     ):
         super().__init__()
         if h_out_activation not in ("relu", "linear"):
@@ -203,14 +211,8 @@ class MIND(nn.Module):
             num_interests=num_interests, num_iters=num_iters, user_feature_dim=user_feature_dim,
             hidden_mult=hidden_mult, dynamic_interests=bool(dynamic_interests), backend=backend,
             routing_init_std=float(routing_init_std), softmax_over=softmax_over,
-            routing_weight_scale=float(routing_weight_scale),
+            logit_scale=float(logit_scale), h_out_activation=h_out_activation,
         )
-        # Written only when not the default, so configs saved before these options existed
-        # load unchanged and new ones stay readable by the same code.
-        if float(logit_scale) != 1.0:
-            self.config["logit_scale"] = float(logit_scale)
-        if h_out_activation != "relu":
-            self.config["h_out_activation"] = h_out_activation
         self.num_items, self.dim, self.num_interests = num_items, dim, num_interests
         self.dynamic_interests = bool(dynamic_interests)
 
@@ -230,10 +232,6 @@ class MIND(nn.Module):
         self.extractor = B2IRouting(dim, dim, num_interests, num_iters=num_iters, softmax_over=softmax_over,
                                     init_std=routing_init_std, dynamic_interests=self.dynamic_interests,
                                     backend=backend, logit_scale=float(logit_scale))
-        # S starts like nn.Linear (|S e| ~ |e| / sqrt(3)); a larger scale makes the agreement
-        # term c_j . u_i of the routing logits outweigh the random b0 from the first iteration.
-        with torch.no_grad():
-            self.extractor.weight.mul_(routing_weight_scale)
         profile_dim = user_feature_dim * len(self.user_feature_embeddings)
         hidden = hidden_mult * dim
         out_act = [nn.ReLU()] if h_out_activation == "relu" else []
@@ -242,18 +240,17 @@ class MIND(nn.Module):
             nn.Linear(hidden, dim), *out_act,
         )
 
-    # Training-step levers (issue 13; set by mind.train.build_model from TrainConfig).  They are
-    # not part of ``config`` or the state_dict and apply in training mode only, so evaluation,
-    # serving and the exported tower compute exactly what they did.
-    #: H layers: W1 [C_k ; p_u] = W1c C_k + W1p p_u with W1p p_u computed once per user, not K times.
-    split_h: bool = False
-    #: genre pooling as one (n, num_genres) x (num_genres, d) matmul instead of a (n, G, d) gather.
-    genre_matmul: bool = False
-
     @classmethod
     def from_config(cls, config: dict, item_genres: Optional[torch.Tensor] = None) -> "MIND":
-        """Rebuild from ``model.config`` (item_genres comes back with the state_dict)."""
+        """Rebuild from ``model.config`` (item_genres comes back with the state_dict).
+
+        Configs saved by earlier versions load too: one without ``h_out_activation`` had the ReLU
+        head, one without ``logit_scale`` s = 1, and ``routing_weight_scale`` only scaled S's
+        initialisation, which the saved weights replace.
+        """
         cfg = dict(config)
+        cfg.setdefault("h_out_activation", "relu")
+        cfg.pop("routing_weight_scale", None)
         if item_genres is None:
             item_genres = torch.zeros(cfg["num_items"] + 1, 0, dtype=torch.long)
         return cls(item_genres=item_genres, **cfg)
@@ -274,20 +271,18 @@ class MIND(nn.Module):
         """
         if self.item_genres.shape[1] == 0:
             return self.item_id_embedding(items)
-        if torch.compiler.is_compiling():
-            # torch.unique has a data-dependent output size, a graph break under torch.compile;
-            # embedding every position directly gives the same values with static shapes.
-            return self._embed_unique(items)
         uniq, inverse = torch.unique(items.reshape(-1), return_inverse=True)
-        rows = self._embed_unique(uniq)
-        if self.gather_index_add and self.training:
-            return gather_rows(rows, inverse).reshape(*items.shape, self.dim)
-        return rows[inverse].reshape(*items.shape, self.dim)
+        return gather_rows(self._embed_unique(uniq), inverse).reshape(*items.shape, self.dim)
 
     def _embed_unique(self, items: torch.Tensor) -> torch.Tensor:
-        """e_i for item indices of any shape (...,) -> (..., d), every position embedded (no de-duplication)."""
+        """e_i for item indices of any shape (...,) -> (..., d), every position embedded (no de-duplication).
+
+        The genre mean is one (n, num_genres) x (num_genres, d) matmul when that pooling matrix has
+        no more entries than the gathered (n, G, d) genre rows (small genre vocabularies such as
+        MovieLens'; its backward is one product instead of a row-by-row scatter), else the gather.
+        """
         emb = self.item_id_embedding(items)
-        if self.genre_matmul and self.training:
+        if self.genre_embedding.num_embeddings <= self.item_genres.shape[1] * self.dim:
             return emb + self.genre_pooling_matrix(items) @ self.genre_embedding.weight
         genres = self.item_genres[items]                                   # (n, G)
         valid = (genres != 0).to(emb.dtype)
@@ -308,45 +303,6 @@ class MIND(nn.Module):
         out = torch.zeros(*genres.shape[:-1], self.genre_embedding.num_embeddings, dtype=w.dtype,
                           device=w.device)
         return out.scatter_add_(-1, genres, w)
-
-    def _h(self, caps: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
-        """V = H([c_k ; p_u]) for caps (B, K, d) and profile (B, P) -> (B, K, d).
-
-        With ``split_h`` (training only) the first layer runs as W1c c_k + (W1p p_u + b1), the
-        same nn.Linear weight sliced at compute time: the profile part is computed once per user
-        and broadcast over K (equal to the concatenated form up to float rounding).
-        """
-        if self.h_dtype is not None and self.training:
-            # the products in h_dtype (bf16 on a CPU with native bf16 dot products): autocast casts the
-            # inputs and weights per call; the weights and their gradients stay float32.
-            with torch.autocast(caps.device.type, dtype=self.h_dtype):
-                return self._h_split_or_cat(caps, profile).to(caps.dtype)
-        return self._h_split_or_cat(caps, profile)
-
-    def _h_split_or_cat(self, caps: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
-        B, K, d = caps.shape
-        if self.split_h and self.training and isinstance(self.h_layers[0], nn.Linear):
-            first = self.h_layers[0]
-            x = torch.nn.functional.linear(caps, first.weight[:, :d])
-            x = x + torch.nn.functional.linear(profile, first.weight[:, d:], first.bias)[:, None, :]
-            for layer in self.h_layers[1:]:
-                x = layer(x)
-            return x
-        h_in = torch.cat([caps, profile[:, None, :].expand(B, K, profile.shape[1])], dim=2)
-        return self.h_layers(h_in)
-
-    #: training: rows of the item table (or of the batch's unique items) gathered by :func:`gather_rows`
-    #: (backward by index_add_) instead of F.embedding (or advanced indexing).
-    gather_index_add: bool = False
-    #: H layers' products in this dtype in training (None: the parameters' dtype).
-    h_dtype: Optional[torch.dtype] = None
-
-    def _gather(self, item_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of ``item_table`` at ``ids`` (..., d): :func:`gather_rows` with ``gather_index_add``, else
-        F.embedding (not item_table[ids]: advanced indexing's backward, index_put_ with accumulate, is slower)."""
-        if self.gather_index_add:
-            return gather_rows(item_table, ids)
-        return torch.nn.functional.embedding(ids, item_table)
 
     def item_embeddings(self) -> torch.Tensor:
         """(num_items + 1, d): the table used as target embedding and for retrieval; row 0 = 0."""
@@ -404,21 +360,21 @@ class MIND(nn.Module):
             ids = histories[mask]                                          # (N,), row-major: oldest first
             offsets = torch.zeros(B + 1, dtype=torch.long, device=histories.device)
             torch.cumsum(mask.sum(1), 0, out=offsets[1:])
-            values = self.embed_items(ids) if item_table is None else self._gather(item_table, ids)
+            values = self.embed_items(ids) if item_table is None else gather_rows(item_table, ids)
             caps = self.extractor.forward_jagged(values, offsets, max_len=L)
             weights = None
         else:
-            behaviors = self.embed_items(histories) if item_table is None else self._gather(item_table, histories)
+            behaviors = self.embed_items(histories) if item_table is None else gather_rows(item_table, histories)
             # The layer builds the same dynamic mask itself and keeps inactive interests out of
             # the coupling softmax; we recompute it here only to report it.
             caps, weights = self.extractor(behaviors, mask, return_weights=True)
         profile = self.profile(user_features, B)
-        vectors = self._h(caps, profile)
+        vectors = h_layers_forward(self.h_layers, caps, profile)
         if return_weights:
             return vectors, interest_mask, weights
         return vectors, interest_mask
 
-    def forward(self, histories, user_features=None, targets=None, p: float = 2.0, stochastic: bool = False,
+    def forward(self, histories, user_features=None, targets=None, p: float = math.inf,
                 item_table: Optional[torch.Tensor] = None, jagged: bool = False):
         """Training view.
 
@@ -431,4 +387,4 @@ class MIND(nn.Module):
         vectors, interest_mask = self.interests(histories, user_features, item_table=item_table, jagged=jagged)
         if targets is None:
             return vectors, interest_mask
-        return label_aware_attention(vectors, self.embed_items(targets), interest_mask, p, stochastic)
+        return label_aware_attention(vectors, self.embed_items(targets), interest_mask, p)

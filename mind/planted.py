@@ -66,7 +66,7 @@ def interest_recovery(interests, item_embeddings, item_cluster, user_clusters, t
 def model_interest_recovery(model, data, truth: dict, split: str = "test", top: int = 20) -> dict:
     """`interest_recovery` of a trained MIND on ``data.valid`` or ``data.test`` users, with the
     ``truth`` returned by the generator (raw ids) mapped onto ``data``'s item indices."""
-    from .train import user_interests
+    from .evaluate import user_interests
 
     ev = getattr(data, split)
     V, mask = user_interests(model, ev.histories, data.user_features[ev.user_index])

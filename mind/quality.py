@@ -36,18 +36,14 @@ NEW_METRICS = ["interest_cosine", "diversity@50", "coverage@50",
 #: default recipe's best epoch is 2-9, so this caps the whole command at minutes on 2 cores)
 QUALITY_CONFIG = dict(dim=64, max_len=20, epochs=8, patience=3)
 
-#: the MIND rows: name -> config overrides of the defaults.  "MIND K=4" is the default recipe
-#: (chosen by ``python -m mind sweep``) the verdict is about, "MIND K=1" the same recipe with one
-#: interest; the last two rows are the old default (interests collapse) and the paper's setting.
+#: the MIND rows: name -> config overrides of the defaults.  "MIND K=4" is the default recipe the
+#: verdict is about, "MIND K=1" the same recipe with one interest; the last row is the paper's setting
+#: (label-aware attention with p = inf, ReLU head, the sampled softmax, no interest-diversity term).
 MODELS = {
     "MIND K=1": dict(num_interests=1),
     "MIND K=4": dict(num_interests=4),
-    "MIND K=4 (old default: p=0, sigma=0.1, relu, sampled)": dict(
-        num_interests=4, scoring="attention", p=0.0, routing_init_std=0.1, h_out_activation="relu",
-        loss="sampled", diversity_lambda=0.0),
     "MIND K=4 (paper: p=inf, sigma=1, relu, sampled)": dict(
-        num_interests=4, scoring="attention", p=math.inf, routing_init_std=1.0, h_out_activation="relu",
-        loss="sampled", diversity_lambda=0.0),
+        num_interests=4, recipe="paper", loss="sampled", diversity_lambda=0.0),
 }
 BASELINES = ("MostPopular", "MIND K=1")
 

@@ -177,21 +177,30 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 
 
-def test_training_loss_fused_equals_unfused(tiny):
-    from mind.loss import SoftmaxLoss
+def test_training_loss_equals_the_unfused_formula(tiny):
+    from mind.loss import SoftmaxLoss, best_interest_scores, interest_similarity_penalty
     from mind.train import TrainConfig, build_model, training_loss
     hist = torch.as_tensor(np.asarray(tiny.train_histories[:24]))[:, -10:]
     users = torch.as_tensor(np.asarray(tiny.train_users[:24]))
     feats = torch.as_tensor(np.asarray(tiny.user_features))[users]
     tgt = torch.as_tensor(np.asarray(tiny.train_targets[:24]))
+    cfg = TrainConfig(dim=16, max_len=10, loss="full", backend="cpp", dynamic_interests=True)
+    torch.manual_seed(0)
+    model = build_model(tiny, cfg)
+    loss_fn = SoftmaxLoss("full", np.asarray(tiny.item_counts), 20, "max")      # float32 products
+
+    def unfused():
+        table = model.item_embeddings()
+        V, mask = model(hist, feats, item_table=table)
+        logits = best_interest_scores(V, mask, table[1:])
+        return (torch.nn.functional.cross_entropy(logits, tgt - 1)
+                + cfg.diversity_lambda * interest_similarity_penalty(V, mask))
+
     out = []
-    for fused in (False, True):
-        cfg = TrainConfig(dim=16, max_len=10, loss="full", backend="cpp", dynamic_interests=True, fused_loss=fused)
-        torch.manual_seed(0)
-        model = build_model(tiny, cfg)
-        loss_fn = SoftmaxLoss("full", np.asarray(tiny.item_counts), scoring="max", pad_items=16, fused=fused)
+    for step in (lambda: training_loss(model, model, loss_fn, cfg, hist, feats, tgt), unfused):
+        model.zero_grad()
         torch.manual_seed(1)
-        loss = training_loss(model, model, loss_fn, cfg, hist, feats, tgt)
+        loss = step()
         loss.backward()
         out.append((loss.detach(), model.item_id_embedding.weight.grad.clone(), model.extractor.weight.grad.clone(),
                     model.h_layers[0].weight.grad.clone()))

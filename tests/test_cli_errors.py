@@ -98,8 +98,10 @@ def _cases(b: pathlib.Path) -> dict:
                                          [f"{b / 'ml' / 'u.data'}:2: rating is not a number: 'three'"]),
         "train-no-data-dir": (["train", "--data", "dir", "--out", str(b / "r4"), "--no-progress"],
                               ["--data dir needs --data-dir PATH"]),
-        "train-jagged-on-compiled": (["train", *SYN, "--jagged", "on", "--compile", "--out", str(b / "r5"),
-                                      "--no-progress"], ["--jagged on cannot be compiled"]),
+        "train-negative-lambda": (["train", *SYN, "--diversity-lambda", "-1", "--out", str(b / "r5"),
+                                   "--no-progress"], ["diversity_lambda must be a finite number >= 0, got -1.0"]),
+        "train-zero-batch": (["train", *SYN, "--batch-size", "0", "--out", str(b / "r6"), "--no-progress"],
+                             ["batch_size must be an integer >= 1, got 0"]),
         "evaluate-truncated-checkpoint": (["evaluate", "--checkpoint", str(b / "trunc.pt"), *SYN],
                                           [f"checkpoint {b / 'trunc.pt'} is truncated or corrupt: its zip archive "
                                            "is incomplete or damaged"]),
@@ -116,8 +118,6 @@ def _cases(b: pathlib.Path) -> dict:
                                        "train): not a torch.save archive"]),
         "quality-out-is-a-file": (["quality", "--out", str(b / "afile"), "--no-progress"],
                                   [f"{b / 'afile'}: File exists"]),
-        "sweep-out-is-a-file": (["sweep", "--out", str(b / "afile"), "--no-progress"],
-                                [f"{b / 'afile'}: File exists"]),
     })
     return cases
 

@@ -11,7 +11,8 @@ from mind.diversity import (beyond_accuracy, coverage_at_n, diversity_at_n, entr
                             genre_matrix, interest_cosine)
 from mind.evaluate import evaluate_rankings, retrieve_topk, write_metrics
 from mind.model import retrieval_vectors
-from mind.train import TrainConfig, build_model, evaluate_model, train, user_interests, user_vectors
+from mind.evaluate import evaluate_model, user_interests, user_vectors
+from mind.train import TrainConfig, build_model, train
 
 # items 1..6: 1 {1}, 2 {1, 2}, 3 {2}, 4 {3}, 5 {} , 6 {}   (row 0 = padding)
 GENRES = torch.tensor([[0, 0], [1, 0], [1, 2], [2, 0], [3, 0], [0, 0], [0, 0]])

@@ -91,7 +91,9 @@ def test_interests_shapes_and_eval_determinism():
     torch.testing.assert_close(w[0, :, 2:].sum(0), torch.ones(3))  # softmax over interests
     v2, _ = m.interests(hist, feats)
     assert torch.equal(v, v2)
-    assert (v >= 0).all()                                    # final ReLU H layer
+    assert (v < 0).any()                                     # the default head is linear
+    relu = _tiny_model(h_out_activation="relu").eval()
+    assert (relu.interests(hist, feats)[0] >= 0).all()       # the paper's final ReLU
 
 
 
@@ -203,15 +205,15 @@ def test_softmax_loss_kinds_run_and_backprop():
     counts = torch.tensor([0, 3, 2, 1, 1])
     for kind in SoftmaxLoss.KINDS:
         m.zero_grad()
-        loss = SoftmaxLoss(kind, counts, num_negatives=5)(m(hist, targets=targets), m, targets)
+        loss = SoftmaxLoss(kind, counts, 5, "attention")(m(hist, targets=targets), m, targets)
         assert torch.isfinite(loss)
         loss.backward()
         assert m.item_id_embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="loss must be one of"):
-        SoftmaxLoss("bogus", counts)
+        SoftmaxLoss("bogus", counts, 5, "attention")
 
 
-# ----- the training levers of issue 12 (mind/loss.py, label_aware_attention(stochastic=True)) -----
+# ----- best-interest scoring (the default recipe) and the interest-diversity term -----
 
 def test_best_interest_scores_take_the_max_over_active_interests():
     V = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]])      # (1, K=3, d=2)
@@ -229,8 +231,8 @@ def test_max_scoring_with_one_interest_equals_the_attention_loss():
     hist, targets, counts = torch.tensor([[0, 1, 2], [3, 4, 1]]), torch.tensor([3, 2]), torch.tensor([0, 3, 2, 1, 1])
     V = torch.randn(2, 1, m.dim)
     for kind in SoftmaxLoss.KINDS:
-        a = SoftmaxLoss(kind, counts, num_negatives=5)
-        b = SoftmaxLoss(kind, counts, num_negatives=5, scoring="max")
+        a = SoftmaxLoss(kind, counts, 5, "attention")
+        b = SoftmaxLoss(kind, counts, 5, "max")
         la = a(V[:, 0], m, targets, generator=torch.Generator().manual_seed(0))
         lb = b((V, None), m, targets, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(la, lb, atol=1e-6), (kind, la, lb)
@@ -256,39 +258,13 @@ def test_max_scoring_sampled_matches_direct():
     assert abs(float(got) - expected / 2) < 1e-5
 
 
-def test_hard_negative_weights_match_direct_and_zero_beta_is_plain():
-    g = torch.Generator().manual_seed(5)
-    user, table = torch.randn(2, 4, generator=g), torch.randn(8, 4, generator=g)
-    targets, negatives = torch.tensor([3, 5]), torch.tensor([1, 3, 7, 6])   # row 0: accidental hit (3)
-    sampler = LogUniformSampler(torch.tensor([0, 10, 50, 5, 5, 30, 1, 2]))
-    args = (user, table[targets], targets, table[negatives], negatives, sampler.log_q(targets), sampler.log_q(negatives))
-    assert float(sampled_softmax_loss(*args, hard_negative_beta=0.0)) == float(sampled_softmax_loss(*args))
-    beta, S = 2.0, 4
-    lq = lambda i: float(sampler.log_q(torch.tensor([i])))  # noqa: E731
-    expected = 0.0
-    for b, t in enumerate(targets.tolist()):
-        negs = [i for i in negatives.tolist() if i != t]
-        sc = {i: float(user[b] @ table[i]) for i in negs}
-        z = sum(math.exp(beta * sc[i]) for i in negs)
-        pos = float(user[b] @ table[t]) - lq(t)
-        # w_i = S * exp(beta s_i) / sum: mean 1 over the S slots; the hit's slot is dropped
-        terms = [pos] + [sc[i] + math.log(S * math.exp(beta * sc[i]) / z) - lq(i) for i in negs]
-        expected += -(pos - math.log(sum(math.exp(x) for x in terms)))
-    got = sampled_softmax_loss(*args, hard_negative_beta=beta)
-    assert abs(float(got) - expected / 2) < 1e-5
-    # a larger beta weights the user's best-scored negatives up: the loss grows
-    assert float(got) > float(sampled_softmax_loss(*args))
-
-
-def test_softmax_loss_rejects_bad_lever_values():
+def test_softmax_loss_rejects_bad_arguments_naming_them():
     counts = torch.tensor([0, 3, 2, 1, 1])
     with pytest.raises(ValueError, match="scoring"):
-        SoftmaxLoss("sampled", counts, scoring="mean")
-    for beta in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="hard_negative_beta"):
-            SoftmaxLoss("sampled", counts, hard_negative_beta=beta)
-    with pytest.raises(ValueError, match="sampled loss"):
-        SoftmaxLoss("full", counts, hard_negative_beta=1.0)
+        SoftmaxLoss("sampled", counts, 5, "mean")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="num_negatives"):
+            SoftmaxLoss("sampled", counts, bad, "max")
 
 
 def test_interest_similarity_penalty_is_the_mean_pairwise_cosine():
@@ -304,23 +280,11 @@ def test_interest_similarity_penalty_is_the_mean_pairwise_cosine():
     assert float(interest_similarity_penalty(V[:, :1], None)) == 0.0
 
 
-def test_stochastic_selection_draws_by_softmax_and_stays_in_the_mask():
-    V = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]).expand(4000, 3, 2)
-    e = torch.tensor([[1.0, 0.5]]).expand(4000, 2)                 # inner products 1, 0.5 (2 masked out)
-    mask = torch.tensor([[True, True, False]]).expand(4000, 3)
-    torch.manual_seed(0)
-    out = label_aware_attention(V, e, mask, math.inf, stochastic=True)
-    picked_first = float((out[:, 0] == 1.0).double().mean())
-    p_first = math.exp(1.0) / (math.exp(1.0) + math.exp(0.5))
-    assert abs(picked_first - p_first) < 0.03, picked_first
-    assert bool(((out == V[:, 0]).all(1) | (out == V[:, 1]).all(1)).all())   # never the masked interest
-
-
 def test_linear_h_output_allows_negative_interest_coordinates_and_round_trips():
     m = MIND(num_items=6, dim=8, num_interests=3, h_out_activation="linear")
     V, _ = m.interests(torch.tensor([[1, 2, 3, 4]]))
     assert (V < 0).any()
-    relu = MIND(num_items=6, dim=8, num_interests=3)
+    relu = MIND(num_items=6, dim=8, num_interests=3, h_out_activation="relu")
     assert (relu.interests(torch.tensor([[1, 2, 3, 4]]))[0] >= 0).all()
     again = MIND.from_config(m.config, m.item_genres)
     again.load_state_dict(m.state_dict())

@@ -35,9 +35,9 @@ def _cfg(tmp_path, **kw):
 
 def test_planted_interests_are_recovered(planted, tmp_path):
     data, truth = planted
-    # the paper's regime (sigma = 1, hard label-aware attention) keeps the K interests distinct
+    # the default recipe keeps the K interests distinct
     cfg = TrainConfig(dim=32, num_interests=4, max_len=20, batch_size=128, epochs=6, num_negatives=50,
-                      lr=5e-3, patience=10, seed=0, p=math.inf, routing_init_std=1.0, progress=False,
+                      lr=5e-3, patience=10, seed=0, progress=False,
                       out_dir=str(tmp_path / "syn"))
     result = train(data, cfg, log=lambda *_: None)
     test = result.test_metrics
@@ -103,27 +103,70 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert full.test_metrics == resumed.test_metrics
 
 
-LEVERS = dict(scoring="max", h_out_activation="linear", loss="sampled", hard_negative_beta=0.5, diversity_lambda=0.1,
-              stochastic_selection=False, routing_init_std=1.0, target_window=3)
-
-
-def test_levers_train_deterministically_resume_exactly_and_are_recorded(tiny, tmp_path):
-    full = train(tiny, _cfg(tmp_path / "a", epochs=2, **LEVERS), log=lambda *_: None)
-    again = train(tiny, _cfg(tmp_path / "c", epochs=2, **LEVERS), log=lambda *_: None)
+@pytest.mark.parametrize("recipe", ["default", "paper"])
+def test_recipes_train_deterministically_resume_exactly_and_are_recorded(tiny, tmp_path, recipe):
+    kw = dict(recipe=recipe, loss="sampled")
+    full = train(tiny, _cfg(tmp_path / "a", epochs=2, **kw), log=lambda *_: None)
+    again = train(tiny, _cfg(tmp_path / "c", epochs=2, **kw), log=lambda *_: None)
     assert full.history[-1]["train_loss"] == again.history[-1]["train_loss"]
     assert full.test_metrics == again.test_metrics
-    train(tiny, _cfg(tmp_path / "b", epochs=1, **LEVERS), log=lambda *_: None)
-    resumed = train(tiny, _cfg(tmp_path / "b", epochs=2, **LEVERS), resume=True, log=lambda *_: None)
+    train(tiny, _cfg(tmp_path / "b", epochs=1, **kw), log=lambda *_: None)
+    resumed = train(tiny, _cfg(tmp_path / "b", epochs=2, **kw), resume=True, log=lambda *_: None)
     assert full.test_metrics == resumed.test_metrics
     saved = json.loads((tmp_path / "a" / "run" / "config.json").read_text())
-    assert {k: saved[k] for k in LEVERS} == LEVERS
-    # a lever is part of the optimisation: resuming with another value is refused
+    assert saved["recipe"] == recipe and saved["loss"] == "sampled"
+    # the paper's head ends in a ReLU, the default one is linear
+    assert isinstance(full.model.h_layers[-1], torch.nn.ReLU) == (recipe == "paper")
+    assert full.model.config["h_out_activation"] == ("relu" if recipe == "paper" else "linear")
+    # the recipe and lambda are part of the optimisation: resuming with another value is refused
     with pytest.raises(CheckpointError, match="diversity_lambda"):
-        train(tiny, _cfg(tmp_path / "b", epochs=3, **{**LEVERS, "diversity_lambda": 0.2}), resume=True)
-    # the stochastic selection path trains and changes the result (it draws the interest)
-    stoch = train(tiny, _cfg(tmp_path / "d", epochs=1, **{**LEVERS, "scoring": "attention", "p": math.inf,
-                                                           "stochastic_selection": True}), log=lambda *_: None)
-    assert math.isfinite(stoch.history[0]["train_loss"])
+        train(tiny, _cfg(tmp_path / "b", epochs=3, **{**kw, "diversity_lambda": 0.2}), resume=True)
+    other = "paper" if recipe == "default" else "default"
+    with pytest.raises(CheckpointError, match="recipe"):
+        train(tiny, _cfg(tmp_path / "b", epochs=3, **{**kw, "recipe": other}), resume=True)
+
+
+def test_a_checkpoint_of_the_earlier_config_format_loads_for_evaluation_but_does_not_resume(tiny, tmp_path):
+    from mind.train import load_trained
+    res = train(tiny, _cfg(tmp_path, epochs=1, recipe="paper"), log=lambda *_: None)
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(tmp_path / "run" / name)
+        # as the earlier version wrote it: no config_format, the paper's head implied by a missing
+        # h_out_activation, the research levers in the config and routing_weight_scale in the model's
+        state.pop("config_format")
+        state["model_config"].pop("h_out_activation")
+        state["model_config"]["routing_weight_scale"] = 1.0
+        cfg = {k: v for k, v in state["config"].items() if k != "recipe"}
+        state["config"] = {**cfg, "scoring": "attention", "p": math.inf, "h_out_activation": "relu",
+                           "hard_negative_beta": 0.0, "target_window": 1, "fused_loss": True}
+        save_checkpoint(state, tmp_path / "run" / name)
+    model, saved = load_trained(tmp_path / "run" / "best.pt")
+    assert saved["max_len"] == 10 and isinstance(model.h_layers[-1], torch.nn.ReLU)
+    for key, value in res.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    with pytest.raises(CheckpointError, match="earlier mind-kernels.*config format 1"):
+        train(tiny, _cfg(tmp_path, epochs=2, recipe="paper"), resume=True)
+
+
+def test_train_flags_are_generated_from_the_config_with_its_defaults():
+    import dataclasses
+    from mind.cli import build_parser
+    args = build_parser().parse_args(["train"])
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    flagged = [f for f in fields.values() if f.metadata.get("flag")]
+    assert flagged and all(getattr(args, f.name) == f.default for f in flagged)
+    assert len(fields) <= 30
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {s for a in train_parser._actions for s in a.option_strings if s.startswith("--")}
+    assert len(flags) <= 32, sorted(flags)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(lr=-1e-3), "lr"), (dict(diversity_lambda=-1.0), "diversity_lambda"),
+                                        (dict(recipe="mine"), "recipe"), (dict(dim=0), "dim"),
+                                        (dict(loss="exact"), "loss"), (dict(num_negatives=1.5), "num_negatives")])
+def test_config_refuses_bad_values_naming_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
 
 
 def test_corrupt_checkpoint_raises_naming_file(tiny, tmp_path):
@@ -164,19 +207,3 @@ def test_rng_state_round_trip_through_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
-
-
-def test_future_targets_stay_inside_each_users_sequence():
-    from mind.train import draw_targets, future_targets
-    users = torch.tensor([0, 0, 0, 1, 1])
-    targets = torch.tensor([5, 6, 7, 8, 9])
-    fut = future_targets(users, targets, 3)
-    assert fut.tolist() == [[5, 6, 7], [6, 7, 0], [7, 0, 0], [8, 9, 0], [9, 0, 0]]
-    assert torch.equal(future_targets(users, targets, 1)[:, 0], targets)
-    torch.manual_seed(0)
-    draws = torch.stack([draw_targets(fut) for _ in range(2000)])            # (2000, 5)
-    for row in range(5):
-        allowed = {int(x) for x in fut[row] if x != 0}
-        seen = {int(x) for x in draws[:, row]}
-        assert seen == allowed, (row, seen, allowed)                          # every allowed item, nothing else
-    assert abs(float((draws[:, 0] == 5).double().mean()) - 1 / 3) < 0.04     # uniform over the window
