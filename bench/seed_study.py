@@ -5,7 +5,11 @@
         --seeds 0 1 2 --jobs 2
 
 Each (variant, seed) is one ``python -m mind train --data ml-100k --threads 1 --no-progress --seed S``
-run (plus the variant's flags and ``--extra``), in its own process, ``--jobs`` at a time.  From its
+run (plus the variant's flags and ``--extra``), in its own process, ``--jobs`` at a time.  A variant
+named ``NAME@PATH=FLAGS`` runs the checkout at PATH (e.g. a worktree of an earlier commit with its
+extension built) instead of this one:
+
+    python bench/seed_study.py --variant "8b87692@/work/wt-8b87692=" --variant "this checkout=" --jobs 2  From its
 metrics.csv: the best epoch's valid Recall@50 (the checkpoint training keeps; model selection on
 valid only, the test split is not read) and the median epoch seconds (valid evaluation included;
 runs that share the machine slow each other, so compare seconds only between runs of one --jobs 1
@@ -30,11 +34,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_one(name: str, flags: list, seed: int, out: pathlib.Path, extra: list) -> dict:
-    run_dir = out / "runs" / f"{name}_seed{seed}"
+    name, _, checkout = name.partition("@")
+    root = pathlib.Path(checkout).resolve() if checkout else ROOT
+    run_dir = (out / "runs" / f"{name.replace(' ', '_')}_seed{seed}").resolve()
     cmd = [sys.executable, "-m", "mind", "train", "--data", "ml-100k", "--threads", "1", "--no-progress",
            "--seed", str(seed), "--out", str(run_dir), *extra, *flags]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     with open(run_dir / "metrics.csv") as f:
@@ -72,10 +79,10 @@ def main(argv=None) -> int:
           "| variant | flags | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | std | s/epoch (median) |",
           "|---|---|" + "---:|" * (len(args.seeds) + 3)]
     for name, flags in variants.items():
-        rs = [r for r in results if r["variant"] == name]
+        rs = [r for r in results if r["variant"] == name.partition("@")[0]]
         vals = [r["valid_recall50"] for r in rs]
         std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        md.append(f"| {name} | `{' '.join(flags) or '(defaults)'}` | " + " | ".join(f"{v:.4f}" for v in vals)
+        md.append(f"| {name.partition('@')[0]} | `{' '.join(flags) or '(defaults)'}` | " + " | ".join(f"{v:.4f}" for v in vals)
                   + f" | {statistics.mean(vals):.4f} | {std:.4f} | {statistics.median(r['epoch_s'] for r in rs):.2f} |")
     (out / "study.md").write_text("\n".join(md) + "\n")
     (out / "study.json").write_text(json.dumps(results, indent=1))
