@@ -201,7 +201,6 @@ def rechub_recall(model, data, L: int) -> float:
 
 
 def section_rechub(args, rows):
-    import numpy as np
     import torch
     from torch_rechub.trainers import MatchTrainer
     from torch_rechub.utils.data import MatchDataGenerator
