@@ -1,4 +1,4 @@
-"""Serving exports (issue 15): agreement with native serving on 1,000 users, and user-tower latency.
+"""Serving exports: agreement with native serving on 1,000 users, and user-tower latency.
 
     python -m mind train --data ml-100k --epochs 2 --out /tmp/exp_run
     python bench/bench_export.py --checkpoint /tmp/exp_run/best.pt          # writes bench/measured/export.{md,csv}
@@ -199,7 +199,7 @@ def _write_md(path, rows, check_rows, threads, args, nodes):
             out.append(f"| {t} | {B} | {n['p50_us']:.0f} / {n['p99_us']:.0f} | {a['p50_us']:.0f} / {a['p99_us']:.0f} | "
                        f"{o['p50_us']:.0f} / {o['p99_us']:.0f} | {r['p50_us']:.0f} / {r['p99_us']:.0f} | "
                        f"{n['p50_us'] / a['p50_us']:.1f}x | {o['p50_us'] / a['p50_us']:.2f}x |")
-    out += ["", "Goals (issue 15): AOTI at batch 1 at least 2x faster than native eager; onnxruntime within 1.5x "
+    out += ["", "Goals: AOTI at batch 1 at least 2x faster than native eager; onnxruntime within 1.5x "
             "of AOTI. With a load average above the CPU count, other processes share the cores: the p99 column and "
             "the 2-thread rows (OpenMP waits for a descheduled thread) then measure that contention.", ""]
     path.write_text("\n".join(out))

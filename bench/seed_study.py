@@ -1,7 +1,6 @@
 """Does a training lever keep model quality?  Valid Recall@50 of `python -m mind train` over seeds, per variant.
 
-    python bench/seed_study.py --out bench/measured/seed_study_levers \\
-        --variant "before=--no-fused-loss --gather embedding --h-dtype float32" --variant "defaults=" \\
+    python bench/seed_study.py --out runs/seed_study --variant "K=1=--interests 1" --variant "defaults=" \\
         --seeds 0 1 2 --jobs 2
 
 Each (variant, seed) is one ``python -m mind train --data ml-100k --threads 1 --no-progress --seed S``
@@ -9,8 +8,9 @@ run (plus the variant's flags and ``--extra``), in its own process, ``--jobs`` a
 named ``NAME@PATH=FLAGS`` runs the checkout at PATH (e.g. a worktree of an earlier commit with its
 extension built) instead of this one:
 
-    python bench/seed_study.py --variant "8b87692@/work/wt-8b87692=" --variant "this checkout=" --jobs 2  From its
-metrics.csv: the best epoch's valid Recall@50 (the checkpoint training keeps; model selection on
+    python bench/seed_study.py --variant "8b87692@/work/wt-8b87692=" --variant "this checkout=" --jobs 2
+
+From its metrics.csv: the best epoch's valid Recall@50 (the checkpoint training keeps; model selection on
 valid only, the test split is not read) and the median epoch seconds (valid evaluation included;
 runs that share the machine slow each other, so compare seconds only between runs of one --jobs 1
 study).  Writes study.md / study.json into ``--out``: per seed, then mean and sample std (ddof=1).

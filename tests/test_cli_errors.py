@@ -1,4 +1,4 @@
-"""The CLI never shows a traceback for a user's mistake (issue 14).
+"""The CLI never shows a traceback for a user's mistake.
 
 Every case runs ``python -m mind ...`` in a subprocess and checks: exit status 2, one
 ``error: ...`` line on stderr naming the file and the problem, no traceback.  The cases share one

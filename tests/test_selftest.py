@@ -1,4 +1,4 @@
-"""``python -m mind_kernels.selftest`` (issue 16), the tolerance rule it shares with the tests, the
+"""``python -m mind_kernels.selftest``, the tolerance rule it shares with the tests, the
 verified-hardware record and the once-per-process note on the first GPU call."""
 
 from __future__ import annotations
