@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = groups["model and training"]
     g.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     g.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch CPU threads (default 1: this small model trains fastest single-threaded)")
+                   help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on valid and test",
