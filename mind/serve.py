@@ -1,16 +1,21 @@
-"""Export a trained MIND model and serve recommendations from raw item ids.
+"""Serve recommendations from raw item ids out of an export folder written by :mod:`mind.export`.
 
-Export directory layout (``export(model, data, path)``)::
+Export directory layout of ``export(model, data, path)`` (the native format, written by
+:func:`mind.export.native.export` without a faiss index; see :mod:`mind.export` for all formats)::
 
     model.pt              {"model": state_dict, "model_config": MIND.config}  (loads with weights_only=True)
     item_embeddings.npy   (num_items + 1, d) float32, row 0 = padding (zeros)
     items.json            {"raw_ids": [...], "titles": [...], "genres": [[names], ...]}, index-aligned with rows
     meta.json             {"format": "mind-export/1", "max_len", "dim", "num_interests", "user_feature_names",
-                           "user_feature_cardinalities", "dataset"}
+                           "user_feature_cardinalities", "dataset"}   (mind/export/meta.py)
 
 ``python -m mind export --to aoti|onnx`` writes the same folder with a compiled user tower in place
 of model.pt (``mind/export/``: user_tower.pt2 or user_tower.onnx, plus items.faiss); ``load`` serves
 those too, the tower standing in for the model (no coupling weights: ``explain`` needs native).
+
+This module imports :mod:`mind.export` (the writers, the readers of model.pt and of the towers, and
+:class:`ModelFormatError`), never the reverse; ``export``, ``ModelFormatError`` and ``first_line`` are
+re-exported here.
 
 Serving (``load(path) -> Recommender``) is deterministic: the model runs in eval mode,
 whose routing logits are a fixed buffer, so the same history always gives the same
@@ -51,7 +56,6 @@ top-n lists merged by score, duplicates removed), via ``mind.evaluate.retrieve_t
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import warnings
@@ -60,11 +64,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .export.items import catalogue
+from .export.errors import EXPORT_HINT, ModelFormatError, first_line, read_json
+from .export.load import TOWER_FORMATS, load_tower
+from .export.meta import NATIVE_FORMAT as FORMAT
+from .export.native import export, load_model
 from .model import MIND, retrieval_vectors
 
-FORMAT = "mind-export/1"
+__all__ = ["FORMAT", "ModelFormatError", "Recommender", "export", "first_line", "load"]
 _OWN_FILES = {str(pathlib.Path(__file__).with_name(n)) for n in ("serve.py", "explain.py")}
 
 
@@ -77,24 +83,6 @@ def _caller_stacklevel() -> int:
                                  or frame.f_globals.get("__name__", "").startswith("torch.")):  # @no_grad
         frame, level = frame.f_back, level + 1
     return level
-
-
-def export(model: MIND, data, path) -> pathlib.Path:
-    """Write everything serving needs (see the module docstring) into directory ``path``."""
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    with torch.no_grad():
-        table = model.item_embeddings().float().numpy()
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config}, path / "model.pt")
-    np.save(path / "item_embeddings.npy", table)
-    (path / "items.json").write_text(json.dumps(catalogue(data)))
-    meta = {"format": FORMAT, "max_len": int(data.max_len), "dim": model.dim, "num_interests": model.num_interests,
-            "user_feature_names": list(data.user_feature_names),
-            "user_feature_cardinalities": [int(c) for c in data.user_feature_cardinalities],
-            "dataset": str(data.name)}
-    (path / "meta.json").write_text(json.dumps(meta, indent=2))
-    return path
 
 
 class Recommender:
@@ -247,44 +235,6 @@ class Recommender:
         return out
 
 
-class ModelFormatError(ValueError):
-    """A model folder that is missing, is not a MIND export, or holds a damaged file; the message
-    names the folder or file and the problem."""
-
-
-_EXPORT_HINT = "create one with `python -m mind export --checkpoint RUN/best.pt --out FOLDER`"
-
-
-def _read_json(path: pathlib.Path, what: str):
-    if not path.is_file():
-        raise ModelFormatError(f"{path} is missing: the export is incomplete ({_EXPORT_HINT})")
-    try:
-        return json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise ModelFormatError(f"{path} is corrupt: not UTF-8 text ({what})") from None
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{path} is corrupt: not valid JSON ({e.msg} at line {e.lineno}, "
-                               f"column {e.colno}); re-export the model") from None
-
-
-def first_line(exc: BaseException, limit: int) -> str:
-    """The first line of an exception's message (at most ``limit`` characters), or its type's name:
-    a runtime's multi-line error quoted in one ``error:`` line."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
-
-
-def _load_native_model(path: pathlib.Path) -> MIND:
-    state = load_checkpoint(path / "model.pt", required=("model", "model_config"), writer="python -m mind export")
-    try:
-        model = MIND.from_config(state["model_config"])
-        model.load_state_dict(state["model"])
-    except Exception as e:  # wrong keys or shapes: a model.pt from elsewhere
-        raise ModelFormatError(f"{path / 'model.pt'} does not hold the model its model_config describes "
-                               f"({first_line(e, 160)}); re-export the model") from None
-    return model
-
-
 def load(path, index: Optional[str] = None, **index_params) -> Recommender:
     """Load a directory written by :func:`export`; ``index`` ("exact", "ivf", "hnsw") builds a faiss index
     (see :meth:`Recommender.use_index`), None keeps the exact brute-force retrieval.
@@ -295,15 +245,13 @@ def load(path, index: Optional[str] = None, **index_params) -> Recommender:
     path = pathlib.Path(path)
     if path.is_file():
         what = "a training checkpoint" if path.suffix == ".pt" else "a file"
-        raise ModelFormatError(f"{path} is {what}, not a MIND export folder; {_EXPORT_HINT}")
+        raise ModelFormatError(f"{path} is {what}, not a MIND export folder; {EXPORT_HINT}")
     if not path.is_dir():
-        raise ModelFormatError(f"model folder {path} does not exist; {_EXPORT_HINT}")
+        raise ModelFormatError(f"model folder {path} does not exist; {EXPORT_HINT}")
     meta_path = path / "meta.json"
     if not meta_path.is_file():
-        raise ModelFormatError(f"{path} is not a MIND export (no meta.json); {_EXPORT_HINT}")
-    meta = _read_json(meta_path, "the export's metadata")
-    from .export.load import TOWER_FORMATS, load_tower  # the aoti / onnx user towers (mind/export/)
-
+        raise ModelFormatError(f"{path} is not a MIND export (no meta.json); {EXPORT_HINT}")
+    meta = read_json(meta_path, "the export's metadata")
     if isinstance(meta, dict) and meta.get("format") in TOWER_FORMATS:
         model = load_tower(path, meta)
     elif not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -311,13 +259,13 @@ def load(path, index: Optional[str] = None, **index_params) -> Recommender:
         raise ModelFormatError(f"{meta_path}: unsupported export format {got!r} "
                                f"(want one of {[FORMAT, *TOWER_FORMATS]})")
     else:
-        model = _load_native_model(path)
-    items = _read_json(path / "items.json", "the item catalogue")
+        model = load_model(path)
+    items = read_json(path / "items.json", "the item catalogue")
     if not isinstance(items, dict) or not all(isinstance(items.get(k), list) for k in ("raw_ids", "titles", "genres")):
         raise ModelFormatError(f"{path / 'items.json'} is corrupt: want lists 'raw_ids', 'titles' and 'genres'")
     npy = path / "item_embeddings.npy"
     if not npy.is_file():
-        raise ModelFormatError(f"{npy} is missing: the export is incomplete ({_EXPORT_HINT})")
+        raise ModelFormatError(f"{npy} is missing: the export is incomplete ({EXPORT_HINT})")
     try:
         table = np.load(npy, allow_pickle=False)
     except (ValueError, EOFError, OSError):

@@ -1,4 +1,4 @@
-"""Serving exports (issue 15): ``python -m mind export --to {native,aoti,onnx}``.
+"""Serving exports: ``python -m mind export --to {native,aoti,onnx}``.
 
 One tiny model (synthetic data, 80 items, two profile features, K = 4 dynamic interests, logit
 scale 2) is exported once per module in every format; the AOTInductor compile is the slow part
@@ -28,7 +28,7 @@ from mind.export import export
 from mind.export.tower import UserTower
 from mind.model import MIND
 from mind.serve import load
-from mind.train import TrainConfig, build_model, train
+from mind.train import TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_LEN = 10
@@ -68,8 +68,10 @@ def exports(tmp_path_factory):
     base = tmp_path_factory.mktemp("exports")
     data = _data_with_features()
     torch.manual_seed(0)
-    cfg = TrainConfig(dim=8, num_interests=4, max_len=MAX_LEN, dynamic_interests=True, logit_scale=2.0)
-    model = build_model(data, cfg).eval()
+    # built directly: logit_scale is a MIND argument (the tower must carry s != 1), not a TrainConfig field
+    model = MIND(int(data.num_items), torch.as_tensor(np.asarray(data.item_genres)), len(data.genre_names),
+                 user_feature_cardinalities=[3, 5], dim=8, num_interests=4, dynamic_interests=True,
+                 logit_scale=2.0).eval()
     formats = ["native", "aoti"] + (["onnx"] if HAVE_ONNX else [])
     out = {fmt: export(model, data, base / fmt, to=fmt, threads=1) for fmt in formats}
     torch.set_num_threads(old)

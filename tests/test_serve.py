@@ -124,7 +124,7 @@ def test_export_of_fresh_model_loads(trained, tmp_path):
         load(tmp_path)
 
 
-@pytest.mark.parametrize("command", [None, "train", "evaluate", "export", "recommend", "explain", "quality", "sweep"])
+@pytest.mark.parametrize("command", [None, "train", "evaluate", "export", "recommend", "explain", "quality"])
 def test_cli_help_exits_zero(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
     with pytest.raises(SystemExit) as exc:

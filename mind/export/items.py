@@ -6,7 +6,8 @@ Files written into the export folder (whatever the user-tower format)::
     items.json            {"raw_ids": [...], "titles": [...], "genres": [[names], ...]}, index-aligned with rows
     items.faiss           a faiss index over rows 1..num_items (faiss.write_index); faiss position p is
                           item index p + 1; inner-product metric; kind from mind.ann ("exact" = IndexFlatIP,
-                          "ivf" = IndexIVFFlat, "hnsw" = IndexHNSWFlat)
+                          "ivf" = IndexIVFFlat, "hnsw" = IndexHNSWFlat).  Written whenever an index kind is
+                          given (always by ``python -m mind export``; not by ``mind.serve.export``)
 
 A serving stack maps raw ids to item indices with items.json, runs the user tower, searches
 items.faiss with each active interest vector and merges the K lists by score (score(i) =
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Optional
 
 import numpy as np
 
@@ -47,10 +49,11 @@ def write_index(table: np.ndarray, path, kind: str = "exact", **params) -> dict:
             "position_offset": 1, "ntotal": int(built.index.ntotal)}
 
 
-def write_item_side(table: np.ndarray, data, folder, index: str = "exact") -> dict:
-    """Write item_embeddings.npy, items.json and items.faiss into ``folder``; returns the index's meta entry."""
+def write_item_side(table: np.ndarray, data, folder, index: Optional[str] = "exact") -> Optional[dict]:
+    """Write item_embeddings.npy, items.json and (unless ``index`` is None) items.faiss into ``folder``;
+    returns the index's meta.json entry (None when no index was written)."""
     folder = pathlib.Path(folder)
     table = np.ascontiguousarray(table, dtype=np.float32)
     np.save(folder / EMBEDDINGS, table)
     (folder / CATALOGUE).write_text(json.dumps(catalogue(data)))
-    return write_index(table, folder / INDEX, kind=index)
+    return None if index is None else write_index(table, folder / INDEX, kind=index)

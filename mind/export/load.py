@@ -6,7 +6,8 @@ ids, the unknown-id warnings, the refusals of empty histories and the top-n retr
 Recommender's, so bad input is handled exactly as native serving handles it.
 
 A missing, truncated or corrupt tower file, a missing runtime (onnxruntime) or a tower whose
-outputs do not match meta.json raises ``mind.serve.ModelFormatError`` naming the file.
+outputs do not match meta.json raises :class:`mind.export.errors.ModelFormatError` (also
+``mind.serve.ModelFormatError``) naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import pathlib
 
 import torch
 
-TOWER_FORMATS = {"mind-export-aoti/1": "aoti", "mind-export-onnx/1": "onnx"}
+from .errors import ModelFormatError, first_line
+from .meta import FORMAT_NAMES
+
+#: meta.json "format" -> export format, for the compiled towers
+TOWER_FORMATS = {name: fmt for fmt, name in FORMAT_NAMES.items() if fmt != "native"}
 
 
 class CompiledTower:
@@ -44,8 +49,6 @@ class CompiledTower:
 
 def load_tower(folder, meta: dict) -> CompiledTower:
     """The user tower of the export in ``folder`` whose meta.json is ``meta`` (format in TOWER_FORMATS)."""
-    from ..serve import ModelFormatError, first_line
-
     folder = pathlib.Path(folder)
     fmt = TOWER_FORMATS[meta["format"]]
     try:

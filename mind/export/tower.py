@@ -33,7 +33,8 @@ Computation (native serving, ``Recommender._batch`` + ``MIND.interests`` in eval
    implementation: "auto" (the fused ``mind_kernels::routing_forward`` op on CPU: native's path,
    what AOTInductor packages), "reference" (plain tensor ops, the spec) or "graph" (the same math
    in fewer plain ops, :mod:`mind.export.graph_routing`: what ONNX gets).
-5. V = H([c_j ; p_u]) with p_u the concatenated profile embeddings.
+5. V = H([c_j ; p_u]) with p_u the concatenated profile embeddings, computed by
+   :func:`mind.model.h_layers_forward` as training and native serving compute it.
 
 A user with no used position at all (an empty history, or only unknown ids) is refused
 natively (``ValueError``); a tensor program cannot raise per row, so the tower returns that
@@ -48,6 +49,7 @@ from torch import nn
 
 import mind_kernels
 
+from ..model import h_layers_forward
 from . import graph_routing
 
 
@@ -134,8 +136,7 @@ class UserTower(nn.Module):
             profile = torch.cat(cols, dim=1)
         else:
             profile = caps.new_zeros(B, 0)
-        h_in = torch.cat([caps, profile[:, None, :].expand(B, K, profile.shape[1])], dim=2)
-        vectors = self.h_layers(h_in)
+        vectors = h_layers_forward(self.h_layers, caps, profile)           # the model's own form
         vectors = torch.where(has_any[:, None, None], vectors, 0.0)
         return vectors, interest_mask & has_any[:, None]
 
