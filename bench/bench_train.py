@@ -15,8 +15,8 @@ Sections (each writes rows to train.csv; train.md is the table):
   epoch seconds = the last epoch's ``seconds``.  Cases: ML-100k at max_len 20, 50, 200 and a
   synthetic set with histories of 50 to 200 items (``mind.data.make_synthetic``).
 * ``old``: ``python -m mind train`` at its defaults, of an earlier checkout (``--old``, a worktree
-  with its extension built) and of this one, as subprocesses, alternated; ML-100k, max_len 50,
-  1 epoch, seconds from metrics.csv.
+  with its extension built) and of this one, as subprocesses, alternated; ML-100k, max_len 20 (the
+  default) and 50, 1 epoch, seconds from metrics.csv.
 * ``rechub``: torch-rechub 0.9.0's MIND trained by its own ``MatchTrainer`` (list-wise softmax,
   Adam) on the same examples (our training histories, targets, user features; d = 64, K = 4,
   batch 256), without and with ``mind_kernels.compat.patch()``.  Not comparable, and said so:
@@ -130,23 +130,24 @@ def run_cli(checkout: str, extra: list, max_len: int) -> float:
 
 def section_old(args, rows):
     from mind import data as D
-    n = len(D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=50).train_targets)
     rev = subprocess.run(["git", "-C", args.old, "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or args.old
     base = f"{rev} (its defaults)"
     runs = {base: args.old, "this checkout (its defaults)": str(ROOT)}
-    times = {k: [] for k in runs}
-    for r in range(args.rounds):
-        for name, path in runs.items():
-            times[name].append(run_cli(path, [], 50))
-            print(f"[old] {name} round {r}: {times[name][-1]:.2f}s", flush=True)
-    ref = statistics.median(times[base])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(dict(section="vs old", case="ml-100k L=50", variant=name, epoch_s=med, examples_per_s=n / med,
-                         examples=n, speedup_vs_old=ref / med, rounds=len(ts),
-                         note="python -m mind train --epochs 1 --threads 1 --backend cpp; seconds from metrics.csv "
-                              "(valid eval included)"))
+    for L in (20, 50):          # 20: the default history length
+        n = len(D.prepare(D.load_recbole(D.fetch_movielens_100k()), max_len=L).train_targets)
+        times = {k: [] for k in runs}
+        for r in range(args.rounds):
+            for name, path in runs.items():
+                times[name].append(run_cli(path, [], L))
+                print(f"[old] L={L} {name} round {r}: {times[name][-1]:.2f}s", flush=True)
+        ref = statistics.median(times[base])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(dict(section="vs old", case=f"ml-100k L={L}", variant=name, epoch_s=med,
+                             examples_per_s=n / med, examples=n, speedup_vs_old=ref / med, rounds=len(ts),
+                             note="python -m mind train --epochs 1 --threads 1 --backend cpp; seconds from "
+                                  "metrics.csv (valid eval included)"))
 
 
 # ------------------------------------------------------------------------------------ torch-rechub
