@@ -26,6 +26,7 @@ import argparse
 import json
 import pathlib
 import sys
+import time
 
 from .config import add_config_arguments
 
@@ -43,10 +44,12 @@ def _add_data_args(p: argparse.ArgumentParser, max_len: bool = True) -> argparse
     """The data options; ``max_len=False`` leaves --max-len to the TrainConfig flags (train)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default="ml-100k", choices=["ml-100k", "synthetic", "planted", "dir"], help=DATA_HELP)
-    g.add_argument("--data-dir", help="folder (or .csv file for comirec) with your own data; implies --data dir")
-    g.add_argument("--format", default="recbole", choices=["recbole", "movielens", "comirec"],
+    g.add_argument("--data-dir", help="folder (or .csv / .parquet file) with your own data, or a folder written by "
+                                      "`python -m mind prepare` (recognised by its meta.json); implies --data dir")
+    g.add_argument("--format", default="recbole", choices=["recbole", "movielens", "comirec", "parquet"],
                    help="format of --data-dir: RecBole atomic files (.inter/.item/.user), raw MovieLens "
-                        "(u.data / ratings.dat), or a ComiRec csv (user,item,category,timestamp)")
+                        "(u.data / ratings.dat), a ComiRec csv (user,item,category,timestamp), or Parquet "
+                        "(columns user_id, item_id, timestamp, optional category)")
     if max_len:
         g.add_argument("--max-len", type=int, default=20,
                        help="history length (evaluate/export take the checkpoint's own; default 20)")
@@ -63,8 +66,8 @@ def _add_data_args(p: argparse.ArgumentParser, max_len: bool = True) -> argparse
     return g
 
 
-def load_data(args):
-    """RawData -> PreparedData from the data arguments."""
+def load_raw(args, progress: bool = False):
+    """The RawData of the data arguments (``progress``: say so while reading a large file)."""
     from . import data as D
 
     kind = "dir" if args.data_dir else args.data
@@ -81,9 +84,25 @@ def load_data(args):
         if not args.data_dir:
             raise UsageError("--data dir needs --data-dir PATH (a folder, or a .csv file for --format comirec)")
         loader = {"recbole": D.load_recbole, "movielens": D.load_movielens_raw,
-                  "comirec": D.load_comirec_csv}[args.format]
-        raw = loader(args.data_dir)
-    return D.prepare(raw, max_len=args.max_len, seed=args.split_seed)
+                  "comirec": D.load_comirec_csv, "parquet": D.load_parquet}[args.format]
+        t0 = time.time()
+        try:
+            raw = loader(args.data_dir)
+        except ImportError as e:      # --format parquet without pyarrow
+            raise UsageError(str(e)) from None
+        if progress:
+            print(f"[prepare] read {len(raw.inter):,} interactions from {args.data_dir} ({time.time() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+    return raw
+
+
+def load_data(args, progress: bool = False):
+    """PreparedData from the data arguments: a prepared folder is memory-mapped, anything else prepared here."""
+    from . import data as D
+
+    if args.data_dir and D.is_prepared(args.data_dir):
+        return D.load_prepared(args.data_dir, max_len=args.max_len)
+    return D.prepare(load_raw(args, progress), max_len=args.max_len, seed=args.split_seed, progress=progress)
 
 
 def _threads(n: int) -> None:
@@ -162,6 +181,21 @@ def _model_from_checkpoint(args):
         raise CheckpointError(f"checkpoint {args.checkpoint} does not fit this data ({model.num_items} items "
                               f"trained, {data.num_items} here): pass the data options it was trained with")
     return model, data, tuple(saved.get("eval_ns", (20, 50)))
+
+
+def cmd_prepare(args) -> int:
+    from . import data as D
+
+    t0 = time.time()
+    if args.data_dir and D.is_prepared(args.data_dir):
+        raise UsageError(f"{args.data_dir} is already a prepared dataset; pass the interaction log it came from")
+    args.max_len = 1        # a prepared folder holds no history length: windows are cut per batch
+    data = load_data(args, progress=not args.no_progress)
+    folder = D.write_prepared(data, args.out)
+    summary = {k: v for k, v in data.summary().items() if k != "max_len"}
+    print(f"prepared {json.dumps(summary)} into {folder} in {time.time() - t0:.1f} s")
+    print(f"next: python -m mind train --data-dir {folder} --out runs/mind")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -262,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="filter, split and index a log once; train/evaluate/export map the result",
+                       description="Run the ComiRec protocol (5-core filter, 8:1:1 user split, id maps, time-sorted "
+                                   "sequences) once and write plain arrays plus meta.json into --out; "
+                                   "`--data-dir OUT` then memory-maps them (every torchrun rank shares the pages).")
+    p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier prepared dataset)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    _add_data_args(p, max_len=False)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on valid and test",
                        description="Recall/HitRate/NDCG @20,@50 of a checkpoint (best.pt or last.pt) on the valid "

@@ -128,9 +128,15 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
-def routes_jagged(histories: torch.Tensor) -> tuple[bool, float]:
-    """(route the training batches jagged?, share of the (n, max_len) history slots holding an item)."""
-    fill = float((histories != 0).float().mean()) if histories.numel() else 1.0
+def routes_jagged(data, max_len: int) -> tuple[bool, float]:
+    """(route the training batches jagged?, share of the (examples, max_len) history slots holding an item).
+
+    Example t's window holds min(t, max_len) items, so the share comes from the positions alone.
+    """
+    positions = np.asarray(data.train_positions)
+    if not len(positions):
+        return False, 1.0
+    fill = float(np.minimum(positions, max_len).mean()) / max_len
     return fill <= JAGGED_MAX_FILL, fill
 
 
@@ -175,23 +181,6 @@ class _Progress:
     bad_epochs: int = 0
 
 
-@dataclasses.dataclass
-class _Examples:
-    """The training examples as tensors: example e = (user, history window, next item)."""
-
-    users: torch.Tensor
-    histories: torch.Tensor
-    targets: torch.Tensor
-    user_features: torch.Tensor
-
-    @classmethod
-    def of(cls, data, max_len: int) -> "_Examples":
-        def long(x):
-            return torch.as_tensor(np.asarray(x), dtype=torch.long)
-        return cls(long(data.train_users), long(data.train_histories)[:, -max_len:], long(data.train_targets),
-                   long(data.user_features))
-
-
 def _check_resumable(saved: dict, config: TrainConfig, path) -> None:
     diffs = {k: (saved.get(k), getattr(config, k)) for k in _RESUME_MUST_MATCH
              if k in saved and saved.get(k) != getattr(config, k)}
@@ -215,12 +204,14 @@ def _resume(path: pathlib.Path, model: MIND, optimizer, config: TrainConfig) -> 
                      int(state["best_epoch"]), int(state["bad_epochs"]))
 
 
-def _train_epoch(net, model, loss_fn, optimizer, config, examples: _Examples, epoch: int, info, jagged: bool,
+def _train_epoch(net, model, loss_fn, optimizer, config, data, epoch: int, info, jagged: bool,
                  step_batch: int) -> float:
-    """One pass over this rank's shard of a (seed, epoch) permutation; the mean batch loss over all ranks."""
+    """One pass over this rank's shard of a (seed, epoch) permutation; the mean batch loss over all ranks.
+
+    Each batch's history windows are cut from the CSR sequences (:meth:`PreparedData.batch`).
+    """
     model.train()
-    order = torch.randperm(examples.targets.shape[0],
-                           generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    order = torch.randperm(data.num_examples, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
     if info.enabled:
         order = D.shard(order, info)
         # per-rank negatives and b0, reproducible from (seed, epoch, rank) alone (see module doc)
@@ -230,9 +221,8 @@ def _train_epoch(net, model, loss_fn, optimizer, config, examples: _Examples, ep
     bar = tqdm(range(0, order.shape[0], step_batch), desc=f"epoch {epoch}/{config.epochs}",
                disable=not (config.progress and info.is_main), leave=False)
     for s in bar:
-        idx = order[s:s + step_batch]
-        hist, tgt = examples.histories[idx], examples.targets[idx]
-        feats = examples.user_features[examples.users[idx]]
+        hist, tgt, rows = data.batch(order[s:s + step_batch].numpy(), config.max_len)
+        feats = data.user_features[rows]
         if dev is not None:
             hist, tgt, feats = hist.to(dev), tgt.to(dev), feats.to(dev)
         loss = training_loss(net, model, loss_fn, config, hist, feats, tgt, jagged=jagged)
@@ -321,8 +311,7 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
         log("score products in bfloat16 (this CPU multiplies bf16 natively)")
 
     # 2. the data, and DDP (after loading: its constructor broadcasts rank 0's parameters and buffers)
-    examples = _Examples.of(data, config.max_len)
-    jagged, fill = routes_jagged(examples.histories)
+    jagged, fill = routes_jagged(data, config.max_len)
     log(f"jagged histories: {'on' if jagged else 'off'} ({fill:.0%} of the history slots hold an item; "
         f"on at <= {JAGGED_MAX_FILL:.0%})")
     net = model
@@ -341,7 +330,7 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
                 f"({progress.best_metric:.4f})")
             break
         t0 = time.time()
-        train_loss = _train_epoch(net, model, loss_fn, optimizer, config, examples, epoch, info, jagged, step_batch)
+        train_loss = _train_epoch(net, model, loss_fn, optimizer, config, data, epoch, info, jagged, step_batch)
         row = improved = None
         if main:
             valid = evaluate_model(model, data, data.valid, config.eval_ns, config.eval_batch_size)

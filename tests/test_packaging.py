@@ -34,6 +34,7 @@ DISTRIBUTION = {
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
     "faiss": "faiss-cpu",
+    "pyarrow": "pyarrow",  # mind.data.parquet, imported when a Parquet file is read
     "onnx": "onnx",
     "onnxruntime": "onnxruntime",
     "onnxscript": "onnxscript",

@@ -123,11 +123,14 @@ def test_training_and_serving_compute_the_same_interests(tiny):
     assert torch.equal(served, trained)
 
 
-def test_routes_jagged_when_at_most_half_the_slots_hold_an_item():
-    sparse = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 3]])
-    dense = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
-    assert routes_jagged(sparse) == (True, 3 / 8)
-    assert routes_jagged(dense) == (False, 7 / 8)
+def test_routes_jagged_when_at_most_half_the_slots_hold_an_item(tiny):
+    positions = np.asarray(tiny.train_positions)
+    for max_len in (5, 20, 200):
+        fill = float((tiny.train_histories[:, -max_len:] != 0).float().mean()) if max_len <= tiny.max_len else \
+            float(np.minimum(positions, max_len).mean()) / max_len
+        jagged, got = routes_jagged(tiny, max_len)
+        assert got == pytest.approx(fill) and jagged == (fill <= 0.5)
+    assert routes_jagged(tiny, 10_000)[0] is True
 
 
 def test_jagged_training_loss_matches_padded_on_left_aligned_batch(tiny):

@@ -23,23 +23,33 @@ KDD 2020, and their released preprocessing), step by step:
    target (possible only when ``min_user_count`` < 2) are listed in ``split`` but not in
    the `EvalSplit`, since recall is undefined for them. Ordered by raw user id.
 
+Storage (memory follows the interactions, not the examples): every kept user's sorted item
+indices are one CSR array, ``seq_values`` (int32) with ``seq_offsets`` (int64, num_users + 1;
+user row r is ``seq_values[seq_offsets[r]:seq_offsets[r + 1]]``).  A training example is a pair
+(``train_rows``: user row, ``train_positions``: t), 8 bytes; its history window is cut when a
+batch is drawn (:meth:`PreparedData.batch`).  ``train_histories`` and friends still give the dense
+(N, max_len) matrix for small data and tests, built on demand.
+
 Histories are right-aligned: the most recent item is in the last column, 0 pads the left.
 User features: one row per kept user (all parts, ascending raw id); each feature's
 vocabulary is the sorted set of non-empty values among kept users, indexed from 1; 0 means
 unknown (missing user row or empty value). Genres likewise (index 0 = "<pad>"), each item's
 genres in file order, deduplicated, right-padded with 0 to the largest genre count.
 ``item_counts`` counts interactions of train users only (what MostPopular may see).
+
+Every step is vectorised (numpy / pandas): no Python loop per user or per interaction.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .loaders import RawData
 
@@ -66,12 +76,27 @@ class EvalSplit:
         return len(self.users)
 
 
+def windows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, ends: np.ndarray,
+            max_len: int) -> np.ndarray:
+    """(n, max_len) int64: for each (user row r, end t), the items at positions t - max_len .. t - 1 of
+    user r's sequence, right-aligned with 0 on the left where the sequence starts later."""
+    rows = np.asarray(rows, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    pos = ends[:, None] + np.arange(-max_len, 0, dtype=np.int64)[None, :]         # (n, max_len)
+    valid = pos >= 0
+    flat = np.asarray(offsets, dtype=np.int64)[rows][:, None] + np.where(valid, pos, 0)
+    out = np.asarray(values)[flat].astype(np.int64, copy=False)
+    out[~valid] = 0
+    return out
+
+
 @dataclass
 class PreparedData:
-    """Everything training and evaluation need; see the module docstring for the protocol.
+    """Everything training and evaluation need; see the module docstring for the protocol and layout.
 
-    Shapes: item_genres (num_items+1, G); user_features (num_users_total, F);
-    train_* (N,) or (N, max_len); item_raw_ids, item_counts (num_items+1,).
+    Shapes: item_genres (num_items+1, G); user_features (num_users_total, F); seq_values (I,) int32 and
+    seq_offsets (num_users_total + 1,) int64; train_rows, train_positions (N,) int32; item_raw_ids,
+    item_counts (num_items+1,).  The arrays may be read-only memory maps (:func:`mind.data.load_prepared`).
     """
 
     name: str
@@ -85,22 +110,53 @@ class PreparedData:
     user_feature_names: list
     user_feature_cardinalities: list
     user_raw_ids: np.ndarray
-    train_users: torch.Tensor
-    train_histories: torch.Tensor
-    train_lengths: torch.Tensor
-    train_targets: torch.Tensor
+    seq_values: np.ndarray
+    seq_offsets: np.ndarray
+    train_rows: np.ndarray
+    train_positions: np.ndarray
     item_counts: np.ndarray
     valid: EvalSplit
     test: EvalSplit
     split: dict
+    settings: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"name": self.name, "max_len": self.max_len, "num_items": self.num_items,
                 "num_users": len(self.user_raw_ids), "train_users": len(self.split["train"]),
                 "valid_users": len(self.split["valid"]), "test_users": len(self.split["test"]),
-                "train_examples": int(self.train_targets.numel()),
+                "train_examples": int(len(self.train_positions)), "interactions": int(len(self.seq_values)),
                 "valid_eval_users": len(self.valid), "test_eval_users": len(self.test)}
 
+    @property
+    def num_examples(self) -> int:
+        return int(len(self.train_positions))
+
+    def batch(self, examples, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(histories (B, max_len) int64 right-aligned, targets (B,) int64, user rows (B,) int64) of the
+        training examples at indices ``examples`` (B,); the windows are cut from the CSR sequences here."""
+        idx = np.asarray(examples, dtype=np.int64)
+        rows = np.asarray(self.train_rows)[idx].astype(np.int64)
+        pos = np.asarray(self.train_positions)[idx].astype(np.int64)
+        hist = windows(self.seq_values, self.seq_offsets, rows, pos, max_len or self.max_len)
+        targets = np.asarray(self.seq_values)[np.asarray(self.seq_offsets)[rows] + pos].astype(np.int64)
+        return torch.from_numpy(hist), torch.from_numpy(targets), torch.from_numpy(rows)
+
+    # The dense views of the training examples (N, max_len): small data, tests and benchmarks only.
+    @property
+    def train_users(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.train_rows).astype(np.int64))
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return self.batch(np.arange(self.num_examples))[1]
+
+    @property
+    def train_histories(self) -> torch.Tensor:
+        return self.batch(np.arange(self.num_examples))[0]
+
+    @property
+    def train_lengths(self) -> torch.Tensor:
+        return torch.from_numpy(np.minimum(np.asarray(self.train_positions).astype(np.int64), self.max_len))
 
 def right_align(seqs: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Last ``max_len`` items of each sequence, right-aligned in a (len(seqs), max_len) zero tensor."""
@@ -114,12 +170,21 @@ def right_align(seqs: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, tor
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
-def filter_interactions(inter: pd.DataFrame, min_item_count: int, min_user_count: int) -> pd.DataFrame:
-    """Step 3: items with >= min_item_count rows, then users with >= min_user_count of the rest."""
-    item_counts = inter["item"].map(inter["item"].value_counts())
-    inter = inter[item_counts.to_numpy() >= min_item_count]
-    user_counts = inter["user"].map(inter["user"].value_counts())
-    return inter[user_counts.to_numpy() >= min_user_count]
+def _say(progress: bool, stage: str, t0: float, detail: str = "") -> None:
+    if progress:
+        print(f"[prepare] {stage}{': ' + detail if detail else ''} ({time.time() - t0:.1f} s)", file=sys.stderr,
+              flush=True)
+
+
+def filter_interactions(user: np.ndarray, item: np.ndarray, min_item_count: int,
+                        min_user_count: int) -> np.ndarray:
+    """Step 3 as a boolean mask over the rows: items with >= min_item_count rows, then users with
+    >= min_user_count of the rest."""
+    _, inv, counts = np.unique(item, return_inverse=True, return_counts=True)
+    keep = counts[inv] >= min_item_count
+    _, inv, counts = np.unique(user[keep], return_inverse=True, return_counts=True)
+    keep[np.flatnonzero(keep)[counts[inv] < min_user_count]] = False
+    return keep
 
 
 def split_users(user_ids: np.ndarray, seed: int, split_ratio) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,113 +197,138 @@ def split_users(user_ids: np.ndarray, seed: int, split_ratio) -> tuple[np.ndarra
     return perm[:cut1], perm[cut1:cut2], perm[cut2:]
 
 
+def eval_split(values: np.ndarray, offsets: np.ndarray, user_raw_ids: np.ndarray, rows: np.ndarray,
+               max_len: int) -> EvalSplit:
+    """Step 7 for the users at ``rows`` (ascending): history = first max(1, floor(0.8 L)) items, targets
+    the rest; users without a target are left out."""
+    rows = np.asarray(rows, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = offsets[rows + 1] - offsets[rows]
+    cut = np.maximum(1, lengths * HISTORY_FRACTION_NUM // HISTORY_FRACTION_DEN)
+    ok = cut < lengths
+    rows, lengths, cut = rows[ok], lengths[ok], cut[ok]
+    starts = offsets[rows]
+    values = np.asarray(values)
+    return EvalSplit(users=np.asarray(user_raw_ids)[rows].astype(np.int64),
+                     user_index=torch.from_numpy(rows.copy()),
+                     histories=torch.from_numpy(windows(values, offsets, rows, cut, max_len)),
+                     lengths=torch.from_numpy(np.minimum(cut, max_len)),
+                     full_histories=[values[s:s + k].astype(np.int64) for s, k in zip(starts.tolist(), cut.tolist())],
+                     targets=[values[s + k:s + n].astype(np.int64)
+                              for s, k, n in zip(starts.tolist(), cut.tolist(), lengths.tolist())])
+
+
+def training_examples(offsets: np.ndarray, rows: np.ndarray, min_target_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step 6: (user rows, positions t) int32 of every example t >= min_target_pos of the users at ``rows``
+    (ascending), ordered by row then t."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = np.asarray(offsets, dtype=np.int64)[rows + 1] - np.asarray(offsets, dtype=np.int64)[rows]
+    per_user = np.maximum(lengths - min_target_pos, 0)
+    ex_rows = np.repeat(rows, per_user)
+    first = np.repeat(np.cumsum(per_user) - per_user, per_user)
+    ex_pos = np.arange(len(ex_rows), dtype=np.int64) - first + min_target_pos
+    return ex_rows.astype(np.int32), ex_pos.astype(np.int32)
+
+
+def _item_genres(raw: RawData, item_raw_ids: np.ndarray) -> tuple[torch.Tensor, list]:
+    """(num_items + 1, G) genre indices (file order, deduplicated, 0-padded) and the genre names."""
+    num_items = len(item_raw_ids)
+    if "genres" not in raw.items:
+        return torch.zeros(num_items + 1, 1, dtype=torch.long), ["<pad>"]
+    # one row per (item position, genre); items missing from the item file come back as NaN, and an
+    # empty list explodes to NaN: no genres
+    genres = raw.items["genres"].reindex(item_raw_ids).reset_index(drop=True).explode().dropna()
+    pairs = pd.DataFrame({"item": genres.index.to_numpy(dtype=np.int64), "genre": genres.astype(str).to_numpy()})
+    pairs = pairs.drop_duplicates()
+    names = ["<pad>"] + sorted(pairs["genre"].unique().tolist())
+    width = int(pairs.groupby("item").size().max()) if len(pairs) else 1
+    out = np.zeros((num_items + 1, width), dtype=np.int64)
+    if len(pairs):
+        col = pairs.groupby("item").cumcount().to_numpy()
+        out[pairs["item"].to_numpy() + 1, col] = np.searchsorted(np.array(names[1:], dtype=object),
+                                                                 pairs["genre"].to_numpy()) + 1
+    return torch.from_numpy(out), names
+
+
+def _item_titles(raw: RawData, item_raw_ids: np.ndarray) -> list:
+    if "title" not in raw.items:
+        return ["<pad>"] + [""] * len(item_raw_ids)
+    return ["<pad>"] + raw.items["title"].reindex(item_raw_ids).fillna("").astype(str).tolist()
+
+
+def _user_features(raw: RawData, user_ids: np.ndarray) -> tuple[torch.Tensor, list, list]:
+    """(num_users, F) feature indices (0 = unknown), the feature names and their cardinalities."""
+    names = [str(c) for c in raw.users.columns]
+    meta = raw.users.reindex(user_ids)
+    out = np.zeros((len(user_ids), len(names)), dtype=np.int64)
+    cardinalities = []
+    for j, c in enumerate(names):        # one pass per feature column, vectorised over users
+        values = meta[c].fillna("").astype(str).str.strip()
+        vocab = np.array(sorted(set(values[values != ""].tolist())), dtype=object)
+        idx = np.searchsorted(vocab, values.to_numpy()) + 1 if len(vocab) else np.zeros(len(values), dtype=np.int64)
+        out[:, j] = np.where(values.to_numpy() != "", idx, 0)
+        cardinalities.append(len(vocab) + 1)
+    return torch.from_numpy(out), names, cardinalities
+
+
 def prepare(raw: RawData, max_len: int = 20, min_item_count: int = 5, min_user_count: int = 5,
-            seed: int = 2020, min_target_pos: int = 4, split_ratio=(0.8, 0.1, 0.1)) -> PreparedData:
-    """Apply the protocol in the module docstring to ``raw``."""
+            seed: int = 2020, min_target_pos: int = 4, split_ratio=(0.8, 0.1, 0.1),
+            progress: bool = False) -> PreparedData:
+    """Apply the protocol in the module docstring to ``raw`` (``progress``: a line per stage on stderr)."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if min_target_pos < 1:
         raise ValueError(f"min_target_pos must be >= 1 (a history needs an item), got {min_target_pos}")
     if len(split_ratio) != 3 or min(split_ratio) < 0 or abs(sum(split_ratio) - 1) > 1e-9:
         raise ValueError(f"split_ratio must be three non-negative fractions summing to 1, got {split_ratio}")
-
-    inter = raw.inter[["user", "item", "timestamp"]].astype(np.int64)
-    inter = filter_interactions(inter, min_item_count, min_user_count)
-    if len(inter) == 0:
+    t0 = time.time()
+    user = raw.inter["user"].to_numpy(dtype=np.int64)
+    item = raw.inter["item"].to_numpy(dtype=np.int64)
+    ts = raw.inter["timestamp"].to_numpy(dtype=np.int64)
+    keep = filter_interactions(user, item, min_item_count, min_user_count)
+    if not keep.any():
         raise ValueError(f"{raw.name}: no interactions left after filtering with "
                          f"min_item_count={min_item_count}, min_user_count={min_user_count}")
-    user = inter["user"].to_numpy()
-    item = inter["item"].to_numpy()
-    ts = inter["timestamp"].to_numpy()
+    user, item, ts = user[keep], item[keep], ts[keep]
+    del keep
+    _say(progress, "filtered", t0, f"{len(user):,} of {len(raw.inter):,} interactions kept")
     order = np.lexsort((item, ts, user))  # last key is primary: user, then time, then item
     user, item = user[order], item[order]
-
+    del ts, order
     item_raw_ids = np.unique(item)
     num_items = len(item_raw_ids)
-    item_idx = np.searchsorted(item_raw_ids, item) + 1
-    user_ids, starts, counts = np.unique(user, return_index=True, return_counts=True)
-    seqs = {int(u): item_idx[s:s + c] for u, s, c in zip(user_ids, starts, counts)}
-    user_row = {int(u): r for r, u in enumerate(user_ids)}
+    values = (np.searchsorted(item_raw_ids, item) + 1).astype(np.int32)
+    del item
+    user_ids, starts = np.unique(user, return_index=True)
+    del user
+    offsets = np.append(starts, len(values)).astype(np.int64)
+    _say(progress, "sequences", t0, f"{len(user_ids):,} users, {num_items:,} items")
 
     train_u, valid_u, test_u = split_users(user_ids, seed, split_ratio)
-    split = {"train": sorted(int(u) for u in train_u), "valid": sorted(int(u) for u in valid_u),
-             "test": sorted(int(u) for u in test_u)}
+    split = {k: np.sort(v).tolist() for k, v in (("train", train_u), ("valid", valid_u), ("test", test_u))}
+    row_of = {k: np.searchsorted(user_ids, np.sort(v)) for k, v in (("train", train_u), ("valid", valid_u),
+                                                                     ("test", test_u))}
+    train_rows, train_positions = training_examples(offsets, row_of["train"], min_target_pos)
+    is_train = np.zeros(len(user_ids), dtype=bool)
+    is_train[row_of["train"]] = True
+    item_counts = np.bincount(values[np.repeat(is_train, np.diff(offsets))], minlength=num_items + 1).astype(np.int64)
+    _say(progress, "split", t0, f"{len(train_positions):,} training examples")
 
-    # Step 6: all windows of the zero-left-padded sequence at once.
-    ex_users, ex_hist, ex_len, ex_tgt = [], [], [], []
-    for u in split["train"]:
-        s = seqs[u]
-        if len(s) <= min_target_pos:
-            continue
-        padded = np.concatenate([np.zeros(max_len, dtype=np.int64), s])
-        # window t (0-based) = padded[t : t+max_len] = s[t-max_len : t], right-aligned.
-        windows = sliding_window_view(padded, max_len)[min_target_pos:len(s)]
-        t = np.arange(min_target_pos, len(s))
-        ex_hist.append(windows)
-        ex_len.append(np.minimum(t, max_len))
-        ex_tgt.append(s[min_target_pos:])
-        ex_users.append(np.full(len(t), user_row[u], dtype=np.int64))
-    if ex_tgt:
-        train_hist = torch.from_numpy(np.concatenate(ex_hist).astype(np.int64))
-        train_len = torch.from_numpy(np.concatenate(ex_len).astype(np.int64))
-        train_tgt = torch.from_numpy(np.concatenate(ex_tgt).astype(np.int64))
-        train_usr = torch.from_numpy(np.concatenate(ex_users))
-    else:
-        train_hist = torch.zeros(0, max_len, dtype=torch.long)
-        train_len = train_tgt = train_usr = torch.zeros(0, dtype=torch.long)
-
-    item_counts = np.zeros(num_items + 1, dtype=np.int64)
-    for u in split["train"]:
-        np.add.at(item_counts, seqs[u], 1)
-
-    def eval_split(raw_users: list[int]) -> EvalSplit:
-        users, hists, tgts = [], [], []
-        for u in raw_users:
-            s = seqs[u]
-            k = max(1, len(s) * HISTORY_FRACTION_NUM // HISTORY_FRACTION_DEN)
-            if k >= len(s):
-                continue  # no target left; see step 7
-            users.append(u)
-            hists.append(s[:k].astype(np.int64))
-            tgts.append(s[k:].astype(np.int64))
-        h, lengths = right_align(hists, max_len)
-        return EvalSplit(users=np.asarray(users, dtype=np.int64),
-                         user_index=torch.tensor([user_row[u] for u in users], dtype=torch.long),
-                         histories=h, lengths=lengths, full_histories=hists, targets=tgts)
-
-    items_meta = raw.items.reindex(item_raw_ids)
-    raw_titles = items_meta["title"].tolist() if "title" in items_meta else [""] * num_items
-    titles = ["<pad>"] + [t if isinstance(t, str) else "" for t in raw_titles]
-    raw_genres = items_meta["genres"].tolist() if "genres" in items_meta else [None] * num_items
-    # Items missing from the item file come back as NaN: no title, no genres.
-    genre_lists = [list(dict.fromkeys(g)) if isinstance(g, (list, tuple)) else [] for g in raw_genres]
-    genre_names = ["<pad>"] + sorted({g for gs in genre_lists for g in gs})
-    genre_index = {g: i for i, g in enumerate(genre_names)}
-    width = max([1] + [len(gs) for gs in genre_lists])
-    item_genres = torch.zeros(num_items + 1, width, dtype=torch.long)
-    for i, gs in enumerate(genre_lists, start=1):
-        if gs:
-            item_genres[i, :len(gs)] = torch.tensor([genre_index[g] for g in gs])
-
-    feature_names = [str(c) for c in raw.users.columns]
-    users_meta = raw.users.reindex(user_ids)
-    user_features = torch.zeros(len(user_ids), len(feature_names), dtype=torch.long)
-    cardinalities = []
-    for j, c in enumerate(feature_names):
-        values = ["" if not isinstance(v, str) else v.strip() for v in users_meta[c].tolist()]
-        vocab = {v: i for i, v in enumerate(sorted({v for v in values if v}), start=1)}
-        user_features[:, j] = torch.tensor([vocab.get(v, 0) for v in values], dtype=torch.long)
-        cardinalities.append(len(vocab) + 1)
-
+    item_genres, genre_names = _item_genres(raw, item_raw_ids)
+    user_features, feature_names, cardinalities = _user_features(raw, user_ids)
+    _say(progress, "side features", t0)
+    settings = dict(min_item_count=min_item_count, min_user_count=min_user_count, seed=seed,
+                    min_target_pos=min_target_pos, split_ratio=list(split_ratio))
     return PreparedData(
         name=raw.name, max_len=max_len, num_items=num_items,
         item_raw_ids=np.concatenate([[-1], item_raw_ids]).astype(np.int64),
-        item_titles=titles, item_genres=item_genres, genre_names=genre_names,
+        item_titles=_item_titles(raw, item_raw_ids), item_genres=item_genres, genre_names=genre_names,
         user_features=user_features, user_feature_names=feature_names,
         user_feature_cardinalities=cardinalities, user_raw_ids=user_ids.astype(np.int64),
-        train_users=train_usr, train_histories=train_hist, train_lengths=train_len,
-        train_targets=train_tgt, item_counts=item_counts,
-        valid=eval_split(split["valid"]), test=eval_split(split["test"]), split=split)
+        seq_values=values, seq_offsets=offsets, train_rows=train_rows, train_positions=train_positions,
+        item_counts=item_counts,
+        valid=eval_split(values, offsets, user_ids, row_of["valid"], max_len),
+        test=eval_split(values, offsets, user_ids, row_of["test"], max_len), split=split, settings=settings)
 
 
 def save_split(data: PreparedData, path) -> None:
