@@ -164,7 +164,10 @@ def _train(args, info) -> int:
     out = result.out_dir
     print(f"\nresults: {out}/final_metrics.csv, per-epoch {out}/metrics.csv, curves {out}/learning_curves.png")
     print(f"checkpoints: {out}/best.pt (best epoch), {out}/last.pt (resume with --resume)")
-    print(f"next: python -m mind export --checkpoint {out}/best.pt --out {out}/model")
+    from .data import is_prepared
+    data_args = f" --data-dir {args.data_dir}" + ("" if is_prepared(args.data_dir) else f" --format {args.format}") \
+        if args.data_dir else ("" if args.data == "ml-100k" else f" --data {args.data}")
+    print(f"next: python -m mind export --checkpoint {out}/best.pt{data_args} --out {out}/model")
     return 0
 
 
