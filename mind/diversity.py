@@ -86,27 +86,39 @@ def interest_cosine(vectors, mask=None) -> np.ndarray:
     return np.where(has_pairs.numpy(), per_user.numpy(), np.nan)
 
 
-def diversity_at_n(ranked, item_genres, n: int) -> np.ndarray:
+def _genre_rows(item_genres) -> np.ndarray:
+    g = _np(item_genres).astype(np.int64)
+    if g.ndim != 2:
+        raise ValueError(f"item_genres must be (num_items + 1, G), got shape {g.shape}")
+    return g
+
+
+def diversity_at_n(ranked, item_genres, n: int, chunk: int = 256) -> np.ndarray:
     """Per user ComiRec Diversity@n of the first n entries of ``ranked`` (U, >= n); (U,) float64.
 
     Pairs of distinct items with disjoint genre sets count as different (an item without
     genres differs from every other item); the same item twice counts as the same category.
-    Entries <= 0 (padding) are dropped; NaN for fewer than 2 real entries.
+    Entries <= 0 (padding) are dropped; NaN for fewer than 2 real entries.  Computed from the
+    (n, G) genre ids of each list, ``chunk`` users at a time: O(n^2 G^2) per user, whatever the
+    catalogue or genre vocabulary size.
     """
     r = _np(ranked).astype(np.int64)
     if r.ndim != 2 or r.shape[1] < n:
         raise ValueError(f"ranked must be (U, >= {n}), got shape {r.shape}")
-    M = genre_matrix(item_genres).astype(np.float64)
+    g = _genre_rows(item_genres)
     out = np.full(len(r), np.nan)
-    for u, row in enumerate(r[:, :n]):
-        items = row[row > 0]
-        k = len(items)
-        if k < 2:
-            continue
-        C = M[items]
-        same = (C @ C.T > 0) | (items[:, None] == items[None, :])
-        iu = np.triu_indices(k, 1)
-        out[u] = float((~same[iu]).sum()) / (k * (k - 1) / 2)
+    upper = np.triu(np.ones((n, n), dtype=bool), 1)
+    for s in range(0, len(r), chunk):
+        items = r[s:s + chunk, :n]                                          # (B, n)
+        real = items > 0
+        G = g[np.where(real, items, 0)]                                     # (B, n, G), 0 = no genre
+        shared = ((G[:, :, None, :, None] == G[:, None, :, None, :]) & (G[:, :, None, :, None] != 0)).any((3, 4))
+        same = shared | (items[:, :, None] == items[:, None, :])
+        pairs = upper & real[:, :, None] & real[:, None, :]                 # (B, n, n): i < j, both real
+        k = real.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            div = (pairs & ~same).sum((1, 2)) / (k * (k - 1) / 2)
+        out[s:s + chunk] = np.where(k >= 2, div, np.nan)
     return out
 
 
@@ -121,19 +133,41 @@ def coverage_at_n(ranked, n: int, num_items: int) -> float:
 
 def genre_entropy(histories, item_genres) -> np.ndarray:
     """Per user Shannon entropy (nats) of the genre distribution over the history items;
-    histories (U, L) item ids with 0 = padding (or a list of 1-D arrays); (U,) float64."""
-    M = genre_matrix(item_genres).astype(np.float64)
-    per_item = M / np.maximum(M.sum(axis=1, keepdims=True), 1.0)  # 1/|genres| per genre; 0 rows stay 0
-    rows = list(_np(histories)) if not isinstance(histories, list) else histories
-    out = np.zeros(len(rows))
-    for u, h in enumerate(rows):
-        h = _np(h).astype(np.int64).reshape(-1)
-        mass = per_item[h[h > 0]].sum(axis=0)
-        total = mass.sum()
-        if total <= 0:
-            continue
-        p = mass[mass > 0] / total
-        out[u] = float(-(p * np.log(p)).sum())
+    histories (U, L) item ids with 0 = padding (or a list of 1-D arrays); (U,) float64.
+
+    Each history item (repeats count again) gives 1/|genres| to each of its genres.  Computed on
+    (user, genre) pairs, never on a dense (items x genres) matrix.
+    """
+    g = _genre_rows(item_genres)
+    if isinstance(histories, list):
+        lengths = np.array([len(_np(h).reshape(-1)) for h in histories], dtype=np.int64)
+        flat = (np.concatenate([_np(h).astype(np.int64).reshape(-1) for h in histories])
+                if len(histories) else np.zeros(0, np.int64))
+    else:
+        h = _np(histories).astype(np.int64)
+        lengths = np.full(h.shape[0], h.shape[1] if h.ndim == 2 else 0, dtype=np.int64)
+        flat = h.reshape(-1)
+    U = len(lengths)
+    user = np.repeat(np.arange(U), lengths)
+    keep = flat > 0
+    user, flat = user[keep], flat[keep]
+    genres = g[flat]                                                        # (n, G)
+    earlier = np.tril(np.ones((g.shape[1], g.shape[1]), dtype=bool), -1)    # a genre repeated in a row counts once
+    has = (genres != 0) & ~((genres[:, :, None] == genres[:, None, :]) & earlier).any(2)
+    weight = has / np.maximum(has.sum(1, keepdims=True), 1)                 # 1/|genres| per genre
+    pair_user = np.repeat(user, g.shape[1])[has.reshape(-1)]
+    pair_genre = genres.reshape(-1)[has.reshape(-1)]
+    pair_w = weight.reshape(-1)[has.reshape(-1)]
+    out = np.zeros(U)
+    if not len(pair_user):
+        return out
+    key = pair_user * (int(g.max()) + 1) + pair_genre
+    uniq, inv = np.unique(key, return_inverse=True)
+    mass = np.bincount(inv, weights=pair_w)                                 # per (user, genre)
+    owner = uniq // (int(g.max()) + 1)
+    total = np.bincount(owner, weights=mass, minlength=U)
+    p = mass / total[owner]
+    out += np.bincount(owner, weights=-(p * np.log(p)), minlength=U)
     return out
 
 

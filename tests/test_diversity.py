@@ -152,3 +152,34 @@ def test_evaluate_model_carries_new_measures(tiny, tmp_path, one_thread):
     jp, _ = write_metrics([{"split": "test", **k1}, {"split": "test", **got}], tmp_path / "m")
     rows = json.loads(jp.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert rows[0]["interest_cosine"] is None
+
+
+def test_diversity_and_entropy_equal_the_dense_genre_matrix_forms():
+    """The pairwise / (user, genre) forms against the multi-hot (items x genres) matrix they replaced."""
+    from mind.diversity import diversity_at_n, genre_entropy
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        N, G, V = int(rng.integers(5, 60)), int(rng.integers(1, 5)), int(rng.integers(2, 12))
+        genres = rng.integers(0, V, (N + 1, G))
+        genres[0] = 0
+        genres[rng.random(N + 1) < 0.2] = 0                       # items without genres
+        M = genre_matrix(genres).astype(np.float64)
+        n = int(rng.integers(2, 12))
+        ranked = rng.integers(-1, N + 1, (int(rng.integers(1, 40)), n + 2))
+        want = np.full(len(ranked), np.nan)
+        for u, row in enumerate(ranked[:, :n]):
+            items = row[row > 0]
+            k = len(items)
+            if k >= 2:
+                same = (M[items] @ M[items].T > 0) | (items[:, None] == items[None, :])
+                want[u] = (~same[np.triu_indices(k, 1)]).sum() / (k * (k - 1) / 2)
+        np.testing.assert_allclose(diversity_at_n(ranked, genres, n, chunk=7), want, equal_nan=True)
+        hist = rng.integers(0, N + 1, (int(rng.integers(1, 30)), 9))
+        per_item = M / np.maximum(M.sum(1, keepdims=True), 1)
+        want = []
+        for h in hist:
+            mass = per_item[h[h > 0]].sum(0)
+            p = mass[mass > 0] / mass.sum() if mass.sum() > 0 else np.zeros(0)
+            want.append(float(-(p * np.log(p)).sum()))
+        np.testing.assert_allclose(genre_entropy(hist, genres), want, atol=1e-12)
+        np.testing.assert_allclose(genre_entropy(list(hist), genres), want, atol=1e-12)
