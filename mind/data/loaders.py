@@ -234,22 +234,31 @@ def _recbole_inter_fast(path: pathlib.Path, cols: list[str]) -> pd.DataFrame | N
     types = {"user_id": pa.int64(), "item_id": pa.int64(), "timestamp": pa.float64()}
     if "rating" in cols:
         types["rating"] = pa.float64()
+    # Streamed block by block (each block's columns copied out, the block freed), so the peak is the
+    # output columns plus one block, not the whole file parsed at once.
+    parts: dict = {c: [] for c in types}
     try:
-        table = csv.read_csv(path, read_options=csv.ReadOptions(skip_rows=1, column_names=cols),
-                             parse_options=csv.ParseOptions(delimiter="\t", quote_char=False,
-                                                            ignore_empty_lines=True),
-                             convert_options=csv.ConvertOptions(column_types=types, include_columns=list(types)))
+        reader = csv.open_csv(path, read_options=csv.ReadOptions(skip_rows=1, column_names=cols, block_size=1 << 24),
+                              parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=True),
+                              convert_options=csv.ConvertOptions(column_types=types, include_columns=list(types)))
+        for batch in reader:
+            if any(batch.column(c).null_count for c in types):
+                return None
+            for c in types:
+                parts[c].append(np.array(batch.column(c).to_numpy()))
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError):
         return None
-    if any(table.column(c).null_count for c in types):
-        return None
-    ts = table.column("timestamp").to_numpy()
+    finally:
+        pa.default_memory_pool().release_unused()
+    cat = {c: np.concatenate(v) if v else np.zeros(0, np.float64 if c in ("timestamp", "rating") else np.int64)
+           for c, v in parts.items()}
+    del parts
+    ts = cat["timestamp"]
     if not (np.isfinite(ts).all() and (np.abs(ts) < 2.0 ** 53).all() and (ts == np.round(ts)).all()):
         return None
-    if "rating" in types and not np.isfinite(table.column("rating").to_numpy()).all():
+    if "rating" in cat and not np.isfinite(cat["rating"]).all():
         return None
-    return pd.DataFrame({"user": table.column("user_id").to_numpy(), "item": table.column("item_id").to_numpy(),
-                         "timestamp": ts.astype(np.int64)})
+    return pd.DataFrame({"user": cat["user_id"], "item": cat["item_id"], "timestamp": ts.astype(np.int64)})
 
 
 def load_recbole(folder, name: str | None = None) -> RawData:

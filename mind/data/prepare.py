@@ -180,10 +180,12 @@ def filter_interactions(user: np.ndarray, item: np.ndarray, min_item_count: int,
                         min_user_count: int) -> np.ndarray:
     """Step 3 as a boolean mask over the rows: items with >= min_item_count rows, then users with
     >= min_user_count of the rest."""
+    # (counts >= k)[inverse]: a bool per row, never an int64 count per row (peak memory at scale)
     _, inv, counts = np.unique(item, return_inverse=True, return_counts=True)
-    keep = counts[inv] >= min_item_count
+    keep = (counts >= min_item_count)[inv]
+    del inv
     _, inv, counts = np.unique(user[keep], return_inverse=True, return_counts=True)
-    keep[np.flatnonzero(keep)[counts[inv] < min_user_count]] = False
+    keep[np.flatnonzero(keep)[(counts < min_user_count)[inv]]] = False
     return keep
 
 
@@ -289,12 +291,17 @@ def prepare(raw: RawData, max_len: int = 20, min_item_count: int = 5, min_user_c
     if not keep.any():
         raise ValueError(f"{raw.name}: no interactions left after filtering with "
                          f"min_item_count={min_item_count}, min_user_count={min_user_count}")
-    user, item, ts = user[keep], item[keep], ts[keep]
+    # one array at a time, each old one freed as its replacement lands (peak memory at scale)
+    user = user[keep]
+    item = item[keep]
+    ts = ts[keep]
     del keep
     _say(progress, "filtered", t0, f"{len(user):,} of {len(raw.inter):,} interactions kept")
     order = np.lexsort((item, ts, user))  # last key is primary: user, then time, then item
-    user, item = user[order], item[order]
-    del ts, order
+    del ts
+    user = user[order]
+    item = item[order]
+    del order
     item_raw_ids = np.unique(item)
     num_items = len(item_raw_ids)
     values = (np.searchsorted(item_raw_ids, item) + 1).astype(np.int32)
