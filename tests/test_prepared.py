@@ -165,3 +165,15 @@ def test_cli_prepare_then_train_evaluate_on_the_prepared_folder(tmp_path):
     bad = run("train", "--data-dir", str(tmp_path / "prep"), "--out", str(tmp_path / "c"), *common)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "seq_offsets.npy" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("spread", [1, 10**9, 2**55, 2**62])
+def test_the_time_order_packs_or_falls_back_without_changing_the_result(spread):
+    """Timestamps spanning up to 2^62 push the (users x span x items) key past int64: the sort falls
+    back to two, then three lexsort keys; the prepared sequences stay those of the dense protocol."""
+    raw, _ = make_synthetic(num_users=80, num_items=60, seq_len=(5, 20), seed=4)
+    rng = np.random.default_rng(0)
+    ts = rng.integers(0, 50, len(raw.inter))              # many ties: the item breaks them
+    raw.inter["timestamp"] = ts * (spread // 50 if spread > 50 else 1) - (spread // 4)
+    raw.inter = raw.inter.sample(frac=1.0, random_state=1).reset_index(drop=True)   # any row order
+    _assert_same(prepare(raw, max_len=6), reference_prepare(raw, max_len=6), 6)

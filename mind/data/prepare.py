@@ -180,13 +180,35 @@ def filter_interactions(user: np.ndarray, item: np.ndarray, min_item_count: int,
                         min_user_count: int) -> np.ndarray:
     """Step 3 as a boolean mask over the rows: items with >= min_item_count rows, then users with
     >= min_user_count of the rest."""
-    # (counts >= k)[inverse]: a bool per row, never an int64 count per row (peak memory at scale)
-    _, inv, counts = np.unique(item, return_inverse=True, return_counts=True)
-    keep = (counts >= min_item_count)[inv]
-    del inv
-    _, inv, counts = np.unique(user[keep], return_inverse=True, return_counts=True)
-    keep[np.flatnonzero(keep)[(counts < min_user_count)[inv]]] = False
+    # hash factorisation (O(n), no sort); (counts >= k)[codes]: a bool per row, never an int64 count per row
+    codes = pd.factorize(item)[0]
+    keep = (np.bincount(codes) >= min_item_count)[codes]
+    codes = pd.factorize(user[keep])[0]
+    keep[np.flatnonzero(keep)[(np.bincount(codes) < min_user_count)[codes]]] = False
     return keep
+
+
+def _factorize_sorted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ascending unique values, each row's rank among them): np.unique(x, return_inverse=True) by
+    hashing the rows and sorting only the uniques."""
+    codes, uniques = pd.factorize(x)
+    order = np.argsort(uniques, kind="stable")
+    rank = np.empty(len(uniques), dtype=np.int64)
+    rank[order] = np.arange(len(uniques))
+    return uniques[order], rank[codes]
+
+
+def _time_order(user_rank: np.ndarray, ts: np.ndarray, item_rank: np.ndarray, num_users: int,
+                num_items: int) -> np.ndarray:
+    """The permutation that sorts rows by (user, timestamp, item): one stable argsort of a packed int64
+    key where (users x timestamp span x items) fits, else np.lexsort."""
+    t_min, t_max = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
+    span = t_max - t_min + 1
+    if num_users * span * num_items < 2 ** 63:
+        return np.argsort((user_rank * span + (ts - t_min)) * num_items + item_rank, kind="stable")
+    if num_users * span < 2 ** 63:
+        return np.lexsort((item_rank, user_rank * span + (ts - t_min)))
+    return np.lexsort((item_rank, ts, user_rank))
 
 
 def split_users(user_ids: np.ndarray, seed: int, split_ratio) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,18 +319,18 @@ def prepare(raw: RawData, max_len: int = 20, min_item_count: int = 5, min_user_c
     ts = ts[keep]
     del keep
     _say(progress, "filtered", t0, f"{len(user):,} of {len(raw.inter):,} interactions kept")
-    order = np.lexsort((item, ts, user))  # last key is primary: user, then time, then item
-    del ts
-    user = user[order]
-    item = item[order]
-    del order
-    item_raw_ids = np.unique(item)
+    user_ids, user = _factorize_sorted(user)            # ascending raw ids; rows hold their ranks
+    item_raw_ids, item = _factorize_sorted(item)
     num_items = len(item_raw_ids)
-    values = (np.searchsorted(item_raw_ids, item) + 1).astype(np.int32)
+    order = _time_order(user, ts, item, len(user_ids), num_items)
+    del ts
+    values = (item[order] + 1).astype(np.int32)
     del item
-    user_ids, starts = np.unique(user, return_index=True)
+    user = user[order]
+    del order
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user, minlength=len(user_ids)), out=offsets[1:])
     del user
-    offsets = np.append(starts, len(values)).astype(np.int64)
     _say(progress, "sequences", t0, f"{len(user_ids):,} users, {num_items:,} items")
 
     train_u, valid_u, test_u = split_users(user_ids, seed, split_ratio)
