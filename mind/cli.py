@@ -1,8 +1,10 @@
-"""``python -m mind``: train, evaluate, export, recommend, explain, quality.
+"""``python -m mind``: prepare, train, evaluate, export, recommend, explain, quality.
 
 Typical session::
 
     python -m mind train --data ml-100k --out runs/mind          # fetch MovieLens-100k, train, test
+    python -m mind prepare --data-dir LOG --format parquet --out runs/prep   # a large log, once; then
+    python -m mind train --data-dir runs/prep --out runs/big      # memory-maps the prepared arrays
     python -m mind export --checkpoint runs/mind/best.pt --out runs/mind/model
     python -m mind export --checkpoint runs/mind/best.pt --out runs/mind/onnx --to onnx   # or --to aoti
     python -m mind recommend --model runs/mind/model --history 50,172,181 -n 10
