@@ -48,10 +48,12 @@ Multi-process (``torchrun --nproc_per_node W python -m mind train ...``, see min
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 import pathlib
+import platform
 import time
 from typing import Optional
 
@@ -126,6 +128,23 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+
+
+#: glibc's M_TOP_PAD: bytes kept at the top of the heap when it grows or is trimmed.
+HEAP_TOP_PAD = 64 << 20
+
+
+def pad_heap_top() -> bool:
+    """glibc: keep :data:`HEAP_TOP_PAD` at the top of the heap (``mallopt(M_TOP_PAD)``), so a step's
+    temporaries reuse pages instead of being trimmed and faulted in again every step; at most 64 MiB
+    stays resident.  Measured on ML-100k (1 thread, max_len 20): 17.0 -> 13.0 ms a step once the
+    batches are cut per step (docs/results/training-speed.md).  Process-wide; elsewhere a no-op (False)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-2, HEAP_TOP_PAD) == 1     # -2 = M_TOP_PAD
+    except (OSError, AttributeError):
+        return False
 
 
 def routes_jagged(data, max_len: int) -> tuple[bool, float]:
@@ -292,6 +311,7 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     key = f"valid_recall@{max(config.eval_ns)}"
 
     # 1. the model, its optimizer and objective (or the state of an interrupted run)
+    pad_heap_top()
     seed_everything(config.seed)
     device = info.device if info.enabled else None
     model = build_model(data, config)
