@@ -106,18 +106,14 @@ class _BestInterestScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, interests, item_emb, inactive, product_dtype=None):
+    def forward(ctx, interests, item_emb, inactive):
         B, K, d = interests.shape
-        # product_dtype (e.g. bfloat16): the three products run in it, scores and gradients come
-        # back in the inputs' dtype; None = the inputs' dtype (no conversion at all).
-        v = interests.reshape(B * K, d).to(product_dtype or interests.dtype)
-        e = item_emb.to(product_dtype or item_emb.dtype)
-        scores = (v @ e.t()).to(interests.dtype).view(B, K, item_emb.shape[0])
+        v = interests.reshape(B * K, d)
+        scores = (v @ item_emb.t()).view(B, K, item_emb.shape[0])
         if inactive is not None:
             scores = scores.masked_fill(inactive[:, :, None], _NEG_INF)
         best = scores.amax(dim=1)
-        ctx.save_for_backward(v, e, scores, best)
-        ctx.dtypes = (interests.dtype, item_emb.dtype)
+        ctx.save_for_backward(v, item_emb, scores, best)
         return best
 
     @staticmethod
@@ -134,23 +130,20 @@ class _BestInterestScores(torch.autograd.Function):
             if k + 1 < K:
                 taken |= won[:, k]
         # bool -> float through uint8: the direct conversion is not vectorised on the CPU (~10x slower).
-        g = won.view(torch.uint8).to(grad.dtype).mul_(grad[:, None, :]).view(B * K, -1).to(v.dtype)
-        d_int = (g @ e).to(ctx.dtypes[0]).view(B, K, d) if ctx.needs_input_grad[0] else None
-        d_emb = (g.t() @ v).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return d_int, d_emb, None, None
+        g = won.view(torch.uint8).to(grad.dtype).mul_(grad[:, None, :]).view(B * K, -1)
+        d_int = (g @ e).view(B, K, d) if ctx.needs_input_grad[0] else None
+        d_emb = g.t() @ v if ctx.needs_input_grad[1] else None
+        return d_int, d_emb, None
 
 
 def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.Tensor],
-                         item_emb: torch.Tensor, paired: bool = False,
-                         product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                         item_emb: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """max_k V_k . e_i over each user's active interests.
 
     Args:
         interests: V (B, K, d); interest_mask: (B, K) bool or None (all active; pass None
             when every interest is active, it skips the masking).
         item_emb: (N, d) items scored for every user, or (B, d) one item per user with ``paired``.
-        product_dtype: the dtype the (B K, d) x (d, N) products run in (not ``paired``), e.g.
-            torch.bfloat16 on a CPU with AVX512-BF16 or AMX; None = the inputs' dtype.
 
     Returns:
         (B, N), or (B,) with ``paired``.  The gradient flows through the winning interest
@@ -158,7 +151,7 @@ def best_interest_scores(interests: torch.Tensor, interest_mask: Optional[torch.
     """
     inactive = None if interest_mask is None else ~interest_mask.to(torch.bool)
     if not paired:
-        return _BestInterestScores.apply(interests, item_emb, inactive, product_dtype)
+        return _BestInterestScores.apply(interests, item_emb, inactive)
     scores = torch.einsum("bkd,bd->bk", interests, item_emb)
     if inactive is not None:
         scores = scores.masked_fill(inactive, _NEG_INF)
