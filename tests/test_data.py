@@ -30,7 +30,7 @@ def test_recbole_tiny():
     raw = load_recbole(DATA / "recbole" / "tiny")
     assert raw.name == "tiny"
     assert list(raw.inter.columns) == ["user", "item", "timestamp"]
-    assert all(raw.inter[c].dtype == np.int64 for c in raw.inter.columns)
+    assert all(raw.inter[c].dtype == np.int32 for c in raw.inter.columns)   # small values: compact
     # "90.0" is a float timestamp holding an integer: accepted as 90; ratings dropped.
     assert _inter_rows(raw) == [(1, 10, 100), (1, 20, 90), (2, 10, 300)]
     assert raw.items.loc[10, "title"] == "Toy Story"

@@ -55,7 +55,7 @@ def _rows(raw):
 
 def _assert_same_raw(a, b):
     assert list(a.inter.columns) == ["user", "item", "timestamp"]
-    assert all(a.inter[c].dtype == np.int64 for c in a.inter.columns)
+    assert all(a.inter[c].dtype in (np.int32, np.int64) for c in a.inter.columns)
     assert _rows(a) == _rows(b)
     assert a.items.index.tolist() == b.items.index.tolist() and a.items.index.name == "item"
     assert a.items["genres"].tolist() == b.items["genres"].tolist()

@@ -177,3 +177,24 @@ def test_the_time_order_packs_or_falls_back_without_changing_the_result(spread):
     raw.inter["timestamp"] = ts * (spread // 50 if spread > 50 else 1) - (spread // 4)
     raw.inter = raw.inter.sample(frac=1.0, random_state=1).reset_index(drop=True)   # any row order
     _assert_same(prepare(raw, max_len=6), reference_prepare(raw, max_len=6), 6)
+
+
+def test_ids_and_timestamps_beyond_int32_prepare_like_the_dense_protocol():
+    # a shop's 64-bit ids and millisecond timestamps: the loader keeps those columns int64
+    # (int32 only where a column fits), and prepare's packed sort key must not overflow
+    from mind.data.loaders import RawData, compact_ints, inter_frame
+    raw = _datasets()["synthetic"]
+    col = {c: raw.inter[c].to_numpy().astype(np.int64) for c in raw.inter.columns}
+    big = inter_frame(col["user"] * 3_000_000_019 + 7, col["item"] + 2 ** 40,
+                      col["timestamp"] * 1000 + 1_700_000_000_000)
+    assert all(big[c].dtype == np.int64 for c in big.columns)
+    assert compact_ints(np.array([-2 ** 31, 2 ** 31 - 1])).dtype == np.int32
+    assert compact_ints(np.array([0, 2 ** 31])).dtype == np.int64
+    items = raw.items.set_axis(raw.items.index.to_numpy() + 2 ** 40).rename_axis("item")
+    users = raw.users.set_axis(raw.users.index.to_numpy() * 3_000_000_019 + 7).rename_axis("user")
+    raw_big = RawData(raw.name, big, items, users)
+    got, want = prepare(raw_big, max_len=9), prepare(raw, max_len=9)
+    assert np.array_equal(got.seq_values, want.seq_values) and np.array_equal(got.seq_offsets, want.seq_offsets)
+    assert np.array_equal(got.train_rows, want.train_rows)
+    assert np.array_equal(got.train_positions, want.train_positions)
+    _assert_same(got, reference_prepare(raw_big, max_len=9), 9)

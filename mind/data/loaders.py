@@ -2,8 +2,10 @@
 
 `RawData` holds three frames:
 
-* ``inter``: columns ``user``, ``item``, ``timestamp`` (all int64), one row per interaction.
-  Ratings are read and dropped: MIND treats every interaction as implicit feedback.
+* ``inter``: columns ``user``, ``item``, ``timestamp``, one row per interaction, each int32 where
+  every value of the column fits in int32, else int64 (`compact_ints`: 4 bytes per id instead of 8
+  keeps a shop's log small). Ratings are read and dropped: MIND treats every interaction as
+  implicit feedback.
 * ``items``: index = raw item id (int64, name ``item``); ``title`` (str, may be "") and
   ``genres`` (list[str], may be empty).
 * ``users``: index = raw user id (int64, name ``user``); categorical profile features as str
@@ -139,10 +141,27 @@ def _number(path, lineno: int, what: str, text: str) -> float:
     return v
 
 
+_INT32 = np.iinfo(np.int32)
+
+
+def compact_ints(values) -> np.ndarray:
+    """``values`` (integers) as int32 when every value fits, else as int64."""
+    v = np.asarray(values)
+    if v.dtype == np.int32:
+        return v
+    fits = not len(v) or (int(v.min()) >= _INT32.min and int(v.max()) <= _INT32.max)
+    return v.astype(np.int32 if fits else np.int64, copy=False)
+
+
+def inter_frame(user, item, timestamp) -> pd.DataFrame:
+    """The ``inter`` frame of `RawData` from three integer arrays, each stored by `compact_ints`."""
+    return pd.DataFrame({"user": compact_ints(user), "item": compact_ints(item),
+                         "timestamp": compact_ints(timestamp)}, copy=False)
+
+
 def _inter_frame(users: list[int], items: list[int], times: list[int]) -> pd.DataFrame:
-    return pd.DataFrame({"user": np.asarray(users, dtype=np.int64),
-                         "item": np.asarray(items, dtype=np.int64),
-                         "timestamp": np.asarray(times, dtype=np.int64)})
+    return inter_frame(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64),
+                       np.asarray(times, dtype=np.int64))
 
 
 def _items_frame(ids: list[int], titles: list[str], genres: list[list[str]]) -> pd.DataFrame:
@@ -236,7 +255,7 @@ def _recbole_inter_fast(path: pathlib.Path, cols: list[str]) -> pd.DataFrame | N
         types["rating"] = pa.float64()
     # Streamed block by block (each block's columns copied out, the block freed), so the peak is the
     # output columns plus one block, not the whole file parsed at once.
-    parts: dict = {c: [] for c in types}
+    parts: dict = {c: [] for c in ("user_id", "item_id", "timestamp")}
     try:
         reader = csv.open_csv(path, read_options=csv.ReadOptions(skip_rows=1, column_names=cols, block_size=1 << 24),
                               parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=True),
@@ -244,21 +263,25 @@ def _recbole_inter_fast(path: pathlib.Path, cols: list[str]) -> pd.DataFrame | N
         for batch in reader:
             if any(batch.column(c).null_count for c in types):
                 return None
-            for c in types:
-                parts[c].append(np.array(batch.column(c).to_numpy()))
+            ts = batch.column("timestamp").to_numpy()
+            if not (np.isfinite(ts).all() and (np.abs(ts) < 2.0 ** 53).all() and (ts == np.round(ts)).all()):
+                return None
+            if "rating" in types and not np.isfinite(batch.column("rating").to_numpy()).all():
+                return None
+            # each block compacted on its own (int32 where it fits), so the columns held are 4 bytes
+            # per id; np.concatenate widens to int64 if any block needed it
+            for c, v in (("user_id", batch.column("user_id").to_numpy()), ("item_id", batch.column("item_id").to_numpy()),
+                         ("timestamp", ts.astype(np.int64))):
+                v = compact_ints(v)
+                parts[c].append(v if v.flags.owndata else v.copy())     # never a view of Arrow's block
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError):
         return None
     finally:
         pa.default_memory_pool().release_unused()
-    cat = {c: np.concatenate(v) if v else np.zeros(0, np.float64 if c in ("timestamp", "rating") else np.int64)
-           for c, v in parts.items()}
-    del parts
-    ts = cat["timestamp"]
-    if not (np.isfinite(ts).all() and (np.abs(ts) < 2.0 ** 53).all() and (ts == np.round(ts)).all()):
-        return None
-    if "rating" in cat and not np.isfinite(cat["rating"]).all():
-        return None
-    return pd.DataFrame({"user": cat["user_id"], "item": cat["item_id"], "timestamp": ts.astype(np.int64)})
+    cat = {}
+    for c in ("user_id", "item_id", "timestamp"):       # one column at a time: its blocks freed as it lands
+        cat[c] = np.concatenate(parts.pop(c)) if parts[c] else np.zeros(0, np.int64)
+    return inter_frame(cat["user_id"], cat["item_id"], cat["timestamp"])
 
 
 def load_recbole(folder, name: str | None = None) -> RawData:

@@ -22,11 +22,12 @@ by file in sorted name order (names starting with ``.`` or ``_``, such as Spark'
 ``_metadata``, are skipped; subfolders are not searched); each file is checked on its own, so
 integer widths may differ between files. "First row" means first in that order.
 
-Bounded memory: the three int64 output columns are preallocated from the files' footers
-(num_rows) and filled batch by batch (``ParquetFile.iter_batches(batch_size=BATCH_ROWS,
+Bounded memory: the three output columns are preallocated from the files' footers (num_rows) as
+int32 and filled batch by batch; a column is widened to int64 (one copy) at the first batch whose
+values do not fit in int32, as `RawData` specifies (`compact_ints`). Batches are read with ``ParquetFile.iter_batches(batch_size=BATCH_ROWS,
 columns=<the needed ones>)``, opened with ``pre_buffer=False``: with Arrow's default it would
-buffer every row group's column chunks up front, i.e. the whole file). Peak memory is the output
-(24 bytes per interaction), one batch and the row groups it spans (needed columns only), and
+buffer every row group's column chunks up front, i.e. the whole file. Peak memory is the output
+(12 bytes per interaction where ids and timestamps fit in int32, at most 24), one batch and the row groups it spans (needed columns only), and
 per-item / per-user state: the ids seen so far (a bitmap of at most 1 byte per row while ids are
 small non-negative integers, else sorted int64 runs) and each item's first category and title,
 found per batch with ``np.unique(..., return_index=True)`` on the ids not seen yet (no Python
@@ -55,7 +56,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from .loaders import DataFormatError, DataNotFoundError, RawData, _items_frame, _users_frame
+from .loaders import DataFormatError, DataNotFoundError, RawData, _items_frame, _users_frame, compact_ints
 
 REQUIRED = ("user_id", "item_id", "timestamp")
 OPTIONAL = ("category", "title")
@@ -230,7 +231,7 @@ class _Reader:
     # ---------------------------------------------------------------- reading
 
     def allocate(self, total: int) -> None:
-        self.out = {c: np.empty(total, dtype=np.int64) for c in REQUIRED}
+        self.out = {c: np.empty(total, dtype=np.int32) for c in REQUIRED}   # widened where needed
         limit = max(1 << 20, total)
         self.users, self.items = _Seen(limit), _Seen(limit)
 
@@ -270,7 +271,10 @@ class _Reader:
 
     def _take(self, f, arrays: dict, row: int, where: slice) -> None:
         for c in REQUIRED:
-            self.out[c][where] = self._int64(f, c, arrays[c], row)
+            v = compact_ints(self._int64(f, c, arrays[c], row))
+            if v.dtype != self.out[c].dtype and self.out[c].dtype == np.int32:
+                self.out[c] = self.out[c].astype(np.int64)     # the first value beyond int32
+            self.out[c][where] = v
         self.users.first_unseen(self.out["user_id"][where])
         ids, first = self.items.first_unseen(self.out["item_id"][where])
         if not len(ids):

@@ -176,25 +176,31 @@ def _say(progress: bool, stage: str, t0: float, detail: str = "") -> None:
               flush=True)
 
 
+def _codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pd.factorize(x) with int32 codes (first-seen order) where they fit: hash factorisation, O(n)."""
+    codes, uniques = pd.factorize(x)
+    return (codes.astype(np.int32) if len(uniques) < 2 ** 31 else codes), uniques
+
+
 def filter_interactions(user: np.ndarray, item: np.ndarray, min_item_count: int,
                         min_user_count: int) -> np.ndarray:
     """Step 3 as a boolean mask over the rows: items with >= min_item_count rows, then users with
     >= min_user_count of the rest."""
-    # hash factorisation (O(n), no sort); (counts >= k)[codes]: a bool per row, never an int64 count per row
-    codes = pd.factorize(item)[0]
+    # (counts >= k)[codes]: a bool per row, never an int64 count per row
+    codes = _codes(item)[0]
     keep = (np.bincount(codes) >= min_item_count)[codes]
-    codes = pd.factorize(user[keep])[0]
+    codes = _codes(user[keep])[0]
     keep[np.flatnonzero(keep)[(np.bincount(codes) < min_user_count)[codes]]] = False
     return keep
 
 
 def _factorize_sorted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ascending unique values, each row's rank among them): np.unique(x, return_inverse=True) by
-    hashing the rows and sorting only the uniques."""
-    codes, uniques = pd.factorize(x)
+    hashing the rows and sorting only the uniques; the ranks are int32 where they fit."""
+    codes, uniques = _codes(x)
     order = np.argsort(uniques, kind="stable")
-    rank = np.empty(len(uniques), dtype=np.int64)
-    rank[order] = np.arange(len(uniques))
+    rank = np.empty(len(uniques), dtype=codes.dtype)
+    rank[order] = np.arange(len(uniques), dtype=codes.dtype)
     return uniques[order], rank[codes]
 
 
@@ -205,9 +211,18 @@ def _time_order(user_rank: np.ndarray, ts: np.ndarray, item_rank: np.ndarray, nu
     t_min, t_max = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
     span = t_max - t_min + 1
     if num_users * span * num_items < 2 ** 63:
-        return np.argsort((user_rank * span + (ts - t_min)) * num_items + item_rank, kind="stable")
+        # ((user * span + ts - t_min) * num_items + item), built in place in one int64 array
+        key = user_rank.astype(np.int64)
+        key *= span
+        key += ts - np.int64(t_min)     # the one temporary, freed before the sort
+        key *= num_items
+        key += item_rank
+        return np.argsort(key, kind="stable")
     if num_users * span < 2 ** 63:
-        return np.lexsort((item_rank, user_rank * span + (ts - t_min)))
+        key = user_rank.astype(np.int64)
+        key *= span
+        key += ts - np.int64(t_min)
+        return np.lexsort((item_rank, key))
     return np.lexsort((item_rank, ts, user_rank))
 
 
@@ -306,9 +321,10 @@ def prepare(raw: RawData, max_len: int = 20, min_item_count: int = 5, min_user_c
     if len(split_ratio) != 3 or min(split_ratio) < 0 or abs(sum(split_ratio) - 1) > 1e-9:
         raise ValueError(f"split_ratio must be three non-negative fractions summing to 1, got {split_ratio}")
     t0 = time.time()
-    user = raw.inter["user"].to_numpy(dtype=np.int64)
-    item = raw.inter["item"].to_numpy(dtype=np.int64)
-    ts = raw.inter["timestamp"].to_numpy(dtype=np.int64)
+    # the columns as the loader stored them (int32 where they fit): no int64 copies of the log
+    user = raw.inter["user"].to_numpy()
+    item = raw.inter["item"].to_numpy()
+    ts = raw.inter["timestamp"].to_numpy()
     keep = filter_interactions(user, item, min_item_count, min_user_count)
     if not keep.any():
         raise ValueError(f"{raw.name}: no interactions left after filtering with "
@@ -324,7 +340,8 @@ def prepare(raw: RawData, max_len: int = 20, min_item_count: int = 5, min_user_c
     num_items = len(item_raw_ids)
     order = _time_order(user, ts, item, len(user_ids), num_items)
     del ts
-    values = (item[order] + 1).astype(np.int32)
+    values = item[order].astype(np.int32)
+    values += 1
     del item
     user = user[order]
     del order
