@@ -278,13 +278,48 @@ def test_peak_memory_is_the_output_plus_one_batch(tmp_path):
         tracemalloc.start()
         raw = load_parquet({str(path)!r}, batch_rows=8192)
         assert len(raw.inter) == {n}
+        assert [str(raw.inter[c].dtype) for c in raw.inter.columns] == ["int32", "int32", "int64"]
         print(tracemalloc.get_traced_memory()[1], pa.default_memory_pool().max_memory())
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     numpy_peak, arrow_peak = map(int, proc.stdout.split())
-    output = 24 * n
-    # Measured: numpy 5.7 MB (the 3 int64 columns, 4.8 MB, + a batch), Arrow 1.0 MB (a row group or
-    # two); a second copy of the output, or pre_buffer=True (3.4 MB in Arrow), fails.
+    output = 16 * n      # ids fit in int32, timestamps need int64
+    # A second copy of the output, int64 ids, or pre_buffer=True (3.4 MB in Arrow) fails.
     assert numpy_peak < output * 3 // 2, (numpy_peak, output)
     assert arrow_peak < output // 3, (arrow_peak, output)
+
+
+def test_user_feature_columns_become_the_users_frame(tmp_path):
+    df = _log(seed=5)
+    first = ~df["user_id"].duplicated()
+    df["user_gender"] = np.where(df["user_id"] % 2, "  F ", "M")
+    df.loc[~first & (df["user_id"] == 7), "user_gender"] = "X"      # a later row disagrees: ignored
+    df["user_age"] = (df["user_id"] % 3 * 10 + 20).astype(np.int64)
+    df.loc[first & (df["user_id"] == 14), "user_gender"] = None      # unknown for that user
+    path = _write(df, tmp_path / "f.parquet", row_group_size=50)
+    raw = load_parquet(path, batch_rows=17)
+    assert list(raw.users.columns) == ["gender", "age"]
+    assert raw.users.index.tolist() == sorted(df["user_id"].unique().tolist())
+    want = df[first].set_index("user_id")
+    assert raw.users.loc[7, "gender"] == "F" and raw.users.loc[14, "gender"] == ""
+    assert raw.users["age"].tolist() == [str(want.loc[u, "user_age"]) for u in raw.users.index]
+    data = prepare(raw, max_len=5)
+    assert data.user_feature_names == ["gender", "age"]
+    assert data.user_feature_cardinalities == [3, 4]      # {F, M} and {20, 30, 40}, + unknown
+    # a folder whose second file lacks a feature column: users first seen there have it unknown
+    other = df[df["user_id"] > 140].drop(columns=["user_age"])
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    _write(df[df["user_id"] <= 140], folder / "a.parquet")
+    _write(other, folder / "b.parquet")
+    users = load_parquet(folder).users
+    late = sorted(other["user_id"].unique())
+    assert late and all(users.loc[u, "age"] == "" for u in late)
+    assert all(users.loc[u, "gender"] == want.loc[u, "user_gender"].strip() for u in late)
+
+
+def test_a_user_feature_of_another_type_is_refused(tmp_path):
+    path = _write(_log(seed=6).assign(user_score=0.5), tmp_path / "s.parquet")
+    with pytest.raises(DataFormatError, match=r"s\.parquet: column 'user_score' \(a user feature\) has type double"):
+        load_parquet(path)

@@ -14,10 +14,17 @@ Columns, by name (their order does not matter):
   first row like ComiRec's csv (`load_comirec_csv`): ``genres = [category]``, or ``[]`` where that
   row's category is null or empty. Integers become their decimal text (``3`` -> ``"3"``).
 * ``title`` (optional): a string column, the item's title from its first row (null -> ``""``).
+* ``user_<name>`` (optional, any number; not ``user_id``): a user-profile feature ``<name>``, a string
+  or integer column (integers become their decimal text), taken from the user's first row; null or
+  empty = unknown. They become the ``users`` frame's columns, as a RecBole ``.user`` file's fields do,
+  and MIND embeds them like those (``user_gender`` -> feature ``gender``). A user's later rows may
+  disagree: only the first counts, as for an item's category.
 * Any other column is ignored, and never read from the file.
 
-Surrounding whitespace of categories and titles is stripped. Users get no profile features (an
-empty ``users`` frame indexed by the user ids, as `load_comirec_csv` gives). A folder is read file
+Surrounding whitespace of categories, titles and user features is stripped. Without ``user_*``
+columns users get no profile features (an empty ``users`` frame indexed by the user ids, as
+`load_comirec_csv` gives). A file of a folder that lacks a ``user_*`` column another file has
+leaves that feature unknown for the users first seen in it. A folder is read file
 by file in sorted name order (names starting with ``.`` or ``_``, such as Spark's ``_SUCCESS`` or
 ``_metadata``, are skipped; subfolders are not searched); each file is checked on its own, so
 integer widths may differ between files. "First row" means first in that order.
@@ -60,6 +67,7 @@ from .loaders import DataFormatError, DataNotFoundError, RawData, _items_frame, 
 
 REQUIRED = ("user_id", "item_id", "timestamp")
 OPTIONAL = ("category", "title")
+USER_PREFIX = "user_"      # user_<name>: a user-profile feature column (user_id excepted)
 #: Rows per batch handed to numpy (Arrow holds the row groups a batch spans, needed columns only).
 BATCH_ROWS = 1 << 16
 
@@ -181,6 +189,9 @@ class _Reader:
         self.item_ids: list[np.ndarray] = []      # per batch: items first seen there, sorted
         self.categories: list = []                # their first category (large_string, or null)
         self.titles: list = []                    # their first title
+        self.user_ids: list[np.ndarray] = []      # per batch: users first seen there, sorted
+        self.user_columns: list[str] = []         # the user_* feature columns, in first-seen order
+        self.user_values: list[dict] = []         # per batch: {column: their first value (large_string)}
         self.pos = 0
 
     # ---------------------------------------------------------------- footers and schemas
@@ -218,7 +229,15 @@ class _Reader:
                         or (ints and self.pa.types.is_integer(t))):
                     raise DataFormatError(f, None, f"column {col!r} has type {types[col]}, want strings"
                                                    + (" or integers" if ints else ""))
-        return f, rows, [c for c in REQUIRED + OPTIONAL if c in types]
+        features = [c for c in schema.names if c.startswith(USER_PREFIX) and c != "user_id"]
+        for col in features:
+            t = self._decoded(types[col])
+            if not (self._is_text(t) or self.pa.types.is_integer(t) or self.pa.types.is_null(t)):
+                raise DataFormatError(f, None, f"column {col!r} (a user feature) has type {types[col]}, "
+                                               f"want strings or integers")
+            if col not in self.user_columns:
+                self.user_columns.append(col)
+        return f, rows, [c for c in REQUIRED + OPTIONAL if c in types] + features
 
     def _decoded(self, t):
         return t.value_type if self.pa.types.is_dictionary(t) else t
@@ -275,7 +294,11 @@ class _Reader:
             if v.dtype != self.out[c].dtype and self.out[c].dtype == np.int32:
                 self.out[c] = self.out[c].astype(np.int64)     # the first value beyond int32
             self.out[c][where] = v
-        self.users.first_unseen(self.out["user_id"][where])
+        users, first = self.users.first_unseen(self.out["user_id"][where])
+        if len(users) and self.user_columns:
+            rows = self.pa.array(first)
+            self.user_ids.append(users)
+            self.user_values.append({c: self._text(arrays.get(c), rows) for c in self.user_columns})
         ids, first = self.items.first_unseen(self.out["item_id"][where])
         if not len(ids):
             return
@@ -333,4 +356,18 @@ class _Reader:
         else:
             ids, categories, titles = np.zeros(0, dtype=np.int64), [], []
         items = _items_frame(ids, [t or "" for t in titles], [[c] if c else [] for c in categories])
-        return RawData(name, inter, items, _users_frame(self.users.sorted(), {}))
+        return RawData(name, inter, items, self._users())
+
+    def _users(self):
+        """The ``users`` frame: every user id, ascending, with each user_* feature's first value ("" = unknown)."""
+        if not self.user_ids:
+            return _users_frame(self.users.sorted(), {})
+        pa = self.pa
+        ids = np.concatenate(self.user_ids)
+        order = pa.array(np.argsort(ids, kind="stable"))
+        columns = {}
+        for c in self.user_columns:
+            chunks = [v.get(c, pa.nulls(len(u), pa.large_string())) for u, v in zip(self.user_ids, self.user_values)]
+            values = pa.chunked_array(chunks, pa.large_string()).take(order).to_pylist()
+            columns[c[len(USER_PREFIX):]] = [v or "" for v in values]
+        return _users_frame(ids[np.asarray(order)], columns)
