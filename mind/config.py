@@ -28,6 +28,7 @@ RECIPES = {
 }
 LOSSES = ("auto", "full", "sampled", "in_batch")
 ROUTING_AXES = ("interests", "behaviors")
+TABLE_OPTIMIZERS = ("auto", "adamw", "adagrad")
 #: format of the dict a checkpoint stores under "config" (1: before recipes, written by mind-kernels
 #: 0.1.0 up to the commit that introduced this file; 2: this TrainConfig)
 CONFIG_FORMAT = 2
@@ -72,7 +73,15 @@ class TrainConfig:
     epochs: int = _field(20, "maximum epochs", "--epochs")
     patience: int = _field(3, "early stopping: epochs without a better valid recall@50", "--patience")
     seed: int = _field(0, "seed of everything (initialisation, order, negatives)", "--seed")
+    table_optimizer: str = _field("auto", "optimizer of the item-id table: 'adamw' (like the rest), 'adagrad' "
+                                          "(exact Adagrad, what a sharded table trains with), 'auto' = adagrad "
+                                          "with --sharded-embeddings, else adamw",
+                                  "--table-optimizer", choices=TABLE_OPTIMIZERS)
+    table_lr: float = _field(0.05, "Adagrad learning rate of the item-id table (table optimizer adagrad)")
     # --- how it runs
+    sharded_embeddings: bool = _field(False, "under torchrun, shard the item-id table row-wise over the ranks "
+                                             "with TorchRec (the [scale] extra); the rest stays data-parallel",
+                                      "--sharded-embeddings")
     backend: str = _field("auto", "routing backend: auto, reference, cpp, triton, cuda", "--backend")
     out_dir: str = _field("runs/mind", "output folder", "--out")
     progress: bool = _field(True, "progress bars", "--no-progress")
@@ -87,15 +96,26 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("lr", "weight_decay", "diversity_lambda"):
+        for name in ("lr", "weight_decay", "diversity_lambda", "table_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name, allowed in (("recipe", tuple(RECIPES)), ("loss", LOSSES), ("softmax_over", ROUTING_AXES)):
+        for name, allowed in (("recipe", tuple(RECIPES)), ("loss", LOSSES), ("softmax_over", ROUTING_AXES),
+                              ("table_optimizer", TABLE_OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.eval_ns or min(self.eval_ns) < 1:
             raise ValueError(f"eval_ns must be cut-offs >= 1, got {self.eval_ns!r}")
+        if self.sharded_embeddings and self.dim % 4:
+            raise ValueError(f"dim must be a multiple of 4 with sharded_embeddings (FBGEMM's tables), got {self.dim}")
+        if self.sharded_embeddings and self.table_optimizer == "adamw":
+            raise ValueError("table_optimizer 'adamw' cannot train a sharded table: its update is fused into "
+                             "TorchRec's backward, where FBGEMM offers Adagrad but not Adam on CPU; use 'adagrad'")
+
+    @property
+    def table_adagrad(self) -> bool:
+        """Is the item-id table trained with Adagrad (table_optimizer, resolved)?"""
+        return self.table_optimizer == "adagrad" or (self.table_optimizer == "auto" and self.sharded_embeddings)
 
     @property
     def scoring(self) -> str:

@@ -75,7 +75,7 @@ __all__ = ["TrainConfig", "TrainResult", "build_model", "build_loss", "build_opt
 #: config fields that change the model or the optimisation; a resumed run must match them.
 _RESUME_MUST_MATCH = ("dim", "num_interests", "num_iters", "max_len", "recipe", "lr", "weight_decay", "batch_size",
                       "num_negatives", "loss", "seed", "dynamic_interests", "user_feature_dim", "hidden_mult",
-                      "softmax_over", "diversity_lambda")
+                      "softmax_over", "diversity_lambda", "table_optimizer", "table_lr", "sharded_embeddings")
 
 #: "auto" takes the exact softmax up to this many items: the fused loss streams the scores, and on
 #: MovieLens-100k the exact softmax beat the sampled one for K = 1 and K = 4 (docs/tried-and-lost.md).
@@ -122,12 +122,42 @@ def build_loss(data, config: TrainConfig, device=None) -> SoftmaxLoss:
                        config.num_negatives, config.scoring, product_dtype=auto_product_dtype(device))
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: TrainConfig):
     """AdamW over every parameter, fused (one kernel over all parameters on CPU and CUDA; the same update
-    as the per-parameter loop up to float rounding)."""
-    params = list(model.parameters())
+    as the per-parameter loop up to float rounding).  With an Adagrad table (``config.table_adagrad``)
+    the item-id table gets ``torch.optim.Adagrad`` (``table_lr``, eps :data:`mind.sharded.ADAGRAD_EPS`,
+    the update a sharded table gets) and AdamW the rest: a :class:`TableAndDenseOptimizer`."""
+    table = [model.item_id_embedding.weight] if config.table_adagrad else []
+    params = [p for p in model.parameters() if not any(p is t for t in table)]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+    dense = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+    if not table:
+        return dense
+    from .sharded import ADAGRAD_EPS
+
+    return TableAndDenseOptimizer(dense, torch.optim.Adagrad(table, lr=config.table_lr, eps=ADAGRAD_EPS))
+
+
+class TableAndDenseOptimizer:
+    """AdamW on the dense parameters and Adagrad on the item-id table, stepped together."""
+
+    def __init__(self, dense: torch.optim.Optimizer, table: torch.optim.Optimizer):
+        self.dense, self.table = dense, table
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.table.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.dense.step()
+        self.table.step()
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict(), "table": self.table.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dense.load_state_dict(state["dense"])
+        self.table.load_state_dict(state["table"])
 
 
 #: glibc's M_TOP_PAD: bytes kept at the top of the heap when it grows or is trimmed.
@@ -160,7 +190,7 @@ def routes_jagged(data, max_len: int) -> tuple[bool, float]:
 
 
 def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, hist, feats, tgt,
-                  jagged: bool = False) -> torch.Tensor:
+                  jagged: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One batch's loss: the softmax objective (+ lambda * the mean pairwise interest cosine).
 
     ``net`` is the model or its DDP wrapper (called for the forward, so DDP's hooks run);
@@ -170,17 +200,39 @@ def training_loss(net, model: MIND, loss_fn: SoftmaxLoss, config: TrainConfig, h
     With the exact softmax the whole item table is embedded once and the histories and
     targets are rows of it (the same values as embedding them apart, one genre pooling
     instead of two, and no data-dependent ``torch.unique``).  Without dynamic interests every
-    interest is active, so no mask is applied at all.
+    interest is active, so no mask is applied at all.  ``generator`` draws the sampled softmax's
+    negatives (None: the global generator).
+
+    A sharded item table (:mod:`mind.sharded`) is looked up once per step: every id the step needs
+    (histories, targets, and the negatives, drawn ahead from a copy of ``generator``) is prefetched.
     """
     table = model.item_embeddings() if loss_fn.needs_item_table() else None
+    prefetch = getattr(model.item_id_embedding, "prefetch", None)
+    if prefetch is None or table is not None:
+        return _training_loss(net, model, loss_fn, config, hist, feats, tgt, jagged, generator, table)
+    needed = [hist, tgt]
+    if loss_fn.kind == "sampled":
+        if generator is None:       # the forward draws from the global generator before the loss would
+            raise ValueError("training_loss: a sharded item table needs the negatives' own generator")
+        ahead = torch.Generator().manual_seed(0)
+        ahead.set_state(generator.get_state())
+        needed.append(loss_fn.sampler.sample(loss_fn.num_negatives, generator=ahead, device=tgt.device))
+    prefetch(*needed)
+    try:
+        return _training_loss(net, model, loss_fn, config, hist, feats, tgt, jagged, generator, table)
+    finally:
+        model.item_id_embedding.end_step()
+
+
+def _training_loss(net, model, loss_fn, config, hist, feats, tgt, jagged, generator, table) -> torch.Tensor:
     vectors, interest_mask = net(hist, feats, item_table=table, jagged=jagged)
     mask = interest_mask if model.dynamic_interests else None
     if config.scoring == "max":
-        loss = loss_fn((vectors, mask), model, tgt, item_table=table)
+        loss = loss_fn((vectors, mask), model, tgt, generator=generator, item_table=table)
     else:
         target_emb = model.embed_items(tgt) if table is None else table[tgt]
         user = label_aware_attention(vectors, target_emb, mask, config.attention_p)
-        loss = loss_fn(user, model, tgt, item_table=table)
+        loss = loss_fn(user, model, tgt, generator=generator, item_table=table)
     if config.diversity_lambda > 0:
         loss = loss + config.diversity_lambda * interest_similarity_penalty(vectors, mask)
     return loss
@@ -208,7 +260,41 @@ def _check_resumable(saved: dict, config: TrainConfig, path) -> None:
                               f"differences (saved, requested): {diffs}")
 
 
-def _resume(path: pathlib.Path, model: MIND, optimizer, config: TrainConfig) -> _Progress:
+@dataclasses.dataclass
+class _Local:
+    """The model and optimizer of a single-process or DDP run, behind the state accessors that
+    :class:`mind.sharded.ShardedTraining` has for a sharded one (there they are collectives)."""
+
+    model: MIND
+    optimizer: object
+
+    def plain_state(self) -> dict:
+        return self.model.state_dict()
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load(self, model_state: dict, optimizer_state: Optional[dict] = None) -> None:
+        self.model.load_state_dict(model_state)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+
+def _eval_model(run, data, config: TrainConfig) -> Optional[MIND]:
+    """The model rank 0 evaluates: the training model itself, or for a sharded run a single-process
+    copy with the table gathered (a collective; None on the other ranks)."""
+    if isinstance(run, _Local):
+        return run.model
+    state = run.plain_state()
+    if state is None:
+        return None
+    with torch.random.fork_rng():          # building it must not move the training's random stream
+        model = build_model(data, config)
+    model.load_state_dict(state)
+    return model
+
+
+def _resume(path: pathlib.Path, run, config: TrainConfig) -> _Progress:
     state = load_checkpoint(path, required=("model", "optimizer", "epoch", "rng", "config",
                                             "best_metric", "best_epoch", "bad_epochs", "history"))
     if state.get("config_format") != CONFIG_FORMAT:
@@ -216,8 +302,7 @@ def _resume(path: pathlib.Path, model: MIND, optimizer, config: TrainConfig) -> 
                               f"before training recipes): evaluate and export still read it, but resuming "
                               f"needs the version that wrote it")
     _check_resumable(state["config"], config, path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    run.load(state["model"], state["optimizer"])
     set_rng_state(state["rng"])
     return _Progress(int(state["epoch"]) + 1, list(state["history"]), float(state["best_metric"]),
                      int(state["best_epoch"]), int(state["bad_epochs"]))
@@ -236,6 +321,9 @@ def _train_epoch(net, model, loss_fn, optimizer, config, data, epoch: int, info,
         # per-rank negatives and b0, reproducible from (seed, epoch, rank) alone (see module doc)
         torch.manual_seed((config.seed * 100_003 + epoch) * 1_009 + info.rank)
     dev = info.device if info.enabled else None
+    # the sampled softmax's negatives, from their own generator (per epoch and rank), so that a sharded
+    # table can draw them ahead of the step (training_loss) without moving the global random stream
+    negatives = torch.Generator().manual_seed((config.seed * 100_003 + epoch) * 1_009 + info.rank)
     total, batches = 0.0, 0
     bar = tqdm(range(0, order.shape[0], step_batch), desc=f"epoch {epoch}/{config.epochs}",
                disable=not (config.progress and info.is_main), leave=False)
@@ -244,7 +332,7 @@ def _train_epoch(net, model, loss_fn, optimizer, config, data, epoch: int, info,
         feats = data.user_features[rows]
         if dev is not None:
             hist, tgt, feats = hist.to(dev), tgt.to(dev), feats.to(dev)
-        loss = training_loss(net, model, loss_fn, config, hist, feats, tgt, jagged=jagged)
+        loss = training_loss(net, model, loss_fn, config, hist, feats, tgt, jagged=jagged, generator=negatives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -260,14 +348,18 @@ def _train_epoch(net, model, loss_fn, optimizer, config, data, epoch: int, info,
     return mean
 
 
-def _save_epoch(out_dir: pathlib.Path, model, optimizer, config, epoch: int, progress: _Progress,
-                improved: bool) -> None:
-    """best.pt when the epoch improved, last.pt always, then the run's metrics and plot (rank 0)."""
-    common = {"model": model.state_dict(), "epoch": epoch, "model_config": model.config,
+def _save_epoch(out_dir: pathlib.Path, run, model_config: dict, config, epoch: int, progress: _Progress,
+                improved: bool, main: bool) -> None:
+    """best.pt when the epoch improved, last.pt always, then the run's metrics and plot (rank 0 writes;
+    every rank calls it, since a sharded run gathers its table here)."""
+    model_state, optimizer_state = run.plain_state(), run.optimizer_state()
+    if not main:
+        return
+    common = {"model": model_state, "epoch": epoch, "model_config": model_config,
               "config": config.to_dict(), "config_format": CONFIG_FORMAT}
     if improved:
         save_checkpoint({**common, "metric": progress.best_metric}, out_dir / "best.pt")
-    save_checkpoint({**common, "optimizer": optimizer.state_dict(), "rng": get_rng_state(),
+    save_checkpoint({**common, "optimizer": optimizer_state, "rng": get_rng_state(),
                      "best_metric": progress.best_metric, "best_epoch": progress.best_epoch,
                      "bad_epochs": progress.bad_epochs, "history": progress.history}, out_dir / "last.pt")
     if config.write_files:
@@ -317,11 +409,21 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     model = build_model(data, config)
     if device is not None:
         model = model.to(device)
-    optimizer = build_optimizer(model, config)
+    if config.sharded_embeddings:
+        from .sharded import shard_model
+
+        with torch.random.fork_rng():                  # sharding must not move the random stream
+            run = shard_model(model, config, info)      # the item table now lives in shards
+        model, optimizer = run.model, run.dense_optimizer
+        log(f"sharded item table: TorchRec over {run.world_size} rank(s), exact Adagrad (lr {config.table_lr}); "
+            f"plan:\n{run.plan}")
+    else:
+        run = _Local(model, build_optimizer(model, config))
+        optimizer = run.optimizer
     loss_fn = build_loss(data, config, device)
     progress = _Progress()
     if resume:
-        progress = _resume(out_dir / "last.pt", model, optimizer, config)
+        progress = _resume(out_dir / "last.pt", run, config)
         log(f"resumed from {out_dir / 'last.pt'} after epoch {progress.start_epoch - 1} (best {key} "
             f"{progress.best_metric:.4f} at epoch {progress.best_epoch})")
     elif config.write_files and main:
@@ -335,7 +437,9 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
     log(f"jagged histories: {'on' if jagged else 'off'} ({fill:.0%} of the history slots hold an item; "
         f"on at <= {JAGGED_MAX_FILL:.0%})")
     net = model
-    if info.enabled:
+    if config.sharded_embeddings:
+        net = run.dmp           # DMP: the sharded table, and DDP around the dense part
+    elif info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[info.local_rank] if info.backend == "nccl" else None)
         log(f"distributed: {info.world_size} processes ({info.backend}), global batch {config.batch_size} = "
@@ -352,8 +456,9 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
         t0 = time.time()
         train_loss = _train_epoch(net, model, loss_fn, optimizer, config, data, epoch, info, jagged, step_batch)
         row = improved = None
+        eval_model = _eval_model(run, data, config)
         if main:
-            valid = evaluate_model(model, data, data.valid, config.eval_ns, config.eval_batch_size)
+            valid = evaluate_model(eval_model, data, data.valid, config.eval_ns, config.eval_batch_size)
             row = {"epoch": epoch, "train_loss": train_loss,
                    **{f"valid_{k}": v for k, v in valid.items()}, "seconds": time.time() - t0}
             improved = row[key] > progress.best_metric
@@ -363,22 +468,24 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
             progress.best_metric, progress.best_epoch, progress.bad_epochs = row[key], epoch, 0
         else:
             progress.bad_epochs += 1
-        if main:
-            _save_epoch(out_dir, model, optimizer, config, epoch, progress, improved)
+        _save_epoch(out_dir, run, model.config, config, epoch, progress, improved, main)
         log(f"epoch {epoch}: loss {row['train_loss']:.4f}  {key} {row[key]:.4f}"
             f"{'  (best)' if improved else ''}  [{row['seconds']:.1f}s]")
         D.barrier(info)  # checkpoints are on disk before any rank moves on
 
     # 4. the replicas agree; the best epoch's weights on valid and test
     if info.enabled:
-        sums = D.all_gather_object(D.params_checksum(model), info)
+        mine = run.dense_checksum() if config.sharded_embeddings else D.params_checksum(model)
+        sums = D.all_gather_object(mine, info)
         if len(set(sums)) != 1:
             raise RuntimeError(f"distributed replicas disagree after training: parameter checksums {sums}")
         log(f"distributed: the {info.world_size} replicas agree (parameter checksum {sums[0]:.6f})")
+    model = _eval_model(run, data, config)
+    if model is not None:
         model = model.cpu()
-    if progress.best_epoch > 0:
-        model.load_state_dict(load_checkpoint(out_dir / "best.pt", required=("model",))["model"])
-    model.eval()
+        if progress.best_epoch > 0:
+            model.load_state_dict(load_checkpoint(out_dir / "best.pt", required=("model",))["model"])
+        model.eval()
     valid = test = None
     if main:
         valid, test = _final_evaluation(model, data, config, out_dir, progress.best_epoch)
