@@ -176,11 +176,9 @@ class ShardedTraining:
 
     def load(self, plain_state: dict, optimizer_state: Optional[dict] = None) -> None:
         """Restore from a single-process layout (every rank reads the same checkpoint)."""
-        dense = {k: v for k, v in plain_state.items() if k != PLAIN_KEY}
-        missing, unexpected = self.model.load_state_dict(dense, strict=False)
-        missing = [k for k in missing if k != SHARDED_KEY]
-        if missing or unexpected:
-            raise RuntimeError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+        state = {k: v for k, v in plain_state.items() if k != PLAIN_KEY}
+        state[SHARDED_KEY] = self._weight()         # TorchRec's load hook wants its own key: itself, for now
+        self.model.load_state_dict(state)
         self._scatter(self._weight(), plain_state[PLAIN_KEY])
         if optimizer_state is not None:
             self.dense_optimizer.load_state_dict(optimizer_state["dense"])
