@@ -45,7 +45,7 @@ ifneq ($(shell cat $(INPLACE_FOR)),$(abspath $(VENV)))
 endif
 endif
 
-.PHONY: setup demo test test-cpu-only bench clean check-install
+.PHONY: setup demo test test-cpu-only scale-cpu bench clean check-install
 
 $(BIN)/python:
 	@echo "[setup 1/4] creating the virtual environment $(VENV) with $(PYTHON) and upgrading its pip (~5 s)"
@@ -91,12 +91,21 @@ test: setup
 	$(BIN)/python -m mind_kernels.selftest --quick
 	$(BIN)/python -m pytest -q
 
-# The reference, API and CPU-kernel tests against a CPU-only torch build (CI keeps this install path working).
-test-cpu-only:
-	$(MAKE) --no-print-directory setup VENV=$(CPU_VENV) TORCH_SPEC="$(CPU_TORCH_SPEC)"
+# The reference, API and CPU-kernel tests against a CPU-only torch build (CI keeps this install path working),
+# and the sharded-table tests with the [scale] packages (TorchRec + FBGEMM's CPU build for this torch; the CUDA
+# venv of `make test` does not have them and skips those tests, saying so).
+test-cpu-only: scale-cpu
 	$(CPU_VENV)/bin/python -m mind_kernels.info
 	$(CPU_VENV)/bin/python -m pytest -q tests/test_reference.py tests/test_api.py tests/test_layers.py tests/test_cpu_kernel.py \
-		tests/test_best_interest_ce.py
+		tests/test_best_interest_ce.py tests/test_sharded.py
+
+scale-cpu: $(CPU_VENV)/.scale
+
+$(CPU_VENV)/.scale: requirements/scale.txt
+	$(MAKE) --no-print-directory setup VENV=$(CPU_VENV) TORCH_SPEC="$(CPU_TORCH_SPEC)"
+	@echo "[scale] installing requirements/scale.txt into $(CPU_VENV) with --no-deps: torchrec 1.9.2, fbgemm-gpu-cpu 1.8.0, ... (~40 MB, ~20 s)"
+	@$(CPU_VENV)/bin/python -m pip --disable-pip-version-check install --no-deps -r requirements/scale.txt --progress-bar off 2>&1 | $(RESULT_LINES)
+	@touch $@
 
 # The install paths a user takes (wheel, [mind] extra, plain pip install .), in fresh venvs (CI; needs $(CPU_VENV)).
 check-install:

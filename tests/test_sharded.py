@@ -10,6 +10,7 @@ differs by 1e-5..1e-3 from step 2 on (both were seen while building it) and fail
 Without torchrec installed these tests are skipped, except the one that checks the error line.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -23,12 +24,14 @@ import torch
 
 from mind import cli
 from mind.checkpoint import load_checkpoint
-from mind.sharded import INSTALL, torchrec_available
+from mind.sharded import INSTALL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--data", "synthetic", "--synthetic-users", "300", "--dim", "16", "--negatives", "50",
           "--batch-size", "128", "--no-progress", "--threads", "1", "--loss", "sampled", "--seed", "0"]
-needs_torchrec = pytest.mark.skipif(not torchrec_available(), reason="torchrec is not installed (the [scale] extra)")
+# find_spec, not an import: importing torchrec here would load FBGEMM into every later test of this process
+needs_torchrec = pytest.mark.skipif(importlib.util.find_spec("torchrec") is None,
+                                    reason="torchrec is not installed (the [scale] extra: requirements/scale.txt)")
 
 
 def _free_port() -> int:
