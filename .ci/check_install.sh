@@ -66,7 +66,7 @@ step 3/4 "the [mind] extra: python -m mind --help, and one epoch on toy data"
 "$V" -m pip install "${PIP_FLAGS[@]}" "$WHEEL[mind]" | sed -n '/^Successfully/p'
 "$V" -m mind --help > "$WORK/help.txt" || { cat "$WORK/help.txt"; fail "python -m mind --help"; }
 head -n 2 "$WORK/help.txt"
-"$V" -m mind train --data synthetic --synthetic-users 60 --synthetic-items 80 --epochs 1 --dim 16 \
+"$V" -m mind train --data synthetic --users 60 --items 80 --epochs 1 --dim 16 \
   --out "$WORK/run" --no-progress > "$WORK/train.log" 2>&1 || { tail -n 30 "$WORK/train.log"; fail "mind train"; }
 tail -n 2 "$WORK/train.log"
 

@@ -32,6 +32,10 @@ over the whole catalogue (in blocks, so a million-item catalogue never needs a f
 
 Returns ``(items (U, n) int64, scores (U, n) float32)``, padded with -1 / -inf when fewer
 than n items are eligible: the format of ``retrieve_topk``.
+
+That is the ``max`` merge of :mod:`mind.merge`.  Its ``quota`` and ``diverse`` rules take each
+interest's own top-m from the index through :func:`propose_per_interest` (then drop the excluded
+items and rescore in float64 there), so serving through an index works with every rule.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .evaluate import _F32_EPS, _exact_scores, _propose_faiss, _rank, normalize_exclude
+from .merge import _F32_EPS, _exact_scores, _propose_faiss, _rank, normalize_exclude
 
 KINDS = ("exact", "ivf", "hnsw")
 _FULL_BLOCK = 65536  # catalogue rows per float64 block in the exact fallback (32 MiB at d = 64)
@@ -69,6 +73,14 @@ class AnnIndex:
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
+
+    def search(self, user_vectors, n: int, exclude: list | None = None, chunk_size: int = 1024):
+        """:func:`search` on this index (what ``mind.merge`` calls for the ``max`` rule)."""
+        return search(self, user_vectors, n, exclude=exclude, chunk_size=chunk_size)
+
+    def propose(self, user_vectors, p: int) -> np.ndarray:
+        """:func:`propose_per_interest` on this index (``mind.merge``'s ``quota`` and ``diverse`` candidates)."""
+        return propose_per_interest(self, user_vectors, p)
 
     def set_search_params(self, **params) -> None:
         """Change query-time knobs in place: ``nprobe`` (ivf) or ``efSearch`` (hnsw)."""
@@ -232,3 +244,20 @@ def _propose_approx(index, uv: torch.Tensor, excl: list, n: int, num_items: int)
             cands = cands[~np.isin(cands, excl[b])]
         out.append((cands.astype(np.int64), -math.inf))
     return out
+
+
+def propose_per_interest(index: AnnIndex, uv, p: int) -> np.ndarray:
+    """Each interest vector's top-p items from the index, unranked and unfiltered: (U, K, p) int64
+    item indices (faiss position + 1; 0 where faiss returned nothing).  ``mind.merge`` removes the
+    excluded items, rescores in float64 and ranks (the ``quota`` and ``diverse`` rules' candidates)."""
+    uv = torch.as_tensor(uv).detach().to("cpu", torch.float32)
+    if uv.dim() == 2:
+        uv = uv[:, None, :]
+    B, K, d = uv.shape
+    if d != index.dim:
+        raise ValueError(f"user_vectors must be (U, K, {index.dim}), got {tuple(uv.shape)}")
+    p = int(min(max(p, 1), index.num_items))
+    if B == 0 or index.num_items == 0:
+        return np.zeros((B, K, p), dtype=np.int64)
+    _, I = index.index.search(np.ascontiguousarray(uv.reshape(B * K, d).numpy()), p)
+    return (I.reshape(B, K, p) + 1).astype(np.int64)

@@ -1,4 +1,4 @@
-"""``python -m mind``: prepare, train, evaluate, export, recommend, explain, quality.
+"""``python -m mind``: prepare, train, evaluate, export, recommend, explain, quality, frontier, serve.
 
 Typical session::
 
@@ -10,6 +10,9 @@ Typical session::
     python -m mind recommend --model runs/mind/model --history 50,172,181 -n 10
     python -m mind explain --model runs/mind/model --history 50,172,181,1,121,9
     python -m mind quality --out runs/quality                      # the MostPopular / K=1 / K=4 table
+    python -m mind serve --model runs/mind/model --port 8000       # HTTP: /recommend, /metrics, / (mind/service/)
+    python -m mind recommend --model runs/mind/model --history 50,172,181 --merge diverse --diversity 0.1
+    python -m mind frontier --runs runs/frontier --out runs/frontier/out   # Recall vs Diversity, K=4 vs K=1
 
 Multi-process training: run ``train`` under torchrun, e.g.
 ``torchrun --nproc_per_node 4 -m mind train --data ml-100k --out runs/ddp`` (gloo on CPUs, NCCL
@@ -56,10 +59,10 @@ def _add_data_args(p: argparse.ArgumentParser, max_len: bool = True) -> argparse
         g.add_argument("--max-len", type=int, default=20,
                        help="history length (evaluate/export take the checkpoint's own; default 20)")
     g.add_argument("--split-seed", type=int, default=2020, help="seed of the 8:1:1 user split (default 2020)")
-    g.add_argument("--synthetic-users", type=int, default=300, help="users of --data synthetic (default 300)")
-    g.add_argument("--synthetic-items", type=int, default=400, help="items of --data synthetic (default 400)")
-    g.add_argument("--planted-users", type=int, default=4000, help="users of --data planted (default 4000)")
-    g.add_argument("--planted-items", type=int, default=2048, help="items of --data planted (default 2048)")
+    g.add_argument("--users", type=int, default=None,
+                   help="users of a generated dataset (default: 300 for --data synthetic, 4000 for planted)")
+    g.add_argument("--items", type=int, default=None,
+                   help="items of a generated dataset (default: 400 for --data synthetic, 2048 for planted)")
     g.add_argument("--planted-clusters", type=int, default=128,
                    help="clusters of --data planted, on a 3-d latent sphere (default 128; use --dim 16 << clusters)")
     g.add_argument("--planted-kappa", type=float, default=float("inf"),
@@ -76,10 +79,9 @@ def load_raw(args, progress: bool = False):
     if kind == "ml-100k":
         raw = D.load_recbole(D.fetch_movielens_100k())
     elif kind == "synthetic":
-        raw, _ = D.make_synthetic(num_users=getattr(args, "synthetic_users", 300),
-                                  num_items=getattr(args, "synthetic_items", 400))
+        raw, _ = D.make_synthetic(**D.generated_size("synthetic", args.users, args.items))
     elif kind == "planted":
-        raw, _ = D.make_planted(num_users=args.planted_users, num_items=args.planted_items,
+        raw, _ = D.make_planted(**D.generated_size("planted", args.users, args.items),
                                 num_clusters=args.planted_clusters, kappa=args.planted_kappa,
                                 seed=args.planted_seed)
     else:
@@ -150,6 +152,10 @@ def _train(args, info) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if cfg.sharded_embeddings:
+        from .sharded import INSTALL, torchrec_available
+        if not torchrec_available():
+            raise UsageError(INSTALL)
     _threads(args.threads)
     if not info.is_main:
         D.barrier(info)        # rank 0 loads first (it may download and cache the dataset)
@@ -203,13 +209,35 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _merge_args(args) -> tuple[str, float, int]:
+    """--merge, --diversity, --candidates checked by mind.merge (a bad value is an ``error:`` line)."""
+    from .merge import check_merge
+
+    try:
+        merge, lam = check_merge(args.merge, args.diversity, candidates=args.candidates)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None       # every message starts with the argument's name
+    return merge, lam, args.candidates
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--merge", default="max", help="how the interests' lists are merged (mind/merge.py): 'max' "
+                   "(each item by its best interest; default), 'quota' (the interests take turns) or 'diverse' "
+                   "(ComiRec's greedy: score + LAMBDA x the number of listed items of a different category)")
+    p.add_argument("--diversity", default="0", metavar="LAMBDA",
+                   help="lambda >= 0 of --merge diverse (default 0: the 'max' list)")
+    p.add_argument("--candidates", type=_positive_int, default=200,
+                   help="items per interest that --merge quota/diverse choose from (default 200)")
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_model, write_metrics
 
+    merge, lam, cands = _merge_args(args)
     _threads(args.threads)
     model, data, ns = _model_from_checkpoint(args)
-    valid = evaluate_model(model, data, data.valid, ns)
-    test = evaluate_model(model, data, data.test, ns)
+    valid = evaluate_model(model, data, data.valid, ns, merge=merge, diversity=lam, candidates=cands)
+    test = evaluate_model(model, data, data.test, ns, merge=merge, diversity=lam, candidates=cands)
     print(_fmt_metrics([("valid", valid), ("test", test)], ns))
     if args.out:
         paths = write_metrics([{"split": "valid", **valid}, {"split": "test", **test}], args.out)
@@ -241,9 +269,11 @@ def _history(text: str) -> list[str]:
 def cmd_recommend(args) -> int:
     from .serve import load
 
+    merge, lam, cands = _merge_args(args)
     rec = load(args.model)
     try:
-        items = rec.recommend(_history(args.history), n=args.n, exclude_history=not args.include_history)
+        items = rec.recommend(_history(args.history), n=args.n, exclude_history=not args.include_history,
+                              merge=merge, diversity=lam, candidates=cands)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -272,6 +302,33 @@ def cmd_quality(args) -> int:
 
     _threads(args.threads)
     run_quality(out_dir=args.out, seeds=tuple(range(args.seeds)), epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
+def cmd_frontier(args) -> int:
+    from .frontier import run_frontier
+
+    _threads(args.threads)
+    run_frontier(args, load_data, error=UsageError)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve --model over HTTP until SIGINT / SIGTERM (mind/service/, the [serve] extra; docs/serving.md)."""
+    try:
+        from .service import Limits, ServiceConfig, serve
+        from .service.app import token_from_env
+    except ImportError as e:
+        raise UsageError(f"serve needs the [serve] extra ({e}); pip install starlette uvicorn prometheus-client") from None
+    _threads(args.threads)
+    token = args.admin_token or token_from_env()
+    if args.admin_expose and not token:
+        raise UsageError("--admin-expose needs a token: --admin-token TOKEN or $MIND_SERVE_ADMIN_TOKEN")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_history=args.max_history, max_users=args.max_users,
+                    max_n=args.max_n)
+    serve(ServiceConfig(model=args.model, host=args.host, port=args.port, index=args.index,
+                        max_wait_ms=args.max_wait_ms, max_batch=1 if args.no_batching else args.max_batch,
+                        max_queue=args.max_queue, limits=limits, admin_token=token, admin_expose=args.admin_expose))
     return 0
 
 
@@ -317,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train")
     p.add_argument("--out", help="write <out>.json and <out>.csv")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    _add_merge_args(p)
     _add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -344,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", required=True, help="raw item ids, oldest first, e.g. 50,172,181")
     p.add_argument("-n", type=int, default=20, help="how many items (default 20)")
     p.add_argument("--include-history", action="store_true", help="allow items of the history in the list")
+    _add_merge_args(p)
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("explain", help="show which history items formed each interest",
@@ -365,6 +424,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("frontier", help="Recall@50 against Diversity@50 of the merge rules, K=4 vs K=1, over seeds",
+                       description="Sweep the diverse merge's lambda for MIND K=4 and K=1 (the same re-ranking of "
+                                   "one vector's candidates) over seeds: Recall@50, NDCG@50, Diversity@50, "
+                                   "Coverage@50 per lambda on valid and test, lambda chosen on valid; writes "
+                                   "frontier.md/.csv/.json/.png into --out (mind/frontier.py). Missing models in "
+                                   "--runs are trained first, one at a time.")
+    p.add_argument("--runs", required=True, help="folder of the K{4,1}_seed{S}/best.pt runs (missing ones are trained)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0 1 2 3 4)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=None,
+                   help="lambdas of the diverse merge (default: 16 from 0 to 5, mind/frontier.py DEFAULT_LAMBDAS)")
+    p.add_argument("--candidates", type=_positive_int, default=200,
+                   help="m: items per interest in K=4's pool; K=1's baseline pool is 4 x m (default 200)")
+    p.add_argument("--train-args", default=None,
+                   help="extra flags for training a missing run (default: none; '--dim 16 --lr 0.01' for planted)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_frontier)
+
+    p = sub.add_parser("serve", help="serve an export folder over HTTP (recommend, batch, metrics, hot swap)",
+                       description="Serve a folder written by export (native, aoti or onnx) on an ASGI stack "
+                                   "(Starlette + uvicorn): POST /recommend and /recommend/batch, GET /healthz, "
+                                   "/readyz, /metrics (Prometheus), / (a page to try it), POST /admin/reload "
+                                   "(hot swap; SIGHUP reloads the same folder). Concurrent requests are batched "
+                                   "into one model call. See docs/serving.md.")
+    p.add_argument("--model", required=True, help="folder written by export")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--index", default="export", choices=["export", "none", "exact", "ivf", "hnsw"],
+                   help="retrieval index: the kind meta.json records for items.faiss (export, default), exact "
+                        "brute force without faiss (none), or a kind with mind.ann's defaults")
+    p.add_argument("--max-wait-ms", type=float, default=1.0,
+                   help="dynamic batching: longest wait for more requests before a model call (default 1.0)")
+    p.add_argument("--max-batch", type=_positive_int, default=64, help="users per model call (default 64)")
+    p.add_argument("--no-batching", action="store_true", help="one model call per request (= --max-batch 1)")
+    p.add_argument("--max-queue", type=_positive_int, default=4096,
+                   help="users waiting at most; beyond, 503 (default 4096)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                   help="largest request body, else 413 (default 1 MiB)")
+    p.add_argument("--max-history", type=_positive_int, default=10_000, help="ids in one history (default 10000)")
+    p.add_argument("--max-users", type=_positive_int, default=1_000, help="users in one batch request (default 1000)")
+    p.add_argument("--max-n", type=_positive_int, default=1_000, help="largest n (default 1000)")
+    p.add_argument("--admin-expose", action="store_true",
+                   help="let non-loopback clients use /admin/* (needs --admin-token)")
+    p.add_argument("--admin-token", default=None,
+                   help="token the admin routes require (Authorization: Bearer ...); default $MIND_SERVE_ADMIN_TOKEN")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

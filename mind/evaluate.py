@@ -1,10 +1,15 @@
 """Full-corpus retrieval and top-N metrics (Recall, HitRate, NDCG @ N), plus MostPopular.
 
-Retrieval rule (MIND's serving): each of a user's K interest vectors retrieves its top-n
+Retrieval rule (MIND's serving, the ``max`` merge of :mod:`mind.merge`; ``evaluate_model(...,
+merge="quota" | "diverse")`` scores the other rules through the same module): each of a user's K
+interest vectors retrieves its top-n
 items by inner product, the K lists are merged, an item keeps its best score, and the n
 best remain. That equals ranking every item by ``max_k <u_k, e_i>`` (an item in the merged
 top-n is in the top-n of the interest that gives its best score), which is what is
 computed. Ties are broken by the lower item index.
+
+The retrieval (``retrieve_topk`` and its helpers) is implemented in :mod:`mind.merge`, beside the
+other merge rules, and re-exported here.
 
 Exactness and identical results with and without faiss: both paths only *propose*
 candidates (faiss IndexFlatIP or a torch float32 matmul + topk, over-fetching a few). The
@@ -26,182 +31,17 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import pathlib
 
 import numpy as np
 import torch
 
 from .diversity import beyond_accuracy
+# the retrieval (the ``max`` merge) lives with the other merge rules in mind/merge.py; re-exported here
+from .merge import (_F32_EPS, _exact_scores, _propose_faiss, _propose_torch, _rank,  # noqa: F401
+                    Categories, faiss_available, merged_topn, normalize_exclude, pair_scores, retrieve_topk)
 from .metrics import evaluate_rankings, hit_rate_at_n, ndcg_at_n, recall_at_n  # noqa: F401 (re-exported)
 from .model import MIND, retrieval_vectors
-
-_F32_EPS = float(np.finfo(np.float32).eps)
-
-
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _exact_scores(u64: np.ndarray, e64: np.ndarray) -> np.ndarray:
-    """(K, d) interests x (C, d) items -> (C,) float64 max_k <u_k, e_c>.
-
-    Elementwise product then a row sum, one interest at a time, so a (user, item) pair gets
-    bit-identical scores whichever other items are scored with it (a matmul's blocking
-    could change the rounding).
-    """
-    out = np.full(len(e64), -np.inf)
-    for k in range(len(u64)):
-        np.maximum(out, (e64 * u64[k]).sum(axis=1), out=out)
-    return out
-
-
-def _rank(items: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best n of (items, scores) by score desc, then item asc."""
-    order = np.lexsort((items, -scores))[:n]
-    return items[order], scores[order]
-
-
-def _propose_torch(uv: torch.Tensor, E: torch.Tensor, excl: list[np.ndarray], m: int):
-    """Candidates per user from a float32 matmul + topk of max_k scores.
-
-    Returns [(candidate items, bound)], bound = the best float32 score of any eligible item
-    not proposed (-inf when every eligible item is proposed).
-    """
-    B, K, d = uv.shape
-    s = (uv.reshape(B * K, d) @ E.T).view(B, K, -1).amax(dim=1)
-    s[:, 0] = -math.inf
-    lens = np.array([len(x) for x in excl])
-    if lens.sum():
-        rows = torch.from_numpy(np.repeat(np.arange(B), lens))
-        s[rows, torch.from_numpy(np.concatenate(excl))] = -math.inf
-    m = min(m, s.shape[1])
-    vals, idx = (t.numpy() for t in torch.topk(s, m, dim=1))
-    exhaustive = m == s.shape[1]
-    return [(idx[b][vals[b] > -np.inf].astype(np.int64),
-             -math.inf if exhaustive else float(vals[b, -1])) for b in range(B)]
-
-
-def _propose_faiss(index, uv: torch.Tensor, excl: list[np.ndarray], m: int, num_items: int):
-    """Candidates per user from faiss: each interest's top (m + |exclude|) items, merged by
-    best score, excluded removed, the best m kept. An unproposed item either was never
-    returned (its score for interest k is <= that list's last score) or was cut (<= the
-    best cut score), so bound = the larger of the two."""
-    B, K, d = uv.shape
-    mk = min(m + max([len(x) for x in excl] + [0]), num_items)  # room for excluded hits
-    D, I = index.search(np.ascontiguousarray(uv.reshape(B * K, d).numpy()), mk)
-    D, I = D.reshape(B, K * mk), I.reshape(B, K * mk) + 1  # index position p holds item p+1
-    last = -np.inf if mk == num_items else D.reshape(B, K, mk)[:, :, -1].max(axis=1)
-    out = []
-    for b in range(B):
-        ok = (I[b] > 0) & ~np.isin(I[b], excl[b])
-        items, sc = I[b][ok], D[b][ok]
-        order = np.lexsort((-sc, items))  # by item, best score first
-        items, sc = items[order], sc[order]
-        first = np.ones(len(items), dtype=bool)
-        first[1:] = items[1:] != items[:-1]
-        items, sc = items[first], sc[first]
-        bound = -math.inf if mk == num_items else float(last[b])
-        if len(items) > m:
-            top = np.argpartition(-sc, m)
-            bound = max(bound, float(sc[top[m:]].max()))
-            items = items[top[:m]]
-        out.append((items.astype(np.int64), bound))
-    return out
-
-
-def normalize_exclude(exclude, num_users: int, num_items: int) -> list:
-    """Per-user int64 arrays of item indices to leave out (None = none); ValueError if out of 0..num_items."""
-    if exclude is None:
-        return [np.zeros(0, np.int64)] * num_users
-    if len(exclude) != num_users:
-        raise ValueError(f"exclude has {len(exclude)} entries for {num_users} users")
-    exclude = [np.asarray(x, dtype=np.int64).reshape(-1) for x in exclude]
-    for x in exclude:
-        if len(x) and (x.min() < 0 or x.max() > num_items):
-            bad = x[(x < 0) | (x > num_items)][:5]
-            raise ValueError(f"exclude holds item indices outside 0..{num_items}: {bad}")
-    return exclude
-
-
-def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: int,
-                  exclude: list | None = None, use_faiss: bool | None = None,
-                  chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-n items per user by ``max_k <user_vectors[u, k], item_embeddings[i]>``, i >= 1.
-
-    user_vectors: (U, K, d) interest vectors (K may be 1) or (U, d); a tensor (any device,
-    float dtype) or a numpy array, like item_embeddings.
-    item_embeddings: (num_items+1, d); row 0 is padding and never returned.
-    exclude: per user, item indices never to return (e.g. the seen history).
-    use_faiss: True = faiss IndexFlatIP proposes candidates, False = torch, None = faiss when
-    importable. Results are identical either way (see the module docstring).
-    chunk_size: users per proposal batch (the torch path lowers it to bound memory).
-
-    Returns (items (U, n) int64, scores (U, n) float32), padded with -1 / -inf when fewer
-    than n items are eligible.
-    """
-    uv = torch.as_tensor(user_vectors).detach().to("cpu", torch.float32)
-    if uv.dim() == 2:
-        uv = uv[:, None, :]
-    if uv.dim() != 3:
-        raise ValueError(f"user_vectors must be (U, K, d) or (U, d), got {tuple(user_vectors.shape)}")
-    E = torch.as_tensor(item_embeddings).detach().to("cpu", torch.float32).contiguous()
-    if E.dim() != 2 or E.shape[1] != uv.shape[2]:
-        raise ValueError(f"item_embeddings must be (num_items+1, {uv.shape[2]}), got {tuple(E.shape)}")
-    if not (torch.isfinite(uv).all() and torch.isfinite(E).all()):
-        raise ValueError("user_vectors and item_embeddings must be finite")
-    U, K, d = uv.shape
-    N = E.shape[0] - 1
-    exclude = normalize_exclude(exclude, U, N)
-    if use_faiss is None:
-        use_faiss = faiss_available()
-
-    items = np.full((U, n), -1, dtype=np.int64)
-    scores = np.full((U, n), -np.inf, dtype=np.float32)
-    if U == 0 or n <= 0 or N <= 0:
-        return items, scores
-
-    E64 = E.numpy().astype(np.float64)
-    U64 = uv.numpy().astype(np.float64)
-    e_norm = float(torch.linalg.vector_norm(E[1:], dim=1).max())
-    u_norm = torch.linalg.vector_norm(uv, dim=2).amax(dim=1).numpy()
-    # |float32 dot - exact dot| <= d * eps * sum|u_i e_i| <= d * eps * |u| |e|; doubled for safety.
-    tol = 2.0 * d * _F32_EPS * u_norm * e_norm
-    margin = n + max(8, n // 4)
-    index = None
-    if use_faiss:
-        import faiss
-        index = faiss.IndexFlatIP(d)
-        index.add(np.ascontiguousarray(E[1:].numpy()))
-    all_items = np.arange(1, N + 1, dtype=np.int64)
-
-    if index is None:
-        # The torch proposal holds a (chunk * K, N+1) float32 score block: cap it at 2**26
-        # entries (256 MiB) whatever chunk_size asks for.
-        chunk_size = max(1, min(chunk_size, 2**26 // (K * (N + 1))))
-    for start in range(0, U, chunk_size):
-        stop = min(start + chunk_size, U)
-        excl = exclude[start:stop]
-        if index is not None:
-            proposals = _propose_faiss(index, uv[start:stop], excl, margin, N)
-        else:
-            proposals = _propose_torch(uv[start:stop], E, excl, margin)
-        for b, (cands, bound) in enumerate(proposals):
-            u = start + b
-            top_i, top_s = _rank(cands, _exact_scores(U64[u], E64[cands]), n)
-            nth = top_s[-1] if len(top_s) == n else -np.inf
-            if bound > -np.inf and not nth > bound + tol[u]:
-                # An unproposed item might tie or beat the n-th: rank the whole catalogue.
-                cands = np.setdiff1d(all_items, excl[b])
-                top_i, top_s = _rank(cands, _exact_scores(U64[u], E64[cands]), n)
-            items[u, :len(top_i)] = top_i
-            scores[u, :len(top_s)] = top_s
-    return items, scores
-
 
 def most_popular_rankings(item_counts: np.ndarray, num_users: int, n: int,
                           exclude: list | None = None) -> np.ndarray:
@@ -286,19 +126,42 @@ def user_vectors(model: MIND, histories, user_features, batch_size: int = 1024) 
     return retrieval_vectors(*user_interests(model, histories, user_features, batch_size))
 
 
-@torch.no_grad()
-def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024) -> dict:
-    """Recall / HitRate / NDCG @ns on an EvalSplit with full-catalogue retrieval, seen items excluded,
-    plus mind.diversity.beyond_accuracy: interest_cosine, diversity@N, coverage@N and
-    recall@N_entropy_{low,mid,high} (None where undefined, e.g. interest_cosine for K=1)."""
-    feats = _long(data.user_features)[_long(split.user_index)]
-    interests, imask = user_interests(model, split.histories, feats, batch_size)
-    vectors = retrieval_vectors(interests, imask)
+def split_rankings(model: MIND, data, split, n: int, batch_size: int = 1024, merge: str = "max",
+                   diversity: float = 0.0, candidates: int = 200, interests=None) -> np.ndarray:
+    """The (U, n) ranked lists (-1 padded) of a split's users with full-catalogue retrieval, seen items
+    excluded, merged by ``merge`` (``mind.merge.merged_topn``: the rule serving uses; ``diverse``'s g from
+    ``data.item_genres``, else the item-vector cosine).  ``interests``: (V, mask) of
+    :func:`user_interests` when already computed."""
+    if interests is None:
+        feats = _long(data.user_features)[_long(split.user_index)]
+        interests = user_interests(model, split.histories, feats, batch_size)
     was_training = model.training
     model.eval()
-    table = model.item_embeddings()
+    with torch.no_grad():
+        table = model.item_embeddings().cpu().numpy()
     model.train(was_training)
-    ranked, _ = retrieve_topk(vectors.numpy(), table.cpu().numpy(), max(ns), exclude=split.full_histories)
+    cats = Categories(np.asarray(data.item_genres)) if merge == "diverse" else None
+    ranked = np.full((len(split.full_histories), n), -1, dtype=np.int64)   # a catalogue under n items: padded
+    got, _ = merged_topn(interests[0], min(n, table.shape[0] - 1), table=table, active=interests[1],
+                         exclude=split.full_histories, merge=merge, diversity=diversity, candidates=candidates,
+                         categories=cats, use_faiss=None)
+    ranked[:, :got.shape[1]] = got
+    return ranked
+
+
+@torch.no_grad()
+def evaluate_model(model: MIND, data, split, ns=(20, 50), batch_size: int = 1024, merge: str = "max",
+                   diversity: float = 0.0, candidates: int = 200) -> dict:
+    """Recall / HitRate / NDCG @ns on an EvalSplit with full-catalogue retrieval, seen items excluded,
+    plus mind.diversity.beyond_accuracy: interest_cosine, diversity@N, coverage@N and
+    recall@N_entropy_{low,mid,high} (None where undefined, e.g. interest_cosine for K=1).
+
+    ``merge``, ``diversity``, ``candidates``: how the K lists are merged (``mind.merge``; the lists
+    are the ones ``mind.serve.Recommender.recommend_batch`` returns for the same interests)."""
+    feats = _long(data.user_features)[_long(split.user_index)]
+    interests, imask = user_interests(model, split.histories, feats, batch_size)
+    ranked = split_rankings(model, data, split, max(ns), batch_size, merge, diversity, candidates,
+                            interests=(interests, imask))
     metrics = evaluate_rankings(ranked, split.targets, ns=tuple(ns))
     metrics.update(beyond_accuracy(ranked, split.targets, split.histories, data.item_genres, int(data.num_items),
                                    ns=tuple(ns), vectors=interests, mask=imask))

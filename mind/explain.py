@@ -5,8 +5,8 @@ behaviour i contributes to interest j (softmax over interests, so each column su
 Each behaviour is assigned to its argmax_j w_ij; an interest is described by its
 assigned items, their most common genres, its own top recommendations (items ranked
 by V_j . e_i alone, history excluded) and their genres, and its share of the user's
-merged list (the top ``merged_n`` items by max_j V_j . e_i, as ``recommend`` ranks them:
-how many of them interest j scores best).  An interest that no behaviour has as its
+merged list (the ``merged_n`` items ``recommend`` returns with the same ``merge`` and
+``diversity``, from :mod:`mind.merge`: how many of them interest j scores best).  An interest that no behaviour has as its
 strongest is still formed (from the weights it gets everywhere) and is said to be so.
 """
 
@@ -24,7 +24,8 @@ from .serve import Recommender
 
 @torch.no_grad()
 def explain(rec: Recommender, history: Sequence, png: Optional[str | pathlib.Path] = None,
-            top_n: int = 5, user_features=None, merged_n: int = 50) -> dict:
+            top_n: int = 5, user_features=None, merged_n: int = 50, merge: str = "max",
+            diversity: float = 0.0, candidates: int = 200) -> dict:
     """Describe each active interest of ``history``; optionally save a coupling-weight heatmap PNG.
 
     Returns ``{"interests": [{"interest", "items": [(raw id, title, genres, weight)], "top_genres",
@@ -44,8 +45,15 @@ def explain(rec: Recommender, history: Sequence, png: Optional[str | pathlib.Pat
     scores[:, 0] = -np.inf
     scores[:, np.unique(mapped[0])] = -np.inf
 
+    from .merge import check_merge, merged_topn
+
+    merged_n = min(merged_n, rec.num_items)
+    check_merge(merge, diversity, merged_n, rec.num_items, candidates)
     masked = np.where(active[:, None], scores, -np.inf)
-    merged = np.argsort(-masked.max(axis=0), kind="stable")[:merged_n]   # the list recommend() returns
+    merged, _ = merged_topn(v.float(), merged_n, table=rec.item_table, active=imask, exclude=[mapped[0]],
+                            merge=merge, diversity=diversity, candidates=candidates, index=rec.index,
+                            categories=rec.categories if merge == "diverse" else None)
+    merged = merged[0][merged[0] > 0]                           # the list recommend() returns
     winner = masked[:, merged].argmax(axis=0)
 
     interests, lines = [], []

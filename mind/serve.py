@@ -37,7 +37,8 @@ Bad input, and what serving does with it (each case has a test in tests/test_ser
 * Histories longer than ``max_len`` keep the most recent ``max_len`` items (the last ones
   in the list), exactly as training did, so the interests and the list equal those of the
   truncated history; exclusion of seen items still uses the whole history.
-* ``n < 1`` raises ValueError; when fewer than ``n`` items are eligible the list is shorter.
+* ``n < 1`` or ``n`` larger than the catalogue raises ValueError; when fewer than ``n`` items are
+  eligible (the rest are in the history) the list is shorter.
 
 * A bad model folder (missing, a checkpoint file in its place, a missing, truncated or corrupt
   meta.json / items.json / item_embeddings.npy) raises :class:`ModelFormatError` naming the file;
@@ -50,8 +51,21 @@ scales with the batch (see bench/bench_serving.py).  A user's list equals the on
 model round differently for another batch composition (scores agree to ~1e-6 relative), so
 only items whose scores tie to that precision could swap places.
 
-Scores: score(i) = max_k V_k . e_i over the user's active interests (the K per-interest
-top-n lists merged by score, duplicates removed), via ``mind.evaluate.retrieve_topk``.
+Merging the K interests' lists (``merge=``, ``diversity=``, ``candidates=``; one implementation
+of each rule in :mod:`mind.merge`, shared with ``mind.evaluate`` and ``mind.explain``):
+
+* ``"max"`` (default): every item ranked by score(i) = max_k V_k . e_i over the user's active
+  interests (the K per-interest top-n lists merged by score, duplicates removed), via
+  ``mind.evaluate.retrieve_topk`` (or ``mind.ann.search`` with an index);
+* ``"quota"``: the active interests take turns, each adding its own best item not yet listed;
+* ``"diverse"``: ComiRec's greedy, f(u, i) + diversity * sum over the items already listed of
+  g(i, j), from the union of the interests' top ``candidates`` items; g = 1 for items whose
+  categories (items.json's genres) are disjoint, or (1 - cos)/2 of the item vectors when the
+  catalogue has no categories.  ``diversity=0`` gives the ``max`` list.
+
+The score returned is max_k V_k . e_i for every rule.  ``merge`` not one of these, ``diversity``
+< 0 (or > 0 with a rule other than ``diverse``), ``candidates`` < 1 and ``n`` larger than the
+catalogue raise ValueError naming the argument.
 """
 
 from __future__ import annotations
@@ -68,7 +82,7 @@ from .export.errors import EXPORT_HINT, ModelFormatError, first_line, read_json
 from .export.load import TOWER_FORMATS, load_tower
 from .export.meta import NATIVE_FORMAT as FORMAT
 from .export.native import export, load_model
-from .model import MIND, retrieval_vectors
+from .model import MIND
 
 __all__ = ["FORMAT", "ModelFormatError", "Recommender", "export", "first_line", "load"]
 _OWN_FILES = {str(pathlib.Path(__file__).with_name(n)) for n in ("serve.py", "explain.py")}
@@ -98,6 +112,7 @@ class Recommender:
         # keyed by str so "42" from a command line and 42 from python find the same item
         self._row_of_raw_id = {str(r): i for i, r in enumerate(raw_ids) if i > 0}
         self.index = None  # None: exact retrieval (retrieve_topk); else a faiss index from mind.ann
+        self._categories = None
 
     def use_index(self, kind: str = "exact", **params) -> "Recommender":
         """Retrieve through a faiss index from :mod:`mind.ann` for large catalogues.
@@ -114,6 +129,15 @@ class Recommender:
     @property
     def num_items(self) -> int:
         return len(self.raw_ids) - 1
+
+    @property
+    def categories(self):
+        """items.json's genres as :class:`mind.merge.Categories` (the ``diverse`` merge's g)."""
+        if self._categories is None:
+            from .merge import Categories
+
+            self._categories = Categories.from_names(self.genres)
+        return self._categories
 
     def _map(self, history: Sequence, who: str) -> tuple[np.ndarray, list]:
         """(known item indices in order, unknown raw ids); ValueError for an empty history."""
@@ -193,24 +217,28 @@ class Recommender:
 
     @torch.no_grad()
     def recommend(self, history: Sequence, n: int = 50, exclude_history: bool = True,
-                  user_features=None) -> list[tuple]:
-        """Top-n items for one raw-id history: a list of (raw item id, title, score), best first."""
+                  user_features=None, merge: str = "max", diversity: float = 0.0,
+                  candidates: int = 200) -> list[tuple]:
+        """Top-n items for one raw-id history: a list of (raw item id, title, score), best first.
+        ``merge``, ``diversity``, ``candidates``: how the interests' lists are merged (module docstring)."""
         feats = None if user_features is None else np.asarray(user_features).reshape(1, -1)
-        return self.recommend_batch([history], n, exclude_history, feats)[0]
+        return self.recommend_batch([history], n, exclude_history, feats, merge=merge, diversity=diversity,
+                                    candidates=candidates)[0]
 
     @torch.no_grad()
     def recommend_batch(self, histories: Sequence[Sequence], n: int = 50, exclude_history: bool = True,
-                        user_features=None, batch_size: int = 4096) -> list[list[tuple]]:
+                        user_features=None, batch_size: int = 4096, merge: str = "max", diversity: float = 0.0,
+                        candidates: int = 200) -> list[list[tuple]]:
         """Top-n items for each of many raw-id histories: one list of (raw id, title, score) per user.
 
         One model call and one retrieval per ``batch_size`` users (no per-user Python model
-        loop).  ``user_features``: (U, F) or None.  Bad input as in the module docstring; a
-        ValueError names the position of the offending history.
+        loop).  ``user_features``: (U, F) or None.  ``merge``, ``diversity``, ``candidates``: the
+        merge rule (module docstring); a user's list is the one ``recommend`` gives it alone.  Bad
+        input as in the module docstring; a ValueError names the position of the offending history.
         """
-        from .evaluate import retrieve_topk
+        from .merge import check_merge, merged_topn
 
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_merge(merge, diversity, n, self.num_items, candidates)
         U = len(histories)
         feats = None if user_features is None else np.asarray(user_features).reshape(U, -1)
         out: list[list[tuple]] = []
@@ -220,15 +248,12 @@ class Recommender:
             hist, mapped = self._batch(chunk)
             f = None if feats is None else feats[s:s + len(chunk)]
             v, imask = self.model.interests(hist, self._features(f, len(chunk)))
-            vectors = retrieval_vectors(v, imask).float().numpy()
             exclude = mapped if exclude_history else None
-            # both paths pad with -1 when fewer than n items are eligible (those are dropped below)
-            if self.index is None:
-                items, scores = retrieve_topk(vectors, self.item_table, n_ret, exclude=exclude, use_faiss=False)
-            else:
-                from . import ann
-
-                items, scores = ann.search(self.index, vectors, n_ret, exclude=exclude)
+            # every rule pads with -1 when fewer than n items are eligible (those are dropped below)
+            items, scores = merged_topn(v.float(), n_ret, table=self.item_table, active=imask, exclude=exclude,
+                                        merge=merge, diversity=diversity, candidates=candidates,
+                                        categories=self.categories if merge == "diverse" else None,
+                                        index=self.index)
             raw_ids, titles = self.raw_ids, self.titles
             for row_i, row_s in zip(np.asarray(items).tolist(), np.asarray(scores).tolist()):
                 out.append([(raw_ids[i], titles[i], float(sc)) for i, sc in zip(row_i, row_s) if i > 0])

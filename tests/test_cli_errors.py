@@ -25,7 +25,7 @@ from mind.serve import export, load
 from mind.train import TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SYN = ["--data", "synthetic", "--synthetic-users", "40", "--synthetic-items", "60"]
+SYN = ["--data", "synthetic", "--users", "40", "--items", "60"]
 
 
 def _inter_lines(rating_at_3="4"):

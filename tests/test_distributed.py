@@ -30,7 +30,7 @@ import pytest
 from mind.checkpoint import load_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-COMMON = ["--data", "synthetic", "--synthetic-users", "1000", "--dim", "16", "--patience", "10",
+COMMON = ["--data", "synthetic", "--users", "1000", "--dim", "16", "--patience", "10",
           "--negatives", "50", "--batch-size", "128", "--no-progress", "--threads", "1", "--seed", "0"]
 
 

@@ -355,7 +355,7 @@ def test_bad_input_is_handled_as_native(exports, fmt, one_thread):
 
 # ----- the CLI: export --to, and a damaged export is an error line ------------------------------------
 
-SYN = ["--data", "synthetic", "--synthetic-users", "40", "--synthetic-items", "60", "--max-len", "10"]
+SYN = ["--data", "synthetic", "--users", "40", "--items", "60", "--max-len", "10"]
 
 
 def _cli(*args, timeout=300):

@@ -26,7 +26,7 @@ from mind.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 8
-ARGS = ["--data", "synthetic", "--synthetic-users", "600", "--dim", "16", "--negatives", "50",
+ARGS = ["--data", "synthetic", "--users", "600", "--dim", "16", "--negatives", "50",
         "--batch-size", "128", "--patience", "100", "--no-progress", "--threads", "1", "--seed", "0"]
 REQUIRED = ("model", "optimizer", "epoch", "rng", "config", "best_metric", "best_epoch", "bad_epochs", "history")
 

@@ -40,6 +40,11 @@ DISTRIBUTION = {
     "onnxscript": "onnxscript",
     "torch_rechub": "torch-rechub",
     "triton": "triton",  # ships with torch's CUDA builds; mind_kernels imports it only where present
+    "starlette": "starlette",  # mind/service/ (python -m mind serve): the [serve] extra
+    "uvicorn": "uvicorn",
+    "prometheus_client": "prometheus-client",
+    "torchrec": "torchrec",          # mind/sharded.py (--sharded-embeddings): [scale] + torchrec --no-deps
+    "fbgemm_gpu": "fbgemm-gpu-cpu",
 }
 FIRST_PARTY = {"mind", "mind_kernels"}
 
@@ -49,10 +54,13 @@ def _name(req: str) -> str:
     return re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;]", req.strip(), maxsplit=1)[0]).lower()
 
 
-def _imports(package: str) -> dict[str, set[str]]:
-    """{'module level' | 'deferred': third-party top-level modules imported anywhere under ``package``}."""
+def _imports(package: str, skip: str | None = None) -> dict[str, set[str]]:
+    """{'module level' | 'deferred': third-party top-level modules imported anywhere under ``package``}
+    (``skip``: a subfolder left out)."""
     found = {"module level": set(), "deferred": set()}
     for path in (ROOT / package).rglob("*.py"):
+        if skip is not None and (ROOT / package / skip) in path.parents:
+            continue
         tree = ast.parse(path.read_text(), filename=str(path))
         top_level = {id(node) for node in tree.body}
         for node in ast.walk(tree):
@@ -70,12 +78,14 @@ def _imports(package: str) -> dict[str, set[str]]:
     return found
 
 
-MIND = _imports("mind")
+MIND = _imports("mind", skip="service")
+SERVICE = _imports("mind/service")  # imported only by `python -m mind serve`
 KERNELS = _imports("mind_kernels")
 
 
 def test_every_import_is_known():
-    unknown = (set().union(*MIND.values()) | set().union(*KERNELS.values())) - set(DISTRIBUTION)
+    unknown = (set().union(*MIND.values()) | set().union(*SERVICE.values()) | set().union(*KERNELS.values())) \
+        - set(DISTRIBUTION)
     assert not unknown, f"imports with no distribution in tests/test_packaging.py nor an extra: {unknown}"
 
 
@@ -84,10 +94,25 @@ def test_mind_extra_covers_what_the_cli_imports():
     have = {"torch"} | {_name(r) for r in EXTRAS["mind"]}
     missing = {DISTRIBUTION[m] for m in MIND["module level"]} - have
     assert not missing, f"mind imports {missing} at module level but [mind] does not list them"
-    # Deferred imports serve one verb each (faiss: the ANN index; onnxruntime: --to onnx): [mind] or [onnx].
-    have |= {_name(r) for r in EXTRAS["onnx"]}
+    # Deferred imports serve one verb each (faiss: the ANN index; onnxruntime: --to onnx; torchrec:
+    # --sharded-embeddings): [mind], [onnx] or [scale] (+ torchrec, installed --no-deps: requirements/scale.txt).
+    have |= {_name(r) for r in EXTRAS["onnx"] + EXTRAS["scale"]} | {"torchrec"}
     missing = {DISTRIBUTION[m] for m in MIND["deferred"]} - have
-    assert not missing, f"mind imports {missing} in functions but neither [mind] nor [onnx] lists them"
+    assert not missing, f"mind imports {missing} in functions but neither [mind], [onnx] nor [scale] lists them"
+
+
+def test_scale_requirements_are_the_scale_extra_and_torchrec():
+    lines = (ROOT / "requirements" / "scale.txt").read_text().splitlines()
+    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert listed == set(EXTRAS["scale"]) | {"torchrec==1.9.2"}, sorted(listed ^ (set(EXTRAS["scale"]) | {"torchrec==1.9.2"}))
+
+
+def test_serve_extra_covers_what_the_service_imports():
+    # mind/service/ runs only under `python -m mind serve`: torch, [mind] and [serve] (onnxruntime for onnx exports).
+    have = {"torch"} | {_name(r) for r in EXTRAS["mind"] + EXTRAS["onnx"] + EXTRAS["serve"]}
+    missing = {DISTRIBUTION[m] for m in set().union(*SERVICE.values())} - have
+    assert not missing, f"mind/service imports {missing} but neither [mind] nor [serve] lists them"
+    assert set(SERVICE["module level"]) >= {"starlette", "prometheus_client"}, SERVICE
 
 
 def test_kernels_need_torch_only():
@@ -101,10 +126,11 @@ def test_dev_requirements_are_the_extras_flattened():
     lines = (ROOT / "requirements" / "dev.txt").read_text().splitlines()
     listed = {l.split("#")[0].strip() for l in lines} - {""}
     dev = [r for r in EXTRAS["dev"] if _name(r) != "mind-kernels"]
-    assert "mind-kernels[mind,onnx]" in EXTRAS["dev"], "[dev] must pull in [mind] and [onnx]"
-    assert listed == set(EXTRAS["mind"]) | set(EXTRAS["onnx"]) | set(dev), (
-        f"only in requirements/dev.txt: {sorted(listed - set(EXTRAS['mind'] + EXTRAS['onnx'] + dev))}; "
-        f"only in pyproject's extras: {sorted(set(EXTRAS['mind'] + EXTRAS['onnx'] + dev) - listed)}")
+    assert "mind-kernels[mind,onnx,serve]" in EXTRAS["dev"], "[dev] must pull in [mind], [onnx] and [serve]"
+    extras = EXTRAS["mind"] + EXTRAS["onnx"] + EXTRAS["serve"] + dev
+    assert listed == set(extras), (
+        f"only in requirements/dev.txt: {sorted(listed - set(extras))}; "
+        f"only in pyproject's extras: {sorted(set(extras) - listed)}")
 
 
 def test_torch_is_not_a_build_requirement():

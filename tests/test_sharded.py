@@ -27,7 +27,7 @@ from mind.checkpoint import load_checkpoint
 from mind.sharded import INSTALL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-COMMON = ["--data", "synthetic", "--synthetic-users", "300", "--dim", "16", "--negatives", "50",
+COMMON = ["--data", "synthetic", "--users", "300", "--dim", "16", "--negatives", "50",
           "--batch-size", "128", "--no-progress", "--threads", "1", "--loss", "sampled", "--seed", "0"]
 # find_spec, not an import: importing torchrec here would load FBGEMM into every later test of this process
 needs_torchrec = pytest.mark.skipif(importlib.util.find_spec("torchrec") is None,
@@ -103,7 +103,7 @@ def test_two_sharded_ranks_match_ddp_step_by_step_then_resume_and_export(tmp_pat
     assert state.keys() == ref.keys() and state["item_id_embedding.weight"].shape == (401, 16)
     assert torch.allclose(state["item_id_embedding.weight"], ref["item_id_embedding.weight"], atol=1e-4)
     out = _run([sys.executable, "-m", "mind", "evaluate", "--checkpoint", str(tmp_path / "sharded" / "best.pt"),
-                "--data", "synthetic", "--synthetic-users", "300"])
+                "--data", "synthetic", "--users", "300"])
     want = next(r for r in final["sharded"] if r["split"] == "valid")
     assert f"| valid | {want['recall@20']:.4f}" in out, out[-2000:]
 

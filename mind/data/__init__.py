@@ -11,10 +11,10 @@ from .loaders import (DataFormatError, RawData, age_bucket, load_comirec_csv, lo
 from .parquet import load_parquet
 from .prepare import EvalSplit, PreparedData, load_split, prepare, right_align, save_split
 from .prepared import is_prepared, load_prepared, write_prepared
-from .synthetic import make_planted, make_synthetic
+from .synthetic import generated_size, make_planted, make_synthetic
 
 __all__ = [
-    "DataFormatError", "EvalSplit", "PreparedData", "RawData", "age_bucket", "fetch_movielens_100k",
+    "DataFormatError", "EvalSplit", "PreparedData", "RawData", "age_bucket", "fetch_movielens_100k", "generated_size",
     "is_prepared", "load_comirec_csv", "load_movielens_raw", "load_parquet", "load_prepared", "load_recbole",
     "load_split", "make_planted", "make_synthetic", "prepare", "right_align", "save_split", "write_prepared",
 ]

@@ -216,3 +216,14 @@ def make_planted(num_users: int = 4000, num_items: int = 2048, num_clusters: int
     truth = {"user_clusters": user_clusters, "item_cluster": item_cluster, "centres": centres,
              "user_centres": user_centres}
     return RawData("planted", inter, items_df, users_df), truth
+
+
+#: (users, items) of each generated dataset when the caller does not say (`python -m mind --users/--items`)
+GENERATED_SIZES = {"synthetic": (300, 400), "planted": (4000, 2048)}
+
+
+def generated_size(kind: str, users: int | None = None, items: int | None = None) -> dict:
+    """``num_users`` / ``num_items`` for :func:`make_synthetic` (kind "synthetic") or :func:`make_planted`
+    ("planted"): the given counts, else the dataset's defaults."""
+    default_users, default_items = GENERATED_SIZES[kind]
+    return {"num_users": users or default_users, "num_items": items or default_items}
