@@ -208,7 +208,7 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
     if U == 0 or n <= 0 or N <= 0:
         return items, scores
 
-    E64 = E.numpy().astype(np.float64)
+    E32 = E.numpy()          # rows are rescored in float64 as they are needed: no float64 copy of the catalogue
     U64 = uv.numpy().astype(np.float64)
     e_norm = float(torch.linalg.vector_norm(E[1:], dim=1).max())
     u_norm = torch.linalg.vector_norm(uv, dim=2).amax(dim=1).numpy()
@@ -226,6 +226,11 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
         # The torch proposal holds a (chunk * K, N+1) float32 score block: cap it at 2**26
         # entries (256 MiB) whatever chunk_size asks for.
         chunk_size = max(1, min(chunk_size, 2**26 // (K * (N + 1))))
+    else:
+        # faiss returns (chunk * K, m + the longest exclusion) distances and ids, 12 bytes an entry:
+        # cap it at 2**22 entries (48 MiB), which a long seen history would otherwise multiply
+        longest = max([len(x) for x in exclude] + [0])
+        chunk_size = max(1, min(chunk_size, 2**22 // (K * min(margin + longest, N))))
     for start in range(0, U, chunk_size):
         stop = min(start + chunk_size, U)
         excl = exclude[start:stop]
@@ -235,12 +240,12 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
             proposals = _propose_torch(uv[start:stop], E, excl, margin)
         for b, (cands, bound) in enumerate(proposals):
             u = start + b
-            top_i, top_s = _rank(cands, _exact_scores(U64[u], E64[cands]), n)
+            top_i, top_s = _rank(cands, _exact_scores(U64[u], E32[cands].astype(np.float64)), n)
             nth = top_s[-1] if len(top_s) == n else -np.inf
             if bound > -np.inf and not nth > bound + tol[u]:
                 # An unproposed item might tie or beat the n-th: rank the whole catalogue.
                 cands = np.setdiff1d(all_items, excl[b])
-                top_i, top_s = _rank(cands, _exact_scores(U64[u], E64[cands]), n)
+                top_i, top_s = _rank(cands, _exact_scores(U64[u], E32[cands].astype(np.float64)), n)
             items[u, :len(top_i)] = top_i
             scores[u, :len(top_s)] = top_s
     return items, scores
