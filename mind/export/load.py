@@ -71,7 +71,10 @@ def load_tower(folder, meta: dict) -> CompiledTower:
     else:
         from .aoti import open_runner
     try:
-        run = open_runner(path)
+        # onnxruntime gets torch's thread count (`--threads`, torch.set_num_threads): one setting for every
+        # format; its own default, a thread per core, cost an ML-100k user 6.8 ms against 2.7 ms on 1 thread
+        # on the 2-core machine where other work shares the cores (docs/results/service.md)
+        run = open_runner(path, threads=torch.get_num_threads()) if fmt == "onnx" else open_runner(path)
         # one probe user: the tower loads, runs and has the shapes meta.json promises
         probe = torch.ones(1, 1, dtype=torch.int64)
         v, m = run(probe, probe != 0, torch.zeros(1, F, dtype=torch.int64))
