@@ -390,7 +390,9 @@ def train(data, config: TrainConfig, resume: bool = False, log=print,
 
     ``dist``: the process group from :func:`mind.distributed.setup` for a multi-process run
     (see the module docstring); None = single process.  Every rank returns the same
-    TrainResult (metrics broadcast from rank 0); ``log`` is called on rank 0 only.
+    TrainResult (metrics broadcast from rank 0); ``log`` is called on rank 0 only.  With
+    ``config.sharded_embeddings`` only rank 0's result holds the model (the table gathered there);
+    the other ranks' ``model`` is None.
     """
     info = dist or D.SINGLE
     main = info.is_main
