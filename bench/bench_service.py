@@ -122,14 +122,16 @@ def _ok(status: int, body: bytes, n: int, models: dict) -> bool:
 
 
 async def closed_loop(port: int, payloads: list, n: int, concurrency: int, requests: int, seconds: float,
-                      raw: bool = False) -> dict:
-    """``concurrency`` connections, each sending its next request on the previous answer; bounded."""
+                      raw: bool = False, stop: asyncio.Event | None = None) -> dict:
+    """``concurrency`` connections, each sending its next request on the previous answer; bounded by
+    ``requests``, ``seconds`` and (when given) ``stop`` being set."""
     lat, failures, models, issued = [], [0], {}, [0]
     deadline = time.perf_counter() + seconds
 
     async def worker():
         conn = Conn(port)
-        while issued[0] < requests and time.perf_counter() < deadline:
+        while (issued[0] < requests and time.perf_counter() < deadline
+               and not (stop is not None and stop.is_set())):
             i = issued[0]
             issued[0] += 1
             t0 = time.perf_counter()
@@ -341,33 +343,6 @@ async def _run_model(fmt: str, folder: pathlib.Path, args, payloads, rows: list,
             server.stop()
 
 
-async def swap_load(port: int, payloads: list, n: int, concurrency: int, stop: asyncio.Event, limit: int,
-                    seconds: float) -> dict:
-    """Closed-loop load until ``stop`` is set (or ``limit`` requests / ``seconds`` pass)."""
-    lat, failures, models, issued = [], [0], {}, [0]
-    deadline = time.perf_counter() + seconds
-
-    async def worker():
-        conn = Conn(port)
-        while not stop.is_set() and issued[0] < limit and time.perf_counter() < deadline:
-            i = issued[0]
-            issued[0] += 1
-            t0 = time.perf_counter()
-            try:
-                status, body = await asyncio.wait_for(conn.call(payloads[i % len(payloads)]), 30)
-                good = _ok(status, body, n, models)
-            except Exception:  # noqa: BLE001
-                good = False
-                conn.close()
-            lat.append(time.perf_counter() - t0)
-            failures[0] += not good
-        conn.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return _summary(lat, failures[0], time.perf_counter() - t0, models)
-
-
 async def _main(args) -> dict:
     models = [(f, pathlib.Path(d).resolve()) for f, d in (m.split("=", 1) for m in args.model)]
     histories = _histories(models[0][1], 2000)
@@ -394,7 +369,7 @@ async def _soak_and_swaps(models: list, args, payloads, logdir: pathlib.Path) ->
                   f"p99 {r['p99_ms']} ms", flush=True)
         if len(models) > 1 and args.swaps:
             stop = asyncio.Event()
-            load = asyncio.ensure_future(swap_load(server.port, payloads, args.n, 8, stop, 10**6, 600))
+            load = asyncio.ensure_future(closed_loop(server.port, payloads, args.n, 8, 10**6, 600, stop=stop))
             swaps = []
             await asyncio.sleep(0.5)
             for i in range(args.swaps):

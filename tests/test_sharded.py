@@ -12,11 +12,7 @@ Without torchrec installed these tests are skipped, except the one that checks t
 
 import importlib.util
 import json
-import os
 import pathlib
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -25,6 +21,7 @@ import torch
 from mind import cli
 from mind.checkpoint import load_checkpoint
 from mind.sharded import INSTALL
+from test_distributed import _free_port as free_port, _run as run_in_group  # one subprocess runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--data", "synthetic", "--users", "300", "--dim", "16", "--negatives", "50",
@@ -34,30 +31,16 @@ needs_torchrec = pytest.mark.skipif(importlib.util.find_spec("torchrec") is None
                                     reason="torchrec is not installed (the [scale] extra: requirements/scale.txt)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args, timeout=300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    proc = run_in_group(args, timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
 
 
 def _train(out_dir, *extra, ranks=2) -> str:
     """`train` under torchrun through tests/sharded_worker.py, which records every step's loss."""
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                  str(ROOT / "tests" / "sharded_worker.py"), str(out_dir), *COMMON, *extra])
 
 
