@@ -149,7 +149,7 @@ def test_cli_prepare_then_train_evaluate_on_the_prepared_folder(tmp_path):
 
     out = run("prepare", "--data-dir", str(folder), "--format", "recbole", "--out", str(tmp_path / "prep"))
     assert out.returncode == 0, out.stderr
-    assert "[prepare] filtered" in out.stderr and "prepared" in out.stdout
+    assert "[prepare] sequences" in out.stderr and "prepared" in out.stdout
     common = ["--dim", "8", "--interests", "2", "--epochs", "1", "--negatives", "20", "--no-progress"]
     a = run("train", "--data-dir", str(tmp_path / "prep"), "--out", str(tmp_path / "a"), *common)
     b = run("train", "--data-dir", str(folder), "--format", "recbole", "--out", str(tmp_path / "b"), *common)

@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 
 from .loaders import RawData
+from .sequences import sequences
 
 HISTORY_FRACTION_NUM, HISTORY_FRACTION_DEN = 4, 5  # 80 % history / 20 % targets, in integers
 
@@ -176,56 +177,6 @@ def _say(progress: bool, stage: str, t0: float, detail: str = "") -> None:
               flush=True)
 
 
-def _codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """pd.factorize(x) with int32 codes (first-seen order) where they fit: hash factorisation, O(n)."""
-    codes, uniques = pd.factorize(x)
-    return (codes.astype(np.int32) if len(uniques) < 2 ** 31 else codes), uniques
-
-
-def filter_interactions(user: np.ndarray, item: np.ndarray, min_item_count: int,
-                        min_user_count: int) -> np.ndarray:
-    """Step 3 as a boolean mask over the rows: items with >= min_item_count rows, then users with
-    >= min_user_count of the rest."""
-    # (counts >= k)[codes]: a bool per row, never an int64 count per row
-    codes = _codes(item)[0]
-    keep = (np.bincount(codes) >= min_item_count)[codes]
-    codes = _codes(user[keep])[0]
-    keep[np.flatnonzero(keep)[(np.bincount(codes) < min_user_count)[codes]]] = False
-    return keep
-
-
-def _factorize_sorted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ascending unique values, each row's rank among them): np.unique(x, return_inverse=True) by
-    hashing the rows and sorting only the uniques; the ranks are int32 where they fit."""
-    codes, uniques = _codes(x)
-    order = np.argsort(uniques, kind="stable")
-    rank = np.empty(len(uniques), dtype=codes.dtype)
-    rank[order] = np.arange(len(uniques), dtype=codes.dtype)
-    return uniques[order], rank[codes]
-
-
-def _time_order(user_rank: np.ndarray, ts: np.ndarray, item_rank: np.ndarray, num_users: int,
-                num_items: int) -> np.ndarray:
-    """The permutation that sorts rows by (user, timestamp, item): one stable argsort of a packed int64
-    key where (users x timestamp span x items) fits, else np.lexsort."""
-    t_min, t_max = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
-    span = t_max - t_min + 1
-    if num_users * span * num_items < 2 ** 63:
-        # ((user * span + ts - t_min) * num_items + item), built in place in one int64 array
-        key = user_rank.astype(np.int64)
-        key *= span
-        key += ts - np.int64(t_min)     # the one temporary, freed before the sort
-        key *= num_items
-        key += item_rank
-        return np.argsort(key, kind="stable")
-    if num_users * span < 2 ** 63:
-        key = user_rank.astype(np.int64)
-        key *= span
-        key += ts - np.int64(t_min)
-        return np.lexsort((item_rank, key))
-    return np.lexsort((item_rank, ts, user_rank))
-
-
 def split_users(user_ids: np.ndarray, seed: int, split_ratio) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Step 5 on ascending raw ids: returns (train, valid, test) raw ids in permuted order."""
     a, b, _ = split_ratio
@@ -325,30 +276,13 @@ def prepare(raw: RawData, max_len: int = 20, min_item_count: int = 5, min_user_c
     user = raw.inter["user"].to_numpy()
     item = raw.inter["item"].to_numpy()
     ts = raw.inter["timestamp"].to_numpy()
-    keep = filter_interactions(user, item, min_item_count, min_user_count)
-    if not keep.any():
+    user_ids, item_raw_ids, values, offsets = sequences(user, item, ts, min_item_count, min_user_count)
+    if not len(values):
         raise ValueError(f"{raw.name}: no interactions left after filtering with "
                          f"min_item_count={min_item_count}, min_user_count={min_user_count}")
-    # one array at a time, each old one freed as its replacement lands (peak memory at scale)
-    user = user[keep]
-    item = item[keep]
-    ts = ts[keep]
-    del keep
-    _say(progress, "filtered", t0, f"{len(user):,} of {len(raw.inter):,} interactions kept")
-    user_ids, user = _factorize_sorted(user)            # ascending raw ids; rows hold their ranks
-    item_raw_ids, item = _factorize_sorted(item)
     num_items = len(item_raw_ids)
-    order = _time_order(user, ts, item, len(user_ids), num_items)
-    del ts
-    values = item[order].astype(np.int32)
-    values += 1
-    del item
-    user = user[order]
-    del order
-    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user, minlength=len(user_ids)), out=offsets[1:])
-    del user
-    _say(progress, "sequences", t0, f"{len(user_ids):,} users, {num_items:,} items")
+    _say(progress, "sequences", t0, f"{len(values):,} of {len(raw.inter):,} interactions kept: "
+         f"{len(user_ids):,} users, {num_items:,} items")
 
     train_u, valid_u, test_u = split_users(user_ids, seed, split_ratio)
     split = {k: np.sort(v).tolist() for k, v in (("train", train_u), ("valid", valid_u), ("test", test_u))}
