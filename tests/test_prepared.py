@@ -170,13 +170,26 @@ def test_cli_prepare_then_train_evaluate_on_the_prepared_folder(tmp_path):
 @pytest.mark.parametrize("spread", [1, 10**9, 2**55, 2**62])
 def test_the_time_order_packs_or_falls_back_without_changing_the_result(spread):
     """Timestamps spanning up to 2^62 push the (users x span x items) key past int64: the sort falls
-    back to two, then three lexsort keys; the prepared sequences stay those of the dense protocol."""
+    back to np.lexsort; the prepared sequences stay those of the dense protocol."""
     raw, _ = make_synthetic(num_users=80, num_items=60, seq_len=(5, 20), seed=4)
     rng = np.random.default_rng(0)
     ts = rng.integers(0, 50, len(raw.inter))              # many ties: the item breaks them
     raw.inter["timestamp"] = ts * (spread // 50 if spread > 50 else 1) - (spread // 4)
     raw.inter = raw.inter.sample(frac=1.0, random_state=1).reset_index(drop=True)   # any row order
     _assert_same(prepare(raw, max_len=6), reference_prepare(raw, max_len=6), 6)
+
+
+@pytest.mark.parametrize("spread", [1, 2**62])
+def test_rows_processed_in_many_blocks_prepare_like_one_block(monkeypatch, spread):
+    """The filter, ranks and sort key run a block of rows at a time (BLOCK = 2^20 in use): with blocks
+    of 7 rows, on the packed and on the lexsort path, the result is still the dense protocol's."""
+    import mind.data.sequences as sequences
+    raw, _ = make_synthetic(num_users=60, num_items=50, seq_len=(3, 15), seed=5)
+    raw.inter["timestamp"] = np.random.default_rng(1).integers(0, 40, len(raw.inter)) * max(spread // 40, 1)
+    raw.inter = raw.inter.sample(frac=1.0, random_state=2).reset_index(drop=True)
+    monkeypatch.setattr(sequences, "BLOCK", 7)
+    _assert_same(prepare(raw, max_len=5, min_item_count=3, min_user_count=4),
+                 reference_prepare(raw, max_len=5, min_item_count=3, min_user_count=4), 5)
 
 
 def test_ids_and_timestamps_beyond_int32_prepare_like_the_dense_protocol():
