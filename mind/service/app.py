@@ -237,8 +237,9 @@ class Service:
                 raise BadRequest(where + first_line(e, 300)) from None
             dropped.append(len(history) - len(known))
         try:
-            results = await asyncio.wait_for(self.batcher.submit(state, query, arrival.done if arrival else None),
-                                             self.config.request_timeout_s)
+            # wait_for on the future itself, not on a coroutine: no Task per request
+            future = self.batcher.put(state, query, arrival.done if arrival else None)
+            results = await asyncio.wait_for(future, self.config.request_timeout_s)
         except (ValueError, TypeError) as e:   # the Recommender refused the arguments (merge, n, ...)
             raise BadRequest(first_line(e, 300)) from None
         except Overloaded as e:

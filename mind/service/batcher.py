@@ -8,7 +8,8 @@ it waits for them, until ``max_wait_s`` has passed since it took the first job o
 no time is spent waiting for requests that have not arrived (on a loaded machine a timed wait also
 costs a scheduler wake-up, often several ms).  The jobs that can share a call (same model state, ``n``, ``exclude_history`` and merge arguments; see
 ``Query.key``) go through one ``ModelState.run``: one user-tower call and one index search for all
-of their users.  ``max_batch=1`` turns batching off: one call per request, in arrival order.
+of their users; their answers go back to the event loop in one wake-up (``call_soon_threadsafe``)
+per batch.  ``max_batch=1`` turns batching off: one call per request, in arrival order.
 
 A call that raises (one request's history has no known item, say) is retried request by request,
 so a bad request fails alone and the others in its batch are still answered.  The Recommender is
@@ -41,13 +42,24 @@ class _Job:
         self.state, self.query, self.future, self.loop = state, query, future, loop
 
 
-def _resolve(future: asyncio.Future, result, error) -> None:
-    if future.done():           # the client went away and the handler was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _resolve(answers: list) -> None:
+    """Set each (future, result, error) of ``answers`` (on the future's event loop)."""
+    for future, result, error in answers:
+        if future.done():           # the client went away and the handler was cancelled
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _answer(jobs_results: list) -> None:
+    """Hand (job, result, error) triples to their event loops: one wake-up per loop, not one per job."""
+    by_loop: dict = {}
+    for job, result, error in jobs_results:
+        by_loop.setdefault(job.loop, []).append((job.future, result, error))
+    for loop, answers in by_loop.items():
+        loop.call_soon_threadsafe(_resolve, answers)
 
 
 class Batcher:
@@ -87,9 +99,10 @@ class Batcher:
             self._thread.join(timeout)
             self._thread = None
 
-    async def submit(self, state, query: Query, on_queued: Optional[Callable[[], None]] = None) -> list[dict]:
-        """The answers (one dict per user of ``query``) computed with ``state``; raises what the model
-        call raised, or :class:`Overloaded`.  ``on_queued``: called once the job is on the queue."""
+    def put(self, state, query: Query, on_queued: Optional[Callable[[], None]] = None) -> asyncio.Future:
+        """Queue ``query`` for a model call with ``state`` (on the event loop); the future's result is the
+        answers (one dict per user), or what the model call raised.  Raises :class:`Overloaded`.
+        ``on_queued``: called once the job is on the queue."""
         users = len(query.histories)
         with self._count_lock:
             if self._queued_users + users > self.max_queue:
@@ -100,7 +113,11 @@ class Batcher:
         self._queue.put(_Job(state, query, future, loop))
         if on_queued is not None:
             on_queued()
-        return await future
+        return future
+
+    async def submit(self, state, query: Query, on_queued: Optional[Callable[[], None]] = None) -> list[dict]:
+        """``await put(...)``: the answers, or raises what the model call raised, or :class:`Overloaded`."""
+        return await self.put(state, query, on_queued)
 
     # --- the worker thread -------------------------------------------------------------------
     def _take(self, block: bool, timeout: Optional[float] = None):
@@ -151,12 +168,13 @@ class Batcher:
                 for job in group:           # find the request that failed; answer the others
                     self._run([job])
                 return
-            group[0].loop.call_soon_threadsafe(_resolve, group[0].future, None, e)
+            _answer([(group[0], None, e)])
             return
         if self.on_batch is not None:
             self.on_batch(len(histories))
-        start = 0
+        answers, start = [], 0
         for job in group:
             stop = start + len(job.query.histories)
-            job.loop.call_soon_threadsafe(_resolve, job.future, results[start:stop], None)
+            answers.append((job, results[start:stop], None))
             start = stop
+        _answer(answers)
