@@ -39,7 +39,7 @@ genres in file order, deduplicated, right-padded with 0 to the largest genre cou
 
 Every step is vectorised (numpy / pandas): no Python loop per user or per interaction.  Steps 2-4
 (:mod:`mind.data.sequences`) run a block of rows at a time and sort one packed int64 key in place, so
-preparing holds about 17 bytes per interaction beyond the log's own columns (12 more when int32).
+preparing holds about 17 bytes per interaction on top of the log's own columns (12 bytes when int32).
 """
 
 from __future__ import annotations
