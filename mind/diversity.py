@@ -93,14 +93,27 @@ def _genre_rows(item_genres) -> np.ndarray:
     return g
 
 
+def _genre_bits(G: np.ndarray) -> np.ndarray:
+    """(B, n, G) genre ids (0 = none) -> (B, n, W) uint64 bitmasks over the genres present in G
+    (W = ceil(their count / 64)): two entries share a genre exactly when their masks intersect."""
+    ids, pos = np.unique(G, return_inverse=True)
+    pos = pos.reshape(G.shape) - (ids[0] == 0)        # bit of each genre id; 0 (none) has no bit
+    W = max(1, -(-(len(ids) - int(ids[0] == 0)) // 64))
+    bits = np.zeros(G.shape[:2] + (W,), dtype=np.uint64)
+    b, i, j = np.nonzero(G != 0)
+    p = pos[b, i, j]
+    np.bitwise_or.at(bits, (b, i, p // 64), np.left_shift(np.uint64(1), (p % 64).astype(np.uint64)))
+    return bits
+
+
 def diversity_at_n(ranked, item_genres, n: int, chunk: int = 256) -> np.ndarray:
     """Per user ComiRec Diversity@n of the first n entries of ``ranked`` (U, >= n); (U,) float64.
 
     Pairs of distinct items with disjoint genre sets count as different (an item without
     genres differs from every other item); the same item twice counts as the same category.
-    Entries <= 0 (padding) are dropped; NaN for fewer than 2 real entries.  Computed from the
-    (n, G) genre ids of each list, ``chunk`` users at a time: O(n^2 G^2) per user, whatever the
-    catalogue or genre vocabulary size.
+    Entries <= 0 (padding) are dropped; NaN for fewer than 2 real entries.  Computed ``chunk`` users
+    at a time from each list's genre sets as bitmasks over the genres the chunk holds: O(n^2 W) per
+    user with W = ceil(genres in the chunk / 64), whatever the catalogue size.
     """
     r = _np(ranked).astype(np.int64)
     if r.ndim != 2 or r.shape[1] < n:
@@ -111,8 +124,8 @@ def diversity_at_n(ranked, item_genres, n: int, chunk: int = 256) -> np.ndarray:
     for s in range(0, len(r), chunk):
         items = r[s:s + chunk, :n]                                          # (B, n)
         real = items > 0
-        G = g[np.where(real, items, 0)]                                     # (B, n, G), 0 = no genre
-        shared = ((G[:, :, None, :, None] == G[:, None, :, None, :]) & (G[:, :, None, :, None] != 0)).any((3, 4))
+        bits = _genre_bits(g[np.where(real, items, 0)])                     # (B, n, W)
+        shared = ((bits[:, :, None, :] & bits[:, None, :, :]) != 0).any(3)  # (B, n, n)
         same = shared | (items[:, :, None] == items[:, None, :])
         pairs = upper & real[:, :, None] & real[:, None, :]                 # (B, n, n): i < j, both real
         k = real.sum(1)
