@@ -103,6 +103,20 @@ def _as_table(item_embeddings) -> np.ndarray:
     return np.ascontiguousarray(E)
 
 
+def match_threads(n: int | None = None) -> None:
+    """Give faiss's OpenMP runtime (its own copy, not torch's) ``n`` threads, default torch's count, for
+    the calling thread: OpenMP's thread count is per calling thread, and faiss's default (one per core)
+    leaves the extra threads spinning between searches, on cores the rest of the process needs.
+    A no-op without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    if n is None:
+        n = torch.get_num_threads()
+    faiss.omp_set_num_threads(max(1, int(n)))
+
+
 def build_index(item_embeddings, kind: str = "exact", **params) -> AnnIndex:
     """Build a faiss index over rows 1..N of ``item_embeddings`` (N+1, d) float32; row 0 is padding.
 

@@ -110,8 +110,13 @@ def load_data(args, progress: bool = False):
 
 
 def _threads(n: int) -> None:
+    """``--threads``: torch's CPU threads, and faiss's for this thread (mind.ann.match_threads);
+    onnxruntime takes torch's count when a tower is opened (mind/export/load.py)."""
     import torch
+
+    from .ann import match_threads
     torch.set_num_threads(max(1, n))
+    match_threads(n)
 
 
 def _fmt_metrics(rows: list[tuple[str, dict]], ns=(20, 50)) -> str:

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..ann import match_threads
 from .models import Query
 
 _STOP = object()
@@ -128,6 +129,7 @@ class Batcher:
         return item
 
     def _work(self) -> None:
+        match_threads()         # the searches run on this thread: faiss gets torch's thread count here too
         stopping = False
         while not stopping:
             first = self._take(True)
