@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .merge import _F32_EPS, _exact_scores, _propose_faiss, _rank, normalize_exclude
+from .merge import _F32_EPS, _exact_scores, _propose_faiss, _rank, normalize_exclude, top_exact
 
 KINDS = ("exact", "ivf", "hnsw")
 _FULL_BLOCK = 65536  # catalogue rows per float64 block in the exact fallback (32 MiB at d = 64)
@@ -229,15 +229,19 @@ def search(index: AnnIndex, user_vectors, n: int, exclude: list | None = None,
         stop = min(start + chunk_size, U)
         excl = exclude[start:stop]
         if index.kind == "exact":
-            proposals = _propose_faiss(index.index, uv[start:stop], excl, margin, N)
+            cands, bound = _propose_faiss(index.index, uv[start:stop], excl, margin, N)
         else:
-            proposals = _propose_approx(index.index, uv[start:stop], excl, n, N)
-        for b, (cands, bound) in enumerate(proposals):
-            u = start + b
-            top_i, top_s = _rank(cands, _exact_scores(U64[u], E[cands].astype(np.float64)), n)
-            nth = top_s[-1] if len(top_s) == n else -np.inf
-            if index.kind == "exact" and bound > -np.inf and not nth > bound + tol[u]:
-                top_i, top_s = _full_catalogue_top(U64[u], E, excl[b], n)
+            cands, bound = _propose_approx(index.index, uv[start:stop], excl, n, N)
+        top_i, top_s = top_exact(U64[start:stop], E, cands, n)
+        items[start:stop, :top_i.shape[1]] = top_i
+        scores[start:stop, :top_s.shape[1]] = top_s
+        if index.kind != "exact":
+            continue
+        nth = top_s[:, n - 1] if top_s.shape[1] == n else np.full(stop - start, -np.inf)
+        for b in np.flatnonzero((bound > -np.inf) & ~(nth > bound + tol[start:stop])):
+            u = start + b           # an unproposed item might tie or beat the n-th: the whole catalogue
+            top_i, top_s = _full_catalogue_top(U64[u], E, excl[b], n)
+            items[u], scores[u] = -1, -np.inf
             items[u, :len(top_i)] = top_i
             scores[u, :len(top_s)] = top_s
     return items, scores
@@ -246,18 +250,18 @@ def search(index: AnnIndex, user_vectors, n: int, exclude: list | None = None,
 def _propose_approx(index, uv: torch.Tensor, excl: list, n: int, num_items: int):
     """Each interest's top (n + max |exclude|) from the approximate index, merged: the distinct
     items, padding (faiss's -1 for an unfilled slot becomes 0 here) and excluded removed.
-    The bound is -inf: an approximate index makes no completeness promise."""
+    Returns (candidates (B, C) int64, 0 = none; bound (B,) all -inf: an approximate index makes
+    no completeness promise)."""
     B, K, d = uv.shape
     mk = min(n + max([len(x) for x in excl] + [0]), num_items)
     _, I = index.search(np.ascontiguousarray(uv.reshape(B * K, d).numpy()), mk)
-    I = I.reshape(B, K * mk) + 1
-    out = []
-    for b in range(B):
-        cands = np.unique(I[b][I[b] > 0])
-        if len(excl[b]):
-            cands = cands[~np.isin(cands, excl[b])]
-        out.append((cands.astype(np.int64), -math.inf))
-    return out
+    I = I.reshape(B, K * mk).astype(np.int64) + 1
+    if any(len(x) for x in excl):
+        for b in range(B):
+            I[b, np.isin(I[b], excl[b])] = 0
+    I.sort(axis=1)
+    I[:, 1:][I[:, 1:] == I[:, :-1]] = 0                     # repeats (an item in several interests' lists)
+    return I, np.full(B, -np.inf)
 
 
 def propose_per_interest(index: AnnIndex, uv, p: int) -> np.ndarray:

@@ -109,11 +109,27 @@ def _rank(items: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np
     return items[order], scores[order]
 
 
+def top_exact(U64: np.ndarray, E32: np.ndarray, cands: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank each user's candidates exactly: (B, K, d) float64 interests, the float32 table, (B, C) item
+    indices (0 = no candidate) -> the best min(n, C) by float64 max_k score desc, then item asc:
+    (items (B, n') int64 -1-padded, scores (B, n') float64 -inf-padded).  Scores are ``pair_scores``
+    per interest, so each equals what ``_exact_scores`` gives that user alone, to the bit."""
+    e64 = E32[cands].astype(np.float64)                                     # (B, C, d)
+    s = np.full(cands.shape, -np.inf)
+    for k in range(U64.shape[1]):
+        np.maximum(s, pair_scores(e64, U64[:, k]), out=s)
+    s[cands <= 0] = -np.inf
+    order = np.lexsort((cands, -s), axis=-1)[:, :n]
+    items, scores = np.take_along_axis(cands, order, 1), np.take_along_axis(s, order, 1)
+    items[scores == -np.inf] = -1
+    return items, scores
+
+
 def _propose_torch(uv: torch.Tensor, E: torch.Tensor, excl: list[np.ndarray], m: int):
     """Candidates per user from a float32 matmul + topk of max_k scores.
 
-    Returns [(candidate items, bound)], bound = the best float32 score of any eligible item
-    not proposed (-inf when every eligible item is proposed).
+    Returns (candidates (B, C) int64, 0 = none; bound (B,)), bound = the best float32 score of any
+    eligible item not proposed (-inf when every eligible item is proposed).
     """
     B, K, d = uv.shape
     s = (uv.reshape(B * K, d) @ E.T).view(B, K, -1).amax(dim=1)
@@ -124,37 +140,47 @@ def _propose_torch(uv: torch.Tensor, E: torch.Tensor, excl: list[np.ndarray], m:
         s[rows, torch.from_numpy(np.concatenate(excl))] = -math.inf
     m = min(m, s.shape[1])
     vals, idx = (t.numpy() for t in torch.topk(s, m, dim=1))
-    exhaustive = m == s.shape[1]
-    return [(idx[b][vals[b] > -np.inf].astype(np.int64),
-             -math.inf if exhaustive else float(vals[b, -1])) for b in range(B)]
+    cands = np.where(vals > -np.inf, idx, 0).astype(np.int64)
+    bound = np.full(B, -np.inf) if m == s.shape[1] else vals[:, -1].astype(np.float64)
+    return cands, bound
 
 
 def _propose_faiss(index, uv: torch.Tensor, excl: list[np.ndarray], m: int, num_items: int):
     """Candidates per user from faiss: each interest's top (m + |exclude|) items, merged by
-    best score, excluded removed, the best m kept. An unproposed item either was never
-    returned (its score for interest k is <= that list's last score) or was cut (<= the
-    best cut score), so bound = the larger of the two."""
+    best score, excluded removed, the best m kept (ties by item). An unproposed item either was
+    never returned (its score for interest k is <= that list's last score) or was cut (<= the
+    best cut score), so bound = the larger of the two.  Returns (candidates (B, C) int64,
+    0 = none; bound (B,)); vectorised over the users (no Python loop per user)."""
     B, K, d = uv.shape
-    mk = min(m + max([len(x) for x in excl] + [0]), num_items)  # room for excluded hits
+    lens = np.array([len(x) for x in excl], dtype=np.int64)
+    mk = min(m + int(lens.max(initial=0)), num_items)  # room for excluded hits
     D, I = index.search(np.ascontiguousarray(uv.reshape(B * K, d).numpy()), mk)
-    D, I = D.reshape(B, K * mk), I.reshape(B, K * mk) + 1  # index position p holds item p+1
-    last = -np.inf if mk == num_items else D.reshape(B, K, mk)[:, :, -1].max(axis=1)
-    out = []
-    for b in range(B):
-        ok = (I[b] > 0) & ~np.isin(I[b], excl[b])
-        items, sc = I[b][ok], D[b][ok]
-        order = np.lexsort((-sc, items))  # by item, best score first
-        items, sc = items[order], sc[order]
-        first = np.ones(len(items), dtype=bool)
-        first[1:] = items[1:] != items[:-1]
-        items, sc = items[first], sc[first]
-        bound = -math.inf if mk == num_items else float(last[b])
-        if len(items) > m:
-            top = np.argpartition(-sc, m)
-            bound = max(bound, float(sc[top[m:]].max()))
-            items = items[top[:m]]
-        out.append((items.astype(np.int64), bound))
-    return out
+    last = np.full(B, -np.inf) if mk == num_items else D.reshape(B, K, mk)[:, :, -1].max(axis=1).astype(np.float64)
+    rows = np.repeat(np.arange(B, dtype=np.int64), K * mk)
+    items = I.reshape(-1).astype(np.int64) + 1              # index position p holds item p+1; faiss's -1 -> 0
+    sc = D.reshape(-1)
+    ok = items > 0
+    if lens.sum():
+        width = num_items + 1
+        ok &= ~np.isin(rows * width + items, np.repeat(np.arange(B, dtype=np.int64), lens) * width
+                       + np.concatenate(excl))
+    rows, items, sc = rows[ok], items[ok], sc[ok]
+    order = np.lexsort((-sc, items, rows))                   # by user, item, best score first
+    rows, items, sc = rows[order], items[order], sc[order]
+    first = np.ones(len(items), dtype=bool)
+    first[1:] = (items[1:] != items[:-1]) | (rows[1:] != rows[:-1])
+    rows, items, sc = rows[first], items[first], sc[first]
+    order = np.lexsort((items, -sc, rows))                   # by user, score desc, item
+    rows, items, sc = rows[order], items[order], sc[order]
+    counts = np.bincount(rows, minlength=B)
+    rank = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    bound = last.copy()
+    at_cut = rank == m                                       # the best cut score of each user
+    bound[rows[at_cut]] = np.maximum(bound[rows[at_cut]], sc[at_cut])
+    keep = rank < m
+    cands = np.zeros((B, max(int(min(counts.max(initial=0), m)), 1)), dtype=np.int64)
+    cands[rows[keep], rank[keep]] = items[keep]
+    return cands, bound
 
 
 def normalize_exclude(exclude, num_users: int, num_items: int) -> list:
@@ -235,17 +261,19 @@ def retrieve_topk(user_vectors: torch.Tensor, item_embeddings: torch.Tensor, n: 
         stop = min(start + chunk_size, U)
         excl = exclude[start:stop]
         if index is not None:
-            proposals = _propose_faiss(index, uv[start:stop], excl, margin, N)
+            cands, bound = _propose_faiss(index, uv[start:stop], excl, margin, N)
         else:
-            proposals = _propose_torch(uv[start:stop], E, excl, margin)
-        for b, (cands, bound) in enumerate(proposals):
+            cands, bound = _propose_torch(uv[start:stop], E, excl, margin)
+        top_i, top_s = top_exact(U64[start:stop], E32, cands, n)
+        items[start:stop, :top_i.shape[1]] = top_i
+        scores[start:stop, :top_s.shape[1]] = top_s
+        nth = top_s[:, n - 1] if top_s.shape[1] == n else np.full(stop - start, -np.inf)
+        for b in np.flatnonzero((bound > -np.inf) & ~(nth > bound + tol[start:stop])):
+            # An unproposed item might tie or beat the n-th: rank the whole catalogue.
             u = start + b
+            cands = np.setdiff1d(all_items, excl[b])
             top_i, top_s = _rank(cands, _exact_scores(U64[u], E32[cands].astype(np.float64)), n)
-            nth = top_s[-1] if len(top_s) == n else -np.inf
-            if bound > -np.inf and not nth > bound + tol[u]:
-                # An unproposed item might tie or beat the n-th: rank the whole catalogue.
-                cands = np.setdiff1d(all_items, excl[b])
-                top_i, top_s = _rank(cands, _exact_scores(U64[u], E32[cands].astype(np.float64)), n)
+            items[u], scores[u] = -1, -np.inf
             items[u, :len(top_i)] = top_i
             scores[u, :len(top_s)] = top_s
     return items, scores
