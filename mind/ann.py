@@ -4,7 +4,8 @@
 for evaluation, but its cost grows with the catalogue.  This module builds a faiss index
 once and searches it many times:
 
-* ``kind="exact"``: ``IndexFlatIP``, brute force.  Results equal ``retrieve_topk``'s,
+* ``kind="exact"``: ``IndexFlatIP``, brute force (searched as ``retrieve_topk``'s torch
+  proposal, a float32 matmul + topk over the table: faster than the flat index's own search).  Results equal ``retrieve_topk``'s,
   item for item and score for score (same float64 rescoring, same tie-breaking, same
   fallback to the whole catalogue when a near-tie might have been cut; see below).
 * ``kind="ivf"``: ``IndexIVFFlat`` with inner product.  ``nlist`` inverted lists (k-means
@@ -25,8 +26,8 @@ kept.  Every kept candidate is scored in float64 as
 approximate search missed it in one list), ordered by (score desc, item asc).  So an
 approximate index can only *miss* items; it never misorders or misscores what it returns.
 
-Exactness of ``kind="exact"``: the flat index proposes each interest's float32 top
-(n + margin + |exclude|), exactly as ``retrieve_topk``'s faiss path does; a user whose n-th
+Exactness of ``kind="exact"``: a float32 matmul over the table proposes the best (n + margin)
+eligible items by max_k score, exactly as ``retrieve_topk``'s torch path does; a user whose n-th
 float64 score does not beat the best unproposed float32 score by a rounding bound is rescored
 over the whole catalogue (in blocks, so a million-item catalogue never needs a float64 copy).
 
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .merge import _F32_EPS, _exact_scores, _propose_faiss, _rank, normalize_exclude, top_exact
+from .merge import _F32_EPS, _exact_scores, _propose_torch, _rank, normalize_exclude, top_exact
 
 KINDS = ("exact", "ivf", "hnsw")
 _FULL_BLOCK = 65536  # catalogue rows per float64 block in the exact fallback (32 MiB at d = 64)
@@ -221,15 +222,19 @@ def search(index: AnnIndex, user_vectors, n: int, exclude: list | None = None,
     E = index.embeddings
     U64 = uv.numpy().astype(np.float64)
     if index.kind == "exact":
-        # retrieve_topk's own proposal, margin and rounding bound, so the results are identical.
+        # retrieve_topk's torch proposal (a float32 matmul + topk over the table, 2-9x faster than
+        # IndexFlatIP's own search: bench/bench_propose.py), margin and rounding bound, so the results
+        # are identical; its (chunk * K, N + 1) score block is capped at 2**26 entries (256 MiB)
         u_norm = torch.linalg.vector_norm(uv, dim=2).amax(dim=1).numpy()
         tol = 2.0 * d * _F32_EPS * u_norm * index.max_item_norm
         margin = n + max(8, n // 4)
+        table = torch.from_numpy(E)
+        chunk_size = max(1, min(chunk_size, 2**26 // (K * (N + 1))))
     for start in range(0, U, chunk_size):
         stop = min(start + chunk_size, U)
         excl = exclude[start:stop]
         if index.kind == "exact":
-            cands, bound = _propose_faiss(index.index, uv[start:stop], excl, margin, N)
+            cands, bound = _propose_torch(uv[start:stop], table, excl, margin)
         else:
             cands, bound = _propose_approx(index.index, uv[start:stop], excl, n, N)
         top_i, top_s = top_exact(U64[start:stop], E, cands, n)
