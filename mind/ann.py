@@ -4,10 +4,10 @@
 for evaluation, but its cost grows with the catalogue.  This module builds a faiss index
 once and searches it many times:
 
-* ``kind="exact"``: ``IndexFlatIP``, brute force (searched as ``retrieve_topk``'s torch
-  proposal, a float32 matmul + topk over the table: faster than the flat index's own search).  Results equal ``retrieve_topk``'s,
-  item for item and score for score (same float64 rescoring, same tie-breaking, same
-  fallback to the whole catalogue when a near-tie might have been cut; see below).
+* ``kind="exact"``: ``IndexFlatIP``, brute force, searched as ``retrieve_topk``'s torch proposal
+  (a float32 matmul + topk over the table, faster than the flat index's own search).  Results
+  equal ``retrieve_topk``'s, item for item and score for score (same float64 rescoring, same
+  tie-breaking, same fallback to the whole catalogue when a near-tie might have been cut; see below).
 * ``kind="ivf"``: ``IndexIVFFlat`` with inner product.  ``nlist`` inverted lists (k-means
   centroids, trained on a sample of ``train_size`` items), ``nprobe`` lists scanned per
   query.  ``nprobe == nlist`` scans everything and is exact up to the order of ties.

@@ -170,8 +170,8 @@ def tune_malloc() -> bool:
     cut from the CSR sequences, an item table's gradient and optimizer temporaries: 17 MB at 65k items)
     reuse pages instead of being mapped, faulted in and unmapped every step.  glibc's own dynamic
     threshold starts at 128 KiB and lags; setting M_TOP_PAD alone (an earlier fix) froze it there, which
-    made an epoch on a 65k-item log 1.6x slower than 8b87692's (docs/results/training-speed.md).  Process-wide; elsewhere a
-    no-op (False)."""
+    made an epoch on a 65k-item log 1.6x slower than 8b87692's (docs/results/training-speed.md).
+    Process-wide; elsewhere a no-op (False)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -6,10 +6,11 @@ while requests that have arrived are still being read and parsed by the event lo
 it waits for them, until ``max_wait_s`` has passed since it took the first job or the batch holds
 ``max_batch`` users.  A lone request goes straight to the model: unlike Triton's fixed queue delay,
 no time is spent waiting for requests that have not arrived (on a loaded machine a timed wait also
-costs a scheduler wake-up, often several ms).  The jobs that can share a call (same model state, ``n``, ``exclude_history`` and merge arguments; see
-``Query.key``) go through one ``ModelState.run``: one user-tower call and one index search for all
-of their users; their answers go back to the event loop in one wake-up (``call_soon_threadsafe``)
-per batch.  ``max_batch=1`` turns batching off: one call per request, in arrival order.
+costs a scheduler wake-up, often several ms).  The jobs that can share a call (same model state,
+``n``, ``exclude_history`` and merge arguments; see ``Query.key``) go through one ``ModelState.run``:
+one user-tower call and one index search for all of their users; their answers go back to the event
+loop in one wake-up (``call_soon_threadsafe``) per batch.  ``max_batch=1`` turns batching off: one
+call per request, in arrival order.
 
 A call that raises (one request's history has no known item, say) is retried request by request,
 so a bad request fails alone and the others in its batch are still answered.  The Recommender is
