@@ -98,8 +98,9 @@ def sequences(user: np.ndarray, item: np.ndarray, ts: np.ndarray, min_item_count
             u, t, i = kept(s, e)
             block = u.astype(np.int64)
             block *= span
-            block += t
-            block -= t_min
+            dt = t.astype(np.int64)     # t - t_min in [0, span): no intermediate can overflow
+            dt -= t_min
+            block += dt
             block *= num_items
             block += i
             key[at:at + len(block)] = block
